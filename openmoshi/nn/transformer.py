@@ -1,0 +1,357 @@
+"""Causal transformer with RoPE, optional gated MLP, per-step weights and a preallocated KV cache.
+
+One implementation serves Mimi's transformers (LayerNorm, GELU MLP, LayerScale), Helium (RMSNorm in float32,
+gated SiLU) and the depth transformer (separate weights for each codebook step). Parameter names follow
+Kyutai's checkpoints: `self_attn.in_proj_weight` and `self_attn.out_proj.weight` hold the weights of every
+step stacked along the output dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .rope import apply_rope, rope_tables
+from .streaming import StreamingModule, StreamingState, masked_fill_
+
+# Extra KV-cache slots beyond the attention context, so a streaming call of up to this many steps never
+# overwrites keys that its own first queries still attend to (streamed == offline for any chunking).
+CACHE_RESERVE = 32
+
+
+@dataclass
+class TransformerConfig:
+    d_model: int
+    num_heads: int
+    num_layers: int
+    dim_feedforward: int | list[int] = 2048
+    causal: bool = True
+    context: int | None = None  # steps each query sees, itself included; None = unbounded
+    norm: str = "layer_norm"  # layer_norm | layer_norm_f32 | rms_norm | rms_norm_f32
+    layer_scale: float | None = None
+    gating: str = "none"  # none (GELU MLP) | silu | gelu | ...
+    positional_embedding: str = "rope"  # rope | none
+    max_period: float = 10_000.0
+    kv_repeat: int = 1
+    weights_per_step: int = 0  # > 0: a separate set of weights for each of the first N steps
+    weights_per_step_schedule: list[int] | None = None  # step -> weight index, for shared weights
+    checkpointing: bool = False  # gradient checkpointing of each layer during training
+
+    @property
+    def num_weight_sets(self) -> int:
+        if not self.weights_per_step:
+            return 1
+        if self.weights_per_step_schedule:
+            return max(self.weights_per_step_schedule) + 1
+        return self.weights_per_step
+
+    def weight_index(self, step: int) -> int:
+        if not self.weights_per_step:
+            return 0
+        if step >= self.weights_per_step:
+            raise RuntimeError(f"step {step} has no weights (weights_per_step={self.weights_per_step})")
+        return self.weights_per_step_schedule[step] if self.weights_per_step_schedule else step
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dim; `dtype=float32` computes it in float32 whatever the input."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.compute_dtype = dtype
+        self.alpha = nn.Parameter(torch.ones(1, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        var = self.eps + y.pow(2).mean(dim=-1, keepdim=True)
+        return (y * (self.alpha.to(var) * torch.rsqrt(var))).to(x.dtype)
+
+
+class LayerNormF32(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=1e-5)
+    if kind == "layer_norm_f32":
+        return LayerNormF32(dim, eps=1e-8)
+    if kind == "rms_norm":
+        return RMSNorm(dim, eps=1e-5)
+    if kind == "rms_norm_f32":
+        return RMSNorm(dim, eps=1e-8, dtype=torch.float32)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+def _activation(name: str):
+    if name in ("silu", "gelu", "elu", "relu", "mish", "leaky_relu", "softsign"):
+        return getattr(F, name)
+    if name in ("sigmoid", "tanh"):
+        return getattr(torch, name)
+    if name == "identity":
+        return lambda x: x
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def gated_hidden_dim(dim: int, dim_feedforward: int) -> int:
+    """Hidden width of a gated MLP given the nominal feed-forward width (Kyutai's convention)."""
+    return (21 * dim) // 8 if dim_feedforward == 4 * dim else (2 * dim_feedforward) // 3
+
+
+class GatedMLP(nn.Module):
+    """out = W_out(act(W_in x [first half]) * W_in x [second half])."""
+
+    def __init__(self, dim: int, dim_feedforward: int, activation: str) -> None:
+        super().__init__()
+        hidden = gated_hidden_dim(dim, dim_feedforward)
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.act = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_in(x).unflatten(-1, (2, -1))
+        return self.linear_out(self.act(h[..., 0, :]) * h[..., 1, :])
+
+
+class StackedLinear(nn.Module):
+    """Bias-free linear layers, one per step, stored stacked as `weight` [n * out, in]."""
+
+    def __init__(self, in_dim: int, out_dim: int, n: int = 1) -> None:
+        super().__init__()
+        self.n, self.out_dim = n, out_dim
+        self.weight = nn.Parameter(torch.empty(n * out_dim, in_dim))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        return stacked_linear(x, self.weight, self.n, indices)
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, n: int, indices: list[int]) -> torch.Tensor:
+    """x [B, T, in] through weight [n * out, in], using weight set `indices[t]` at step t -> [B, T, out]."""
+    if n == 1:
+        return F.linear(x, weight)
+    weights = weight.view(n, weight.shape[0] // n, -1)
+    if len(indices) == 1:
+        return F.linear(x, weights[indices[0]])
+    return torch.einsum("btd,tod->bto", x, weights[indices])
+
+
+@dataclass
+class _AttentionState(StreamingState):
+    keys: torch.Tensor  # [B, H_kv, capacity, D_head]
+    values: torch.Tensor  # [B, H_kv, capacity, D_head]
+    # Stale entries need no reset: the transformer's slot positions mask them out.
+
+
+class Attention(StreamingModule):
+    """Multi-head self-attention; streaming keeps keys/values in a ring buffer of `capacity` slots."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.d_model // cfg.num_heads
+        self.kv_heads = cfg.num_heads // cfg.kv_repeat
+        qkv_dim = cfg.d_model + 2 * self.kv_heads * self.head_dim
+        n = cfg.num_weight_sets
+        self.in_proj_weight = nn.Parameter(torch.empty(n * qkv_dim, cfg.d_model))
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=5 ** 0.5)
+        self.out_proj = StackedLinear(cfg.d_model, cfg.d_model, n)
+        if cfg.context is not None:
+            self.capacity = cfg.context + CACHE_RESERVE
+        elif cfg.weights_per_step:
+            self.capacity = cfg.weights_per_step
+        else:
+            self.capacity = 0  # streaming needs a bounded cache
+
+    def _init_streaming_state(self, batch_size: int) -> _AttentionState:
+        if not self.capacity:
+            raise RuntimeError("streaming attention needs a context (or weights_per_step) to size its cache")
+        w = self.in_proj_weight
+        shape = (batch_size, self.kv_heads, self.capacity, self.head_dim)
+        return _AttentionState(
+            batch_size, w.device,
+            keys=torch.zeros(shape, device=w.device, dtype=w.dtype),
+            values=torch.zeros(shape, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; `ctx` holds positions, RoPE tables, mask and cache slots of this call."""
+        weight_indices = ctx.weight_indices
+        B, T, _ = x.shape
+        qkv = stacked_linear(x, self.in_proj_weight, self.cfg.num_weight_sets, weight_indices)
+        q_dim, kv_dim = self.cfg.d_model, self.kv_heads * self.head_dim
+        q = qkv[..., :q_dim].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k = qkv[..., q_dim:q_dim + kv_dim].unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = qkv[..., q_dim + kv_dim:].unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+
+        state = self._streaming_state
+        if state is not None:
+            assert isinstance(state, _AttentionState) and ctx.slots is not None
+            index = ctx.slots[:, None, :, None].expand(B, self.kv_heads, T, self.head_dim)
+            state.keys.scatter_(2, index, k)
+            state.values.scatter_(2, index, v)
+            k, v = state.keys, state.values
+        if self.cfg.kv_repeat > 1:
+            k = k.repeat_interleave(self.cfg.kv_repeat, dim=1)
+            v = v.repeat_interleave(self.cfg.kv_repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        out = out.transpose(1, 2).flatten(2)
+        return self.out_proj(out, weight_indices)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.self_attn = Attention(cfg)
+        self.norm1 = make_norm(cfg.norm, d)
+        self.norm2 = make_norm(cfg.norm, d)
+        n = cfg.num_weight_sets
+        if cfg.gating == "none":
+            if cfg.weights_per_step or isinstance(cfg.dim_feedforward, list):
+                raise ValueError("per-step weights need a gated MLP")
+            self.linear1 = nn.Linear(d, cfg.dim_feedforward, bias=False)
+            self.linear2 = nn.Linear(cfg.dim_feedforward, d, bias=False)
+            self.gating = None
+        elif cfg.weights_per_step:
+            widths = cfg.dim_feedforward if isinstance(cfg.dim_feedforward, list) else [cfg.dim_feedforward] * n
+            if len(widths) != n:
+                raise ValueError(f"dim_feedforward lists {len(widths)} widths for {n} weight sets")
+            self.gating = nn.ModuleList([GatedMLP(d, w, cfg.gating) for w in widths])
+        else:
+            self.gating = GatedMLP(d, int(cfg.dim_feedforward), cfg.gating)
+        if cfg.layer_scale is None:
+            self.layer_scale_1 = self.layer_scale_2 = None
+        else:
+            self.layer_scale_1 = LayerScale(d, cfg.layer_scale)
+            self.layer_scale_2 = LayerScale(d, cfg.layer_scale)
+
+    def _mlp(self, x: torch.Tensor, weight_indices: list[int]) -> torch.Tensor:
+        if self.gating is None:
+            return self.linear2(F.gelu(self.linear1(x)))
+        if isinstance(self.gating, nn.ModuleList):
+            if len(weight_indices) == 1:
+                return self.gating[weight_indices[0]](x)
+            return torch.cat([self.gating[i](x[:, t:t + 1]) for t, i in enumerate(weight_indices)], dim=1)
+        return self.gating(x)
+
+    def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
+        weight_indices = ctx.weight_indices
+        update = self.self_attn(self.norm1(x), ctx)
+        if self.layer_scale_1 is not None:
+            update = self.layer_scale_1(update)
+        x = x.to(update) + update
+        update = self._mlp(self.norm2(x), weight_indices)
+        if self.layer_scale_2 is not None:
+            update = self.layer_scale_2(update)
+        return x.to(update) + update
+
+
+@dataclass
+class _StepContext:
+    """What every layer of one transformer call shares, computed once per call."""
+
+    weight_indices: list[int]
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor | None  # [B, 1, T, S] bool, True = may attend
+    slots: torch.Tensor | None  # [B, T] cache slots written by this call (streaming only)
+
+
+@dataclass
+class _TransformerState(StreamingState):
+    offsets: torch.Tensor  # [B] long, steps seen so far by each batch item
+    key_positions: torch.Tensor  # [B, capacity], absolute step held by each cache slot, -1 = empty
+    step: int = 0  # steps seen (host side), selects per-step weights; all items move together
+
+    def reset(self, mask: torch.Tensor) -> None:
+        self.offsets.masked_fill_(mask, 0)
+        masked_fill_(self.key_positions, mask, -1)
+        self.step = 0
+
+
+class Transformer(StreamingModule):
+    """Stack of layers on [B, T, D] inputs; streaming continues positions and caches across calls."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.d_model % cfg.num_heads:
+            raise ValueError(f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}")
+        self.cfg = cfg
+        self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
+
+    def _init_streaming_state(self, batch_size: int) -> _TransformerState:
+        device = self.layers[0].self_attn.in_proj_weight.device
+        capacity = self.layers[0].self_attn.capacity
+        return _TransformerState(batch_size, device, torch.zeros(batch_size, dtype=torch.long, device=device),
+                                 torch.full((batch_size, capacity), -1, dtype=torch.long, device=device))
+
+    def _mask(self, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor | None:
+        """Which keys each query sees: [B, 1, T, S] bool (None = all)."""
+        if not self.cfg.causal and self.cfg.context is None and self._streaming_state is None:
+            return None
+        delta = positions[:, :, None] - key_positions[:, None, :]
+        mask = key_positions[:, None, :] >= 0
+        if self.cfg.causal:
+            mask = mask & (delta >= 0)
+        if self.cfg.context is not None:
+            mask = mask & (delta < self.cfg.context)
+        return mask[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        state = self._streaming_state
+        limit = CACHE_RESERVE if (state is not None and self.cfg.context is not None) else x.shape[1]
+        if x.shape[1] > limit:  # keep each streamed chunk within the cache reserve
+            return torch.cat([self(chunk) for chunk in x.split(limit, dim=1)], dim=1)
+        B, T, _ = x.shape
+        steps = torch.arange(T, device=x.device)
+        if state is None:
+            positions = steps.expand(B, T)
+            first_step = 0
+        else:
+            assert isinstance(state, _TransformerState)
+            positions = state.offsets[:, None] + steps
+            first_step = state.step
+        slots = None
+        if state is None:
+            key_positions = positions
+        else:
+            capacity = state.key_positions.shape[1]
+            if self.cfg.context is None and first_step + T > capacity:
+                raise RuntimeError(f"streaming past the {capacity} steps this unbounded-context cache holds")
+            slots = positions % capacity
+            state.key_positions.scatter_(1, slots, positions)
+            key_positions = state.key_positions
+        rope = None
+        if self.cfg.positional_embedding == "rope":
+            rope = rope_tables(positions, self.cfg.d_model // self.cfg.num_heads, self.cfg.max_period)
+        ctx = _StepContext([self.cfg.weight_index(first_step + t) for t in range(T)], rope,
+                           self._mask(positions, key_positions), slots)
+        dtype = x.dtype
+        for layer in self.layers:
+            if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        if state is not None:
+            state.offsets += T
+            state.step += T
+        return x.to(dtype)
