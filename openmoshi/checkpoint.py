@@ -1,0 +1,177 @@
+"""Checkpoint I/O in Kyutai's layout: finding files (local or `hf://`), reading safetensors, key conventions.
+
+Kyutai's loader accepts several spellings of the attention weights; we normalise them all to the stacked
+form of the released files (`self_attn.in_proj_weight`, `self_attn.out_proj.weight`), which is also what
+our modules hold and what we save.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf://"
+
+
+def hf_download(repo: str, filename: str, revision: str | None = None) -> Path:
+    """Fetch one file of a Hugging Face repo through the local cache, with an actionable error offline."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError("huggingface_hub is needed for hf:// sources: pip install huggingface_hub") from exc
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except Exception as exc:  # the hub raises many types: offline, not found, gated, ...
+        kind = type(exc).__name__
+        if "EntryNotFound" in kind or "RemoteEntryNotFound" in kind:
+            raise FileNotFoundError(f"{filename} is not in the Hugging Face repo {repo}") from exc
+        raise CheckpointError(
+            f"could not get {filename} from the Hugging Face repo {repo} ({kind}: {exc}). If this machine is "
+            f"offline, download the repo elsewhere (huggingface-cli download {repo}) and pass the local folder, "
+            "or set HF_HUB_OFFLINE=1 to use files already in the cache.") from exc
+
+
+def split_hf(source: str) -> tuple[str, str | None]:
+    """'hf://owner/repo[/file]' -> ('owner/repo', 'file' or None)."""
+    parts = source[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 2:
+        raise CheckpointError(f"{source!r} is not of the form hf://owner/repo[/file]")
+    return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        from safetensors.torch import load_file
+        return load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+
+
+_PER_STEP = re.compile(r"^(.*\.self_attn\.)(in_projs|out_projs)\.(\d+)\.weight$")
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map every accepted attention-key spelling to the stacked one; other keys pass through."""
+    out: dict[str, torch.Tensor] = {}
+    per_step: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = _PER_STEP.match(key)
+        if match:
+            prefix, kind, index = match.groups()
+            target = prefix + ("in_proj_weight" if kind == "in_projs" else "out_proj.weight")
+            per_step.setdefault(target, {})[int(index)] = value
+        elif key.endswith(".self_attn.in_proj.weight"):
+            out[key[: -len("in_proj.weight")] + "in_proj_weight"] = value
+        else:
+            out[key] = value
+    for target, parts in per_step.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise CheckpointError(f"per-step weights for {target} are missing steps: have {sorted(parts)}")
+        out[target] = torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    return out
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+              dtype: torch.dtype | None = None, assign: bool = False, ignore: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`, failing with the key and file named on any missing, extra or misshaped tensor.
+
+    Floating-point tensors are cast to `dtype` (or to the parameter's dtype). With `assign=True` the
+    tensors replace the parameters (no second copy; for modules built on the meta device).
+    """
+    state = normalize_keys(state)
+    expected = module.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in state and not k.startswith(ignore)]
+    extra = [k for k in state if k not in expected and not k.startswith(ignore)]
+    if missing or extra:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} tensor(s), first: {missing[:5]}")
+        if extra:
+            lines.append(f"unexpected {len(extra)} tensor(s), first: {extra[:5]}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(lines))
+    converted: dict[str, torch.Tensor] = {}
+    for key, target in expected.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(target.shape)}")
+        if value.dtype.is_floating_point:
+            value = value.to(dtype or (target.dtype if target.dtype.is_floating_point else value.dtype))
+        elif target.dtype != value.dtype:
+            value = value.to(target.dtype)
+        converted[key] = value
+    module.load_state_dict(converted, strict=not ignore, assign=assign)
+
+
+class ModelSource:
+    """A model in Kyutai's layout: a local folder or `hf://owner/repo`, files fetched on demand."""
+
+    def __init__(self, source: str | Path, revision: str | None = None) -> None:
+        text = str(source)
+        self.revision = revision
+        if text.startswith(HF_PREFIX):
+            self.repo, sub = split_hf(text)
+            if sub:
+                raise CheckpointError(f"{source!r} names a file; a model source is a folder or hf://owner/repo")
+            self.folder = None
+        else:
+            self.repo = None
+            self.folder = Path(source).expanduser()
+            if not self.folder.is_dir():
+                raise CheckpointError(f"model folder not found: {self.folder}")
+        self.name = text
+
+    def has(self, filename: str) -> bool:
+        if self.folder is not None:
+            return (self.folder / filename).is_file()
+        try:
+            self.get(filename)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def get(self, filename: str) -> Path:
+        """Local path of `filename` (downloaded through the HF cache for hf:// sources)."""
+        if self.folder is not None:
+            path = self.folder / filename
+            if not path.is_file():
+                raise FileNotFoundError(f"model folder {self.folder} has no file {filename}")
+            return path
+        assert self.repo is not None
+        return hf_download(self.repo, filename, self.revision)
+
+    def require(self, filename: str, what: str) -> Path:
+        try:
+            return self.get(filename)
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{self.name}: the {what} file {filename} is missing ({exc})") from exc
+
+    def config(self) -> dict | None:
+        """config.json as a dict, or None when the source has none (legacy 7B repos)."""
+        if not self.has("config.json"):
+            return None
+        import json
+        path = self.get("config.json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc

@@ -1,0 +1,67 @@
+"""`openmoshi` command line: one subcommand per job, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import OpenMoshiError
+
+# subcommand -> module defining `add_arguments(parser)` and `run(args) -> int`
+COMMANDS = {
+    "codec": ("openmoshi.cli.codec", "encode audio to Mimi codes and decode codes to audio"),
+    "init": ("openmoshi.cli.init", "write a freshly initialised model folder from a preset"),
+    "infer": ("openmoshi.cli.infer", "run Moshi on recordings: answers as audio and transcripts"),
+    "serve": ("openmoshi.cli.serve", "real-time full-duplex server (websocket + web page)"),
+    "client": ("openmoshi.cli.client", "talk to a server from the terminal or stream a file to it"),
+    "bench": ("openmoshi.cli.bench", "measure Mimi and generator speed, side by side with the reference"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openmoshi",
+        description="openmoshi: Moshi speech-text model and Mimi codec, compatible with Kyutai's checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # a command not shipped in this build
+            raise
+        child = sub.add_parser(name, help=help_text, description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show full tracebacks and debug logs")
+        module.add_arguments(child)
+        child.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except OpenMoshiError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Random Mimi weights whose codebooks are drawn from real latents, so codes actually vary."""
+
+from __future__ import annotations
+
+import torch
+
+from openmoshi.codec import Mimi
+
+
+@torch.no_grad()
+def fill_codebooks(mimi: Mimi, wav: torch.Tensor, seed: int = 0) -> None:
+    """Set every RVQ level's EMA codebook to noisy samples of that level's residual on `wav` [B, 1, T]."""
+    gen = torch.Generator().manual_seed(seed)
+    latent = mimi.encode_to_latent(wav)  # [B, D, F]
+    frames = latent.transpose(1, 2).reshape(-1, latent.shape[1])
+    q = mimi.quantizer
+    branches = [(q.rvq_first, q.cfg.n_q_semantic), (q.rvq_rest, q.cfg.n_q - q.cfg.n_q_semantic)]
+    for branch, levels in branches:
+        residual = frames @ branch.input_proj.weight[:, :, 0].T
+        for level in range(levels):
+            book = branch.vq.layers[level]._codebook
+            bins = book.embedding_sum.shape[0]
+            picks = torch.randint(residual.shape[0], (bins,), generator=gen)
+            noise = torch.randn(bins, residual.shape[1], generator=gen) * residual.std() * 0.05
+            words = residual[picks] + noise
+            usage = torch.rand(bins, generator=gen) + 0.5
+            book.embedding_sum.copy_(words * usage[:, None])
+            book.cluster_usage.copy_(usage)
+            book._initialized.fill_(1)
+            nearest = torch.cdist(residual, words).argmin(dim=1)
+            residual = residual - words[nearest]
