@@ -9,7 +9,7 @@ from openmoshi.codec import Mimi
 
 @torch.no_grad()
 def fill_codebooks(mimi: Mimi, wav: torch.Tensor, seed: int = 0) -> None:
-    """Set every RVQ level's EMA codebook to noisy samples of that level's residual on `wav` [B, 1, T]."""
+    """Set every RVQ level's EMA codebook from the statistics of that level's residual on `wav` [B, 1, T]."""
     gen = torch.Generator().manual_seed(seed)
     latent = mimi.encode_to_latent(wav)  # [B, D, F]
     frames = latent.transpose(1, 2).reshape(-1, latent.shape[1])
@@ -20,9 +20,10 @@ def fill_codebooks(mimi: Mimi, wav: torch.Tensor, seed: int = 0) -> None:
         for level in range(levels):
             book = branch.vq.layers[level]._codebook
             bins = book.embedding_sum.shape[0]
-            picks = torch.randint(residual.shape[0], (bins,), generator=gen)
-            noise = torch.randn(bins, residual.shape[1], generator=gen) * residual.std() * 0.05
-            words = residual[picks] + noise
+            # Random codewords at half the residual's scale: every level takes a real but small share of
+            # the residual, so residuals stay large and the nearest codeword wins by a wide margin.
+            words = torch.randn(bins, residual.shape[1], generator=gen) * residual.std(dim=0) * 0.5
+            words = words + residual.mean(dim=0)
             usage = torch.rand(bins, generator=gen) + 0.5
             book.embedding_sum.copy_(words * usage[:, None])
             book.cluster_usage.copy_(usage)

@@ -75,12 +75,12 @@ class StreamingConv1d(StreamingModule):
             x = F.pad(x, (self.context, 0), mode=self.pad_mode)
         else:
             assert isinstance(state, _ConvState)
+            previous = state.previous
             if self.pad_mode == "replicate":
-                first = state.first.view(-1, 1, 1)
-                state.previous.copy_(torch.where(first, x[..., :1], state.previous))
-                state.first.fill_(False)
-            x = torch.cat([state.previous, x], dim=-1)
-            state.previous.copy_(x[..., x.shape[-1] - self.context:])
+                previous = torch.where(state.first.view(-1, 1, 1), x[..., :1], previous)
+                state.first.copy_(state.keep_inactive(torch.zeros_like(state.first), state.first))
+            x = torch.cat([previous, x], dim=-1)
+            state.previous.copy_(state.keep_inactive(x[..., x.shape[-1] - self.context:], state.previous))
         return self.conv.conv(x)
 
 
@@ -125,5 +125,5 @@ class StreamingConvTranspose1d(StreamingModule):
         y[..., :self.overlap] += state.partial
         tail = y[..., end:]
         bias = self.convtr.convtr.bias
-        state.partial.copy_(tail if bias is None else tail - bias[:, None])
+        state.partial.copy_(state.keep_inactive(tail if bias is None else tail - bias[:, None], state.partial))
         return y[..., :end]

@@ -20,13 +20,28 @@ from torch import nn
 
 @dataclass
 class StreamingState:
-    """Per-module streaming state; subclasses add tensors and override `reset`."""
+    """Per-module streaming state; subclasses add tensors and override `reset`.
+
+    `active` [B] bool says which batch items this call really advances (see `set_active`); the others keep
+    their state as if the call had not happened. `all_active` is its host-side summary, so the common case
+    (everyone advances) costs nothing.
+    """
 
     batch_size: int
     device: torch.device
 
+    def __post_init__(self) -> None:
+        self.active = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        self.all_active = True
+
     def reset(self, mask: torch.Tensor) -> None:
         """Reset the batch items where `mask` [B] (bool) is True."""
+
+    def keep_inactive(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """`new` for active items, `old` for the frozen ones; tensors shaped [B, ...]."""
+        if self.all_active:
+            return new
+        return torch.where(self.active.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
 def masked_fill_(buffer: torch.Tensor, mask: torch.Tensor, value: float | int = 0) -> None:
@@ -86,6 +101,27 @@ class StreamingModule(nn.Module):
             for _, module in modules:
                 module._streaming_state = None
             self._active_streaming_modules = None
+
+    def set_active(self, mask: torch.Tensor | None) -> None:
+        """Advance only the batch items where mask [B] is True in the next calls (None = all).
+
+        Lets one batched step serve streams that are not in lock-step, e.g. server sessions whose audio
+        has not arrived yet: their state stays exactly as it was.
+        """
+        state = self._streaming_state
+        if state is None:
+            raise RuntimeError("set_active() called outside of a streaming() block.")
+        modules = getattr(self, "_active_streaming_modules", None) or self._streaming_modules()
+        for _, module in modules:
+            sub = module._streaming_state
+            if sub is None:
+                continue
+            if mask is None:
+                sub.active.fill_(True)
+                sub.all_active = True
+            else:
+                sub.active.copy_(mask.to(sub.device, torch.bool))
+                sub.all_active = False
 
     def reset_streaming(self, mask: torch.Tensor | None = None) -> None:
         """Reset the state of all batch items, or of those where `mask` [B] is True."""

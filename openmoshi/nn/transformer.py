@@ -352,6 +352,7 @@ class Transformer(StreamingModule):
             else:
                 x = layer(x, ctx)
         if state is not None:
-            state.offsets += T
+            # Frozen items keep their offset; their cache writes sit in the slot they will overwrite next.
+            state.offsets.copy_(state.keep_inactive(state.offsets + T, state.offsets))
             state.step += T
         return x.to(dtype)
