@@ -1,0 +1,167 @@
+"""A whole Moshi model: Mimi + LM + text tokenizer + generation defaults, as one folder in Kyutai's layout.
+
+    folder/
+      config.json                                    LM config + file names + lm_gen_config (Kyutai's keys)
+      model.safetensors                              LM weights
+      tokenizer-e351c8d8-checkpoint125.safetensors   Mimi weights
+      tokenizer_spm_32k_3.model                      SentencePiece text tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ModelSource
+from .codec import Mimi, MimiConfig, load_mimi, mimi_official, mimi_tiny, save_mimi
+from .errors import CheckpointError, ConfigError
+from .lm.config import LMConfig
+from .lm.loading import load_lm, read_config, save_lm
+from .lm.model import LMModel
+
+logger = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "lm" / "assets"
+
+# Kyutai's generation defaults (LMGen), overridden per model by config.json's lm_gen_config.
+GENERATION_DEFAULTS = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+
+
+@dataclass
+class MoshiBundle:
+    mimi: Mimi
+    lm: LMModel
+    tokenizer: "object"  # sentencepiece.SentencePieceProcessor
+    config: LMConfig
+    generation: dict = field(default_factory=dict)  # Generator keyword arguments
+    source: str = ""
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mimi.sample_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.mimi.frame_size
+
+    def text_piece(self, token: int) -> str | None:
+        """The printable piece of a generated text token; None for padding (PAD / EPAD) and specials."""
+        if token in (self.config.existing_text_padding_id, self.config.existing_text_end_padding_id):
+            return None
+        if not 0 <= token < self.tokenizer.get_piece_size():
+            return None
+        if self.tokenizer.is_control(token) or self.tokenizer.is_unknown(token):
+            return None
+        return self.tokenizer.id_to_piece(token)
+
+
+def load_tokenizer(path: str | Path):
+    import sentencepiece
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a SentencePiece model ({exc})") from exc
+
+
+def generation_defaults(cfg: LMConfig) -> dict:
+    """Generator keyword arguments: Kyutai's defaults, then the model's lm_gen_config."""
+    out = dict(GENERATION_DEFAULTS)
+    for key, value in (cfg.lm_gen_config or {}).items():
+        if key in GENERATION_DEFAULTS:
+            out[key] = value
+        else:
+            logger.info("lm_gen_config: %s=%r is not used by openmoshi's generator", key, value)
+    return out
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MoshiBundle:
+    """Load a model folder or `hf://owner/repo` (Kyutai's layout) with everything needed to talk to it."""
+    model = ModelSource(source)
+    cfg, _ = read_config(source)
+    if cfg.model_type not in ("moshi", "hibiki", "stt", "tts"):
+        raise ConfigError(f"{source}: unknown model_type {cfg.model_type!r}")
+    n_codebooks = max(cfg.dep_q, cfg.n_q - cfg.dep_q)
+    if cfg.tts_config.get("multistream"):
+        n_codebooks //= 2
+    mimi_cfg = None
+    if cfg.mimi_config_name:
+        path = model.require(cfg.mimi_config_name, "Mimi config")
+        try:
+            mimi_cfg = MimiConfig.from_kyutai(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+    mimi_path = model.require(cfg.mimi_name, "Mimi weights")
+    mimi = load_mimi(mimi_path, num_codebooks=n_codebooks, device=device, config=mimi_cfg)
+    tokenizer = load_tokenizer(model.require(cfg.tokenizer_name, "text tokenizer"))
+    if tokenizer.get_piece_size() > cfg.text_card:
+        raise CheckpointError(f"{source}: the tokenizer has {tokenizer.get_piece_size()} pieces but the LM's "
+                              f"text vocabulary is {cfg.text_card}")
+    lm = load_lm(source, device=device, dtype=dtype)
+    return MoshiBundle(mimi, lm, tokenizer, lm.cfg, generation_defaults(lm.cfg), str(source))
+
+
+def save_model(bundle_or_parts: MoshiBundle, folder: str | Path, tokenizer_file: str | Path | None = None) -> Path:
+    """Write a bundle as a model folder in Kyutai's layout (loads back with `load_model` and Kyutai's code)."""
+    folder = Path(folder)
+    bundle = bundle_or_parts
+    cfg = bundle.config
+    if bundle.mimi.cfg != mimi_official():
+        cfg = cfg.replace(mimi_config_name="mimi_config.json")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mimi_config.json").write_text(json.dumps(bundle.mimi.cfg.to_kyutai(), indent=2) + "\n")
+    bundle.lm.cfg = cfg
+    save_lm(bundle.lm, folder)
+    save_mimi(bundle.mimi, folder / cfg.mimi_name)
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, folder / cfg.tokenizer_name)
+    else:
+        (folder / cfg.tokenizer_name).write_bytes(bundle.tokenizer.serialized_model_proto())
+    return folder
+
+
+PRESETS = {
+    "moshi-7b": (LMConfig.moshi_7b, mimi_official, None),
+    "bench": (LMConfig.bench, mimi_official, "tokenizer_tiny.model"),
+    "tiny": (LMConfig.tiny, mimi_tiny, "tokenizer_tiny.model"),
+}
+
+
+def init_model(preset: str, folder: str | Path, seed: int = 0, tokenizer: str | Path | None = None) -> Path:
+    """Write a freshly initialised model folder for a preset (random weights: it babbles)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    lm_preset, mimi_preset, bundled_tokenizer = PRESETS[preset]
+    tokenizer = tokenizer or (ASSETS / bundled_tokenizer if bundled_tokenizer else None)
+    if tokenizer is None:
+        raise ConfigError(f"preset {preset!r} needs a 32k SentencePiece model: pass --tokenizer "
+                          "(Kyutai's tokenizer_spm_32k_3.model)")
+    torch.manual_seed(seed)
+    cfg = lm_preset()
+    tok = load_tokenizer(tokenizer)
+    if tok.get_piece_size() > cfg.text_card:
+        raise ConfigError(f"the tokenizer has {tok.get_piece_size()} pieces, more than the preset's "
+                          f"text vocabulary of {cfg.text_card}")
+    cfg = cfg.replace(tokenizer_name=Path(tokenizer).name)
+    mimi = Mimi(mimi_preset())
+    _fill_codebooks_randomly(mimi, seed)
+    lm = LMModel(cfg)
+    bundle = MoshiBundle(mimi.eval(), lm.eval(), tok, cfg, generation_defaults(cfg))
+    return save_model(bundle, folder, tokenizer_file=tokenizer)
+
+
+@torch.no_grad()
+def _fill_codebooks_randomly(mimi: Mimi, seed: int) -> None:
+    """Give a fresh Mimi initialised codebooks (empty EMA codebooks would map everything to code 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, buffer in mimi.quantizer.named_buffers():
+        if name.endswith("embedding_sum"):
+            buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.1)
+        elif name.endswith("cluster_usage"):
+            buffer.fill_(1.0)
+        elif name.endswith("_initialized"):
+            buffer.fill_(1.0)

@@ -1,0 +1,36 @@
+"""Write a freshly initialised model folder in Kyutai's layout.
+
+  openmoshi init --preset tiny tiny-moshi     # ~0.5 M parameters, runs anywhere, babbles (random weights)
+  openmoshi init --preset bench bench-moshi   # the benchmark size (dim 1024, 12 layers), official Mimi
+  openmoshi init --preset moshi-7b OUT --tokenizer tokenizer_spm_32k_3.model   # the 7B structure (~31 GB fp32)
+
+The folder loads with `openmoshi infer/serve --model OUT`, with `openmoshi.load_model(OUT)`, and with
+Kyutai's own loaders; training starts from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..bundle import PRESETS, init_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", type=Path, help="folder to write (created)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="SentencePiece model to ship (default: the bundled 1000-piece one for tiny/bench)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    if args.output.exists() and any(args.output.iterdir()) and not args.force:
+        raise ConfigError(f"{args.output} exists and is not empty; use --force to write into it")
+    folder = init_model(args.preset, args.output, seed=args.seed, tokenizer=args.tokenizer)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    print(f"wrote a fresh {args.preset} model to {folder} ({size:.1f} MB). Random weights: it babbles.")
+    print(f"next: openmoshi serve --model {folder}   or   openmoshi infer --model {folder} speech.wav --out answers")
+    return 0

@@ -1,0 +1,127 @@
+"""A websocket client of the chat protocol: streams user audio at real-time pace, collects Moshi's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import numpy as np
+
+from .audio.opus import OpusDecoderStream, OpusEncoderStream
+from .errors import OpenMoshiError
+from .server.protocol import Kind
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000
+CHUNK = 1920  # 80 ms per message
+
+
+@dataclass
+class Conversation:
+    """What the client heard: Moshi's audio, its text pieces (with arrival times) and the server's messages."""
+
+    audio: list[np.ndarray] = field(default_factory=list)
+    pieces: list[tuple[float, str]] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    handshake: bytes = b""
+    audio_messages: int = 0
+
+    @property
+    def pcm(self) -> np.ndarray:
+        return np.concatenate(self.audio) if self.audio else np.zeros(0, dtype=np.float32)
+
+    @property
+    def text(self) -> str:
+        return "".join(piece for _, piece in self.pieces)
+
+
+class ServerBusy(OpenMoshiError):
+    """The server refused the conversation because all its slots are taken."""
+
+
+async def converse(url: str, pcm: np.ndarray, realtime: bool = True, tail_s: float = 0.5,
+                   params: dict | None = None, on_piece=None, timeout_s: float = 30.0) -> Conversation:
+    """Stream `pcm` (float32 mono 24 kHz) to a chat server and return what came back.
+
+    Waits for the handshake before sending, as Kyutai's web client does; sends 80 ms chunks at real-time
+    pace (or as fast as possible with realtime=False), then `tail_s` of silence so the answer can finish.
+    """
+    conv = Conversation()
+    if params:
+        sep = "&" if "?" in url else "?"
+        url = url + sep + "&".join(f"{k}={v}" for k, v in params.items())
+    encoder = OpusEncoderStream()
+    decoder = OpusDecoderStream(SAMPLE_RATE)
+    tail = np.zeros(int(tail_s * SAMPLE_RATE), dtype=np.float32)
+    audio = np.concatenate([pcm.astype(np.float32), tail])
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        try:
+            ws = await session.ws_connect(url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        except aiohttp.ClientError as exc:
+            raise OpenMoshiError(f"cannot connect to {url}: {exc}") from exc
+        async with ws:
+            ready = asyncio.Event()
+            done = asyncio.Event()
+
+            async def receive() -> None:
+                async for message in ws:
+                    if message.type != aiohttp.WSMsgType.BINARY or not message.data:
+                        continue
+                    kind, payload = message.data[0], message.data[1:]
+                    if kind == Kind.HANDSHAKE:
+                        conv.handshake = payload
+                        ready.set()
+                    elif kind == Kind.AUDIO:
+                        conv.audio_messages += 1
+                        out = decoder.feed(payload)
+                        if out.size:
+                            conv.audio.append(out)
+                    elif kind == Kind.TEXT:
+                        piece = payload.decode("utf-8", errors="replace")
+                        conv.pieces.append((time.monotonic() - start, piece))
+                        if on_piece is not None:
+                            on_piece(piece)
+                    elif kind == Kind.METADATA:
+                        conv.metadata = json.loads(payload.decode("utf-8"))
+                    elif kind == Kind.ERROR:
+                        conv.errors.append(payload.decode("utf-8", errors="replace"))
+                        ready.set()
+                done.set()
+
+            receiver = asyncio.create_task(receive())
+            try:
+                await asyncio.wait_for(ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                raise OpenMoshiError(f"no handshake from {url} within {timeout_s:.0f} s") from None
+            if conv.errors and not conv.handshake:
+                receiver.cancel()
+                message = conv.errors[0]
+                raise (ServerBusy if "busy" in message else OpenMoshiError)(f"server refused: {message}")
+            t0 = time.monotonic()
+            for i, offset in enumerate(range(0, len(audio), CHUNK)):
+                data = encoder.push(audio[offset:offset + CHUNK])
+                if data:
+                    await ws.send_bytes(bytes([Kind.AUDIO]) + data)
+                if realtime:
+                    delay = t0 + (i + 1) * CHUNK / SAMPLE_RATE - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+            # Wait until the answer to the last frame arrived: it trails the input by the model's delay.
+            expected = len(audio) - 3 * CHUNK
+            deadline = time.monotonic() + timeout_s
+            while sum(len(a) for a in conv.audio) < expected and time.monotonic() < deadline \
+                    and not done.is_set():
+                await asyncio.sleep(0.02)
+            await ws.close()
+            await asyncio.gather(receiver, return_exceptions=True)
+    if conv.errors:
+        logger.info("server errors: %s", conv.errors)
+    return conv
+

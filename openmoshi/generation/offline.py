@@ -1,0 +1,75 @@
+"""Run Moshi on whole recordings: the user stream fed from audio, Moshi generating frame by frame."""
+
+from __future__ import annotations
+
+import time
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+
+from ..bundle import MoshiBundle
+from .generator import Generator
+from .transcript import Transcript, transcript_from_tokens
+
+
+@dataclass
+class Answer:
+    """Moshi's side of one conversation, aligned with the user's audio."""
+
+    audio: torch.Tensor  # float [1, T], 24 kHz, same length as the user's input
+    codes: torch.Tensor  # long [1 + dep_q, F]: text token then audio codes per frame
+    transcript: Transcript
+
+
+def answer_recordings(bundle: MoshiBundle, wavs: list[torch.Tensor], generation: dict | None = None,
+                      seed: int | None = None, on_step: tp.Callable[[int, int], None] | None = None) -> list[Answer]:
+    """Answers to user recordings (float [1, T] each, 24 kHz), generated as one batch.
+
+    Shorter recordings are padded with silence; batch rows are independent, so each answer equals the
+    one its recording gets alone (exactly so with greedy decoding).
+    """
+    mimi, lm = bundle.mimi, bundle.lm
+    frame = mimi.frame_size
+    lengths = [w.shape[-1] for w in wavs]
+    frames = max(-(-n // frame) for n in lengths)
+    batch = torch.zeros(len(wavs), 1, frames * frame)
+    for i, w in enumerate(wavs):
+        batch[i, :, : w.shape[-1]] = w
+    batch = batch.to(lm.device)
+    gen = Generator(lm, seed=seed, **(generation if generation is not None else bundle.generation))
+    steps = frames + gen.max_delay  # the last frames' answers come max(delays) steps late
+    codes_out: list[torch.Tensor] = []
+    audio_out: list[torch.Tensor] = []
+    with torch.inference_mode(), mimi.streaming(len(wavs)), gen.streaming(len(wavs)):
+        silence = torch.zeros(len(wavs), 1, frame, device=lm.device)
+        for step in range(steps):
+            chunk = batch[..., step * frame:(step + 1) * frame] if step < frames else silence
+            user = mimi.encode(chunk)
+            out = gen.step(user[:, : gen.n_user])
+            if out is not None:
+                codes_out.append(out[..., 0].cpu())
+                audio_out.append(mimi.decode(out[:, 1:].clamp(min=0)).float().cpu())
+            if on_step is not None:
+                on_step(step + 1, steps)
+    codes = torch.stack(codes_out, dim=-1)[..., :frames]  # [B, 1 + dep_q, F]
+    audio = torch.cat(audio_out, dim=-1)
+    pad_ids = (bundle.config.existing_text_padding_id, bundle.config.existing_text_end_padding_id)
+    answers = []
+    for i, n in enumerate(lengths):
+        tokens = codes[i, 0, : -(-n // frame)].tolist()
+        transcript = transcript_from_tokens(tokens, bundle.tokenizer, mimi.frame_rate, pad_ids)
+        answers.append(Answer(audio[i, :, :n], codes[i, :, : -(-n // frame)], transcript))
+    return answers
+
+
+class RealTimeMeter:
+    """Real-time factor of a run: seconds of audio processed per second of compute."""
+
+    def __init__(self, audio_seconds_per_step: float) -> None:
+        self.per_step = audio_seconds_per_step
+        self.start = time.perf_counter()
+
+    def factor(self, steps: int) -> float:
+        elapsed = time.perf_counter() - self.start
+        return steps * self.per_step / elapsed if elapsed > 0 else 0.0

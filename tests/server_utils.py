@@ -1,0 +1,58 @@
+"""Run a real openmoshi server on a loopback port in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from aiohttp import web
+
+from openmoshi.bundle import load_model
+from openmoshi.server.app import create_app
+from openmoshi.server.engine import Engine
+from openmoshi.server.protocol import SessionSettings
+
+
+class RunningServer:
+    def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
+                 max_backlog_frames: int = 12) -> None:
+        self.bundle = load_model(model_folder)
+        gen = self.bundle.generation
+        defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
+                                   audio_temperature=gen["temp"], audio_topk=gen["top_k"])
+        self.engine = Engine(self.bundle, max_sessions, defaults, max_backlog_frames=max_backlog_frames)
+        self.app = create_app(self.engine, token=token)
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(self.app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+        self.loop.close()
+
+    def __enter__(self) -> "RunningServer":
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("server did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/chat"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
