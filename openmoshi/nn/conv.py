@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 
+from . import fast
 from .streaming import StreamingModule, StreamingState, masked_fill_
 
 
@@ -22,11 +23,19 @@ class _NormConv1d(nn.Module):
         super().__init__()
         self.conv = parametrizations.weight_norm(conv) if weight_norm else conv
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return fast.conv1d(x, conv.weight, conv.bias, conv.stride[0], conv.dilation[0], conv.groups)
+
 
 class _NormConvTranspose1d(nn.Module):
     def __init__(self, convtr: nn.ConvTranspose1d, weight_norm: bool) -> None:
         super().__init__()
         self.convtr = parametrizations.weight_norm(convtr) if weight_norm else convtr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        convtr = self.convtr
+        return fast.conv_transpose1d(x, convtr.weight, convtr.bias, convtr.stride[0], convtr.groups)
 
 
 @dataclass
@@ -70,7 +79,7 @@ class StreamingConv1d(StreamingModule):
             raise ValueError(f"conv input length {x.shape[-1]} is not a multiple of the stride {self.stride}")
         state = self._streaming_state
         if self.context == 0:
-            return self.conv.conv(x)
+            return self.conv(x)
         if state is None:
             x = F.pad(x, (self.context, 0), mode=self.pad_mode)
         else:
@@ -81,7 +90,7 @@ class StreamingConv1d(StreamingModule):
                 state.first.copy_(state.keep_inactive(torch.zeros_like(state.first), state.first))
             x = torch.cat([previous, x], dim=-1)
             state.previous.copy_(state.keep_inactive(x[..., x.shape[-1] - self.context:], state.previous))
-        return self.conv.conv(x)
+        return self.conv(x)
 
 
 @dataclass
@@ -114,7 +123,7 @@ class StreamingConvTranspose1d(StreamingModule):
         return _ConvTrState(batch_size, weight.device, partial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.convtr.convtr(x)
+        y = self.convtr(x)
         if self.overlap == 0:
             return y
         state = self._streaming_state

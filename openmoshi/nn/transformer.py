@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .rope import apply_rope, rope_tables
+from . import fast
+from .rope import rope_tables
 from .streaming import StreamingModule, StreamingState, masked_fill_
 
 # Extra KV-cache slots beyond the attention context, so a streaming call of up to this many steps never
@@ -124,8 +125,8 @@ class GatedMLP(nn.Module):
         self.act = _activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_in(x).unflatten(-1, (2, -1))
-        return self.linear_out(self.act(h[..., 0, :]) * h[..., 1, :])
+        h = fast.linear_module(self.linear_in, x).unflatten(-1, (2, -1))
+        return fast.linear_module(self.linear_out, self.act(h[..., 0, :]) * h[..., 1, :])
 
 
 class StackedLinear(nn.Module):
@@ -144,10 +145,10 @@ class StackedLinear(nn.Module):
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor, n: int, indices: list[int]) -> torch.Tensor:
     """x [B, T, in] through weight [n * out, in], using weight set `indices[t]` at step t -> [B, T, out]."""
     if n == 1:
-        return F.linear(x, weight)
+        return fast.linear(x, weight)
     weights = weight.view(n, weight.shape[0] // n, -1)
     if len(indices) == 1:
-        return F.linear(x, weights[indices[0]])
+        return fast.linear(x, weights[indices[0]])
     return torch.einsum("btd,tod->bto", x, weights[indices])
 
 
@@ -194,12 +195,13 @@ class Attention(StreamingModule):
         weight_indices = ctx.weight_indices
         B, T, _ = x.shape
         qkv = stacked_linear(x, self.in_proj_weight, self.cfg.num_weight_sets, weight_indices)
-        q_dim, kv_dim = self.cfg.d_model, self.kv_heads * self.head_dim
-        q = qkv[..., :q_dim].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k = qkv[..., q_dim:q_dim + kv_dim].unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = qkv[..., q_dim + kv_dim:].unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        heads = self.num_heads + self.kv_heads  # query and key heads, rotated together
+        qkv = qkv.unflatten(-1, (heads + self.kv_heads, self.head_dim))  # [B, T, H + 2 H_kv, D]
+        qk, v = qkv[:, :, :heads], qkv[:, :, heads:]
         if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+            qk = fast.apply_rope(qk, *ctx.rope)
+        q, k = qk[:, :, :self.num_heads].transpose(1, 2), qk[:, :, self.num_heads:].transpose(1, 2)
+        v = v.transpose(1, 2)
 
         state = self._streaming_state
         if state is not None:
@@ -207,7 +209,8 @@ class Attention(StreamingModule):
             index = ctx.slots[:, None, :, None].expand(B, self.kv_heads, T, self.head_dim)
             state.keys.scatter_(2, index, k)
             state.values.scatter_(2, index, v)
-            k, v = state.keys, state.values
+            # Slots past kv_len were never written: attending to them would be wasted work.
+            k, v = state.keys[:, :, :ctx.kv_len], state.values[:, :, :ctx.kv_len]
         if self.cfg.kv_repeat > 1:
             k = k.repeat_interleave(self.cfg.kv_repeat, dim=1)
             v = v.repeat_interleave(self.cfg.kv_repeat, dim=1)
@@ -246,7 +249,7 @@ class TransformerLayer(nn.Module):
 
     def _mlp(self, x: torch.Tensor, weight_indices: list[int]) -> torch.Tensor:
         if self.gating is None:
-            return self.linear2(F.gelu(self.linear1(x)))
+            return fast.linear_module(self.linear2, F.gelu(fast.linear_module(self.linear1, x)))
         if isinstance(self.gating, nn.ModuleList):
             if len(weight_indices) == 1:
                 return self.gating[weight_indices[0]](x)
@@ -255,14 +258,15 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
         weight_indices = ctx.weight_indices
-        update = self.self_attn(self.norm1(x), ctx)
-        if self.layer_scale_1 is not None:
-            update = self.layer_scale_1(update)
-        x = x.to(update) + update
-        update = self._mlp(self.norm2(x), weight_indices)
-        if self.layer_scale_2 is not None:
-            update = self.layer_scale_2(update)
+        x = _residual(x, self.self_attn(self.norm1(x), ctx), self.layer_scale_1)
+        return _residual(x, self._mlp(self.norm2(x), weight_indices), self.layer_scale_2)
+
+
+def _residual(x: torch.Tensor, update: torch.Tensor, scale: LayerScale | None) -> torch.Tensor:
+    """x + scale * update, in update's dtype (one fused op when there is a layer scale)."""
+    if scale is None:
         return x.to(update) + update
+    return torch.addcmul(x.to(update), update, scale.scale)
 
 
 @dataclass
@@ -270,9 +274,10 @@ class _StepContext:
     """What every layer of one transformer call shares, computed once per call."""
 
     weight_indices: list[int]
-    rope: tuple[torch.Tensor, torch.Tensor] | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [B, T, 1, D_head / 2]
     mask: torch.Tensor | None  # [B, 1, T, S] bool, True = may attend
     slots: torch.Tensor | None  # [B, T] cache slots written by this call (streaming only)
+    kv_len: int | None = None  # cache slots ever written (streaming only)
 
 
 @dataclass
@@ -280,6 +285,7 @@ class _TransformerState(StreamingState):
     offsets: torch.Tensor  # [B] long, steps seen so far by each batch item
     key_positions: torch.Tensor  # [B, capacity], absolute step held by each cache slot, -1 = empty
     step: int = 0  # steps seen (host side), selects per-step weights; all items move together
+    seen: int = 0  # steps since streaming started, resets included: bounds the cache slots ever written
 
     def reset(self, mask: torch.Tensor) -> None:
         self.offsets.masked_fill_(mask, 0)
@@ -331,6 +337,7 @@ class Transformer(StreamingModule):
             positions = state.offsets[:, None] + steps
             first_step = state.step
         slots = None
+        kv_len = None
         if state is None:
             key_positions = positions
         else:
@@ -339,12 +346,14 @@ class Transformer(StreamingModule):
                 raise RuntimeError(f"streaming past the {capacity} steps this unbounded-context cache holds")
             slots = positions % capacity
             state.key_positions.scatter_(1, slots, positions)
-            key_positions = state.key_positions
+            kv_len = min(capacity, state.seen + T)
+            key_positions = state.key_positions[:, :kv_len]
         rope = None
         if self.cfg.positional_embedding == "rope":
-            rope = rope_tables(positions, self.cfg.d_model // self.cfg.num_heads, self.cfg.max_period)
+            cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.num_heads, self.cfg.max_period)
+            rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, 1, D / 2], for [B, T, heads, D]
         ctx = _StepContext([self.cfg.weight_index(first_step + t) for t in range(T)], rope,
-                           self._mask(positions, key_positions), slots)
+                           self._mask(positions, key_positions), slots, kv_len)
         dtype = x.dtype
         for layer in self.layers:
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
@@ -355,4 +364,5 @@ class Transformer(StreamingModule):
             # Frozen items keep their offset; their cache writes sit in the slot they will overwrite next.
             state.offsets.copy_(state.keep_inactive(state.offsets + T, state.offsets))
             state.step += T
+            state.seen += T
         return x.to(dtype)

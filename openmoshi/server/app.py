@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 ENGINE_KEY = web.AppKey("engine", Engine)
 TOKEN_KEY = web.AppKey("token", str)
+TASK_KEY = web.AppKey("engine_task", asyncio.Task)
 
 
 def create_app(engine: Engine, token: str | None = None, static_dir: Path = STATIC_DIR) -> web.Application:
@@ -38,12 +39,12 @@ def create_app(engine: Engine, token: str | None = None, static_dir: Path = STAT
 
 
 async def _start_engine(app: web.Application) -> None:
-    app["engine_task"] = asyncio.create_task(app[ENGINE_KEY].run())
+    app[TASK_KEY] = asyncio.create_task(app[ENGINE_KEY].run())
 
 
 async def _stop_engine(app: web.Application) -> None:
     app[ENGINE_KEY].stop()
-    await app["engine_task"]
+    await app[TASK_KEY]
 
 
 @web.middleware

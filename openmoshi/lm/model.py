@@ -1,0 +1,202 @@
+"""Moshi's language model: an RQ-Transformer over one text stream and n_q audio streams.
+
+The temporal transformer (Helium) runs once per 80 ms frame on the sum of the embeddings of all streams.
+From its output, the depth transformer (depformer) produces the dep_q generated audio codebooks of the frame
+one after the other, each step fed the token of the previous codebook (the text token for the first one).
+Parameter names equal the keys of Kyutai's checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..nn import fast
+from ..nn.streaming import StreamingModule
+from ..nn.transformer import Transformer, make_norm
+from .config import LMConfig
+from .delays import delay_codes, undelay
+
+NO_TOKEN = -1  # an input with no token: zero embedding, and no loss
+UNGENERATED = -2  # a position of the token grid not generated yet
+
+
+@dataclass
+class LMOutput:
+    """Teacher-forced predictions, aligned with the input codes (no shift needed for a loss).
+
+    Invalid positions (the tail of delayed streams, inputs equal to -1) hold NaN and are False in the masks.
+    """
+
+    text_logits: torch.Tensor  # [B, 1, T, text_card_out]
+    text_mask: torch.Tensor  # [B, 1, T] bool
+    audio_logits: torch.Tensor  # [B, dep_q, T, card]
+    audio_mask: torch.Tensor  # [B, dep_q, T] bool
+
+
+class TokenEmbedding(nn.Embedding):
+    """Embedding of tokens [...] -> [..., dim] where the token -1 means "no token" (a zero vector)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(tokens.clamp(min=0), self.weight)
+        return out.masked_fill((tokens == NO_TOKEN).unsqueeze(-1), 0.0)
+
+
+class LMModel(StreamingModule):
+    """RQ-Transformer. `with lm.streaming(B):` streams the temporal transformer frame by frame.
+
+    The depth transformer is detached: it streams on its own clock (one run of dep_q steps per frame).
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim, ddim = cfg.dim, cfg.depformer_dim
+        self.emb = nn.ModuleList([TokenEmbedding(cfg.card + 1, dim) for _ in range(cfg.n_q)])
+        # Text may also take its initial token as input, hence text_card + 1 rows.
+        self.text_emb = TokenEmbedding(cfg.text_card + 1, dim)
+        self.text_linear = nn.Linear(dim, cfg.text_out, bias=cfg.bias_proj)
+        self.transformer = Transformer(cfg.temporal_config())
+        self.out_norm = make_norm(cfg.norm, dim)
+        self.depformer_in = nn.ModuleList([nn.Linear(dim, ddim, bias=False) for _ in range(cfg.depformer_in_count)])
+        if cfg.dep_q > 0:
+            # The last codebook is never an input of the depth transformer: dep_q - 1 tables.
+            self.depformer_emb = nn.ModuleList([TokenEmbedding(cfg.card + 1, ddim) for _ in range(cfg.dep_q - 1)])
+            self.depformer_text_emb = TokenEmbedding(cfg.text_card + 1, ddim)
+            self.depformer_norms = (nn.ModuleList([make_norm(cfg.depformer_norm, ddim) for _ in range(cfg.dep_q)])
+                                    if cfg.depformer_norm else None)
+            self.depformer = Transformer(cfg.depth_config())
+            self.depformer.set_streaming_detached(True)
+        else:  # text-only models (e.g. speech-to-text) have no depth transformer
+            self.depformer_emb = None
+            self.depformer_text_emb = None
+            self.depformer_norms = None
+            self.depformer = None
+        self.extra_heads = nn.ModuleList(
+            [nn.Linear(dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)])
+        self.linears = nn.ModuleList([nn.Linear(ddim, cfg.card, bias=cfg.bias_proj) for _ in range(cfg.dep_q)])
+        if not self.text_emb.weight.is_meta:
+            self.init_weights()
+
+    # ---- weights
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Kyutai's training init: truncated normal with std 1 / sqrt(fan_in) (1 / sqrt(dim) for embeddings)."""
+
+        def trunc(weight: torch.Tensor, fan_in: int) -> None:
+            std = 1 / math.sqrt(fan_in)
+            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+        embeddings = [*self.emb, self.text_emb]
+        if self.depformer_emb is not None:
+            embeddings += [*self.depformer_emb, self.depformer_text_emb]
+        for emb in embeddings:
+            trunc(emb.weight, emb.embedding_dim)
+        for linear in [self.text_linear, *self.linears]:
+            trunc(linear.weight, linear.in_features)
+            if linear.bias is not None:
+                linear.bias.zero_()
+        for layer in self.transformer.layers:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    trunc(module.weight, module.in_features)
+            trunc(layer.self_attn.out_proj.weight, self.cfg.dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_emb.weight.dtype
+
+    def initial_tokens(self, batch_size: int = 1) -> torch.Tensor:
+        """The tokens fed before the first frame: text_card for text, card for audio -> long [B, K, 1]."""
+        cfg = self.cfg
+        tokens = torch.full((batch_size, cfg.num_codebooks, 1), cfg.card, dtype=torch.long, device=self.device)
+        tokens[:, 0] = cfg.text_card
+        return tokens
+
+    # ---- temporal transformer
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Sum of the stream embeddings: tokens [B, K, T] (text first) -> [B, T, dim]."""
+        x = self.text_emb(tokens[:, 0])
+        for k, emb in enumerate(self.emb):
+            x = x + emb(tokens[:, k + 1])
+        return x
+
+    def forward_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, K, T] -> (hidden [B, T, dim] after out_norm, text logits [B, 1, T, text_card_out])."""
+        hidden = self.out_norm(self.transformer(self.embed(tokens)))
+        return hidden, fast.linear_module(self.text_linear, hidden)[:, None]
+
+    def extra_head_probs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax outputs of the extra heads for hidden [B, T, dim] -> list of [B, T, extra_heads_dim]."""
+        return [F.softmax(fast.linear_module(head, hidden), dim=-1) for head in self.extra_heads]
+
+    # ---- depth transformer
+    def _depth_input(self, k: int, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """Input of depth step k: projection of hidden [B, T, dim] + embedding of prev_tokens [B, T]."""
+        assert self.depformer_emb is not None and self.depformer_text_emb is not None
+        emb = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
+        projection = fast.linear_module(self.depformer_in[self.cfg.depformer_in_index(k)], hidden)
+        return projection + emb(prev_tokens)
+
+    def _depth_head(self, k: int, out: torch.Tensor) -> torch.Tensor:
+        if self.depformer_norms is not None:
+            out = self.depformer_norms[k](out)
+        return fast.linear_module(self.linears[k], out)
+
+    def depth_step(self, k: int, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """One streaming step of the depth transformer (inside `depformer.streaming()`, after a reset).
+
+        k: codebook index; hidden [B, 1, dim] the temporal output of the frame; prev_tokens [B] the text token
+        (k = 0) or the audio token of codebook k - 1. Returns the logits of codebook k, [B, card].
+        """
+        assert self.depformer is not None
+        x = self._depth_input(k, hidden, prev_tokens[:, None])
+        return self._depth_head(k, self.depformer(x))[:, 0]
+
+    def depth_logits_recompute(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """Depth step without a cache (for depth transformers that cannot stream): reruns the frame so far.
+
+        hidden [B, 1, dim]; prev_tokens [B, k + 1] the inputs of codebooks 0..k -> logits of codebook k [B, card].
+        """
+        assert self.depformer is not None
+        k = prev_tokens.shape[1] - 1
+        x = torch.cat([self._depth_input(j, hidden, prev_tokens[:, j:j + 1]) for j in range(k + 1)], dim=1)
+        return self._depth_head(k, self.depformer(x)[:, -1:])[:, 0]
+
+    def forward_depth(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced depth transformer: tokens [B, K, T] of the predicted positions, hidden [B, T, dim]
+        -> audio logits [B, dep_q, T, card]."""
+        cfg = self.cfg
+        B, _, T = tokens.shape
+        if cfg.dep_q == 0 or self.depformer is None:
+            return hidden.new_zeros(B, 0, T, cfg.card)
+        # codebook k is fed the token of stream k (text for k = 0, audio codebook k - 1 otherwise)
+        x = torch.stack([self._depth_input(k, hidden, tokens[:, k]) for k in range(cfg.dep_q)], dim=2)
+        out = self.depformer(x.flatten(0, 1))  # [B * T, dep_q, ddim]: one depth sequence per frame
+        out = out.unflatten(0, (B, T))
+        return torch.stack([self._depth_head(k, out[:, :, k]) for k in range(cfg.dep_q)], dim=1)
+
+    # ---- training
+    def forward(self, codes: torch.Tensor) -> LMOutput:
+        """Teacher-forced logits for codes [B, 1 + n_q, T] (text first, -1 = no token), aligned with codes."""
+        cfg = self.cfg
+        B, K, _ = codes.shape
+        if K != cfg.num_codebooks:
+            raise ValueError(f"codes have {K} streams, the model expects 1 + n_q = {cfg.num_codebooks}")
+        initial = self.initial_tokens(B)
+        delayed = torch.cat([initial, delay_codes(codes, cfg.delays, initial)], dim=2)  # [B, K, T + 1]
+        hidden, text_logits = self.forward_text(delayed[:, :, :-1])
+        audio_logits = self.forward_depth(delayed[:, :, 1:], hidden)
+        audio_logits, audio_mask = undelay(audio_logits, cfg.delays[1:1 + cfg.dep_q])
+        audio_mask &= codes[:, 1:1 + cfg.dep_q] != NO_TOKEN
+        text_logits, text_mask = undelay(text_logits, cfg.delays[:1])
+        text_mask &= codes[:, :1] != NO_TOKEN
+        return LMOutput(text_logits, text_mask, audio_logits, audio_mask)
