@@ -7,10 +7,14 @@ Public API:
     Generator(lm, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25, seed=None)
 """
 
+from .bundle import MoshiBundle, init_model, load_model, save_model
 from .codec import Mimi, MimiConfig, load_mimi, save_mimi
 from .errors import AudioError, CheckpointError, ConfigError, OpenMoshiError, ProtocolError
+from .generation.generator import Generator
+from .lm import LMConfig, LMModel, load_lm, save_lm
 
 __version__ = "0.1.0"
 
-__all__ = ["AudioError", "CheckpointError", "ConfigError", "Mimi", "MimiConfig", "OpenMoshiError",
-           "ProtocolError", "load_mimi", "save_mimi"]
+__all__ = ["AudioError", "CheckpointError", "ConfigError", "Generator", "LMConfig", "LMModel", "Mimi",
+           "MimiConfig", "MoshiBundle", "OpenMoshiError", "ProtocolError", "init_model", "load_lm", "load_mimi",
+           "load_model", "save_lm", "save_mimi", "save_model"]

@@ -31,7 +31,7 @@ def hf_download(repo: str, filename: str, revision: str | None = None) -> Path:
         return Path(hf_hub_download(repo, filename, revision=revision))
     except Exception as exc:  # the hub raises many types: offline, not found, gated, ...
         kind = type(exc).__name__
-        if "EntryNotFound" in kind or "RemoteEntryNotFound" in kind:
+        if "EntryNotFound" in kind and "Local" not in kind:
             raise FileNotFoundError(f"{filename} is not in the Hugging Face repo {repo}") from exc
         raise CheckpointError(
             f"could not get {filename} from the Hugging Face repo {repo} ({kind}: {exc}). If this machine is "

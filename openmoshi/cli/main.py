@@ -16,7 +16,6 @@ COMMANDS = {
     "infer": ("openmoshi.cli.infer", "run Moshi on recordings: answers as audio and transcripts"),
     "serve": ("openmoshi.cli.serve", "real-time full-duplex server (websocket + web page)"),
     "client": ("openmoshi.cli.client", "talk to a server from the terminal or stream a file to it"),
-    "bench": ("openmoshi.cli.bench", "measure Mimi and generator speed, side by side with the reference"),
 }
 
 
