@@ -17,7 +17,7 @@ from ogg_pages import repage
 from openmoshi.audio.opus import OpusEncoderStream, decode_ogg_opus
 from openmoshi.bundle import init_model
 from openmoshi.client import ServerBusy, converse
-from server_utils import RunningServer
+from openmoshi.server.background import RunningServer
 
 GREEDY = {"text_temperature": 0, "audio_temperature": 0}
 

@@ -89,8 +89,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     slot = engine.acquire(settings, lambda pcm, text: outbox.put_nowait((pcm, text)))
     if slot is None:
         logger.info("refused a session: all %d slots busy", engine.max_sessions)
-        await ws.send_bytes(protocol.error(f"server busy: all {engine.max_sessions} conversation slots are "
-                                           "taken, try again later"))
+        await ws.send_bytes(protocol.error(f"server busy: every conversation slot ({engine.max_sessions}) "
+                                           "is taken, try again later"))
         await ws.close()
         return ws
     logger.info("session in slot %d from %s", slot.index, request.remote)

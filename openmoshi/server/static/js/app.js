@@ -150,6 +150,12 @@ function main() {
 
   const transcript = $("transcript");
   let transcriptEmpty = true;
+  const showPlaceholder = (text) => {
+    const span = Object.assign(document.createElement("span"), { className: "placeholder", textContent: text });
+    transcript.replaceChildren(span);
+  };
+  const IDLE_PLACEHOLDER = "Moshi's words will appear here.";
+  const LISTENING_PLACEHOLDER = "Listening…";
   session.onText(({ text: piece, color }) => {
     let text = piece;
     if (transcriptEmpty) {
@@ -180,6 +186,10 @@ function main() {
     badge.textContent = STATE_LABELS[d.state] || d.state;
     $("state-detail").textContent = d.detail || "";
     const active = session.active;
+    // A conversation that ended before Moshi said a word (busy server, error) must not keep "Listening…".
+    if (!active && transcriptEmpty && transcript.textContent === LISTENING_PLACEHOLDER) {
+      showPlaceholder(IDLE_PLACEHOLDER);
+    }
     $("start").disabled = active || Boolean(unavailable);
     $("stop").disabled = !active;
     $("download").disabled = !(audio.tape && audio.tape.frames > 0);
@@ -207,9 +217,7 @@ function main() {
       return;
     }
     storeSettings(values);
-    transcript.replaceChildren(Object.assign(document.createElement("span"), {
-      className: "placeholder", textContent: "Listening…",
-    }));
+    showPlaceholder(LISTENING_PLACEHOLDER);
     transcriptEmpty = true;
     // start() creates the AudioContext synchronously, inside this click.
     session.start(resolveSeeds(values)).catch((err) => console.error(err));

@@ -252,7 +252,8 @@ export class MoshiSession {
     this.socket = null;
     this.stopWatchdog();
     if (isBusyError(text)) {
-      this.setState(State.BUSY, `server busy: ${text}`);
+      // The server's own words usually say "busy" already; repeating a prefix reads as a stutter.
+      this.setState(State.BUSY, /\bbusy\b/i.test(text) ? text : `server busy: ${text}`);
     } else {
       this.setState(State.ERROR, `server error: ${text}`);
     }

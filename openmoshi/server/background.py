@@ -1,4 +1,4 @@
-"""Run a real openmoshi server on a loopback port in a background thread."""
+"""Run a server in a background thread of this process (tests, notebooks, benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import threading
 
 from aiohttp import web
 
-from openmoshi.bundle import load_model
-from openmoshi.server.app import create_app
-from openmoshi.server.engine import Engine
-from openmoshi.server.protocol import SessionSettings
+from ..bundle import load_model
+from .app import create_app
+from .engine import Engine
+from .protocol import SessionSettings
 
 
 class RunningServer:
+    """`with RunningServer(model) as srv:` serves on 127.0.0.1 at a free port (`srv.url`, `srv.http`)."""
+
     def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
-                 max_backlog_frames: int = 12) -> None:
+                 max_backlog_frames: int = 12, host: str = "127.0.0.1") -> None:
         self.bundle = load_model(model_folder)
         gen = self.bundle.generation
         defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
@@ -23,6 +25,7 @@ class RunningServer:
         self.engine = Engine(self.bundle, max_sessions, defaults, max_backlog_frames=max_backlog_frames)
         self.app = create_app(self.engine, token=token)
         self.loop = asyncio.new_event_loop()
+        self.host = host
         self.port = 0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -31,7 +34,7 @@ class RunningServer:
         asyncio.set_event_loop(self.loop)
         self.runner = web.AppRunner(self.app)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, self.host, 0)
         self.loop.run_until_complete(site.start())
         self.port = site._server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -51,8 +54,8 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/chat"
+        return f"ws://{self.host}:{self.port}/api/chat"
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
