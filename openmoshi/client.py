@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import typing as tp
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -45,12 +46,26 @@ class ServerBusy(OpenMoshiError):
     """The server refused the conversation because all its slots are taken."""
 
 
-async def converse(url: str, pcm: np.ndarray, realtime: bool = True, tail_s: float = 0.5,
-                   params: dict | None = None, on_piece=None, timeout_s: float = 30.0) -> Conversation:
-    """Stream `pcm` (float32 mono 24 kHz) to a chat server and return what came back.
+async def _file_chunks(audio: np.ndarray, realtime: bool) -> tp.AsyncIterator[np.ndarray]:
+    t0 = time.monotonic()
+    for i, offset in enumerate(range(0, len(audio), CHUNK)):
+        yield audio[offset:offset + CHUNK]
+        if realtime:
+            delay = t0 + (i + 1) * CHUNK / SAMPLE_RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
-    Waits for the handshake before sending, as Kyutai's web client does; sends 80 ms chunks at real-time
-    pace (or as fast as possible with realtime=False), then `tail_s` of silence so the answer can finish.
+
+async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], realtime: bool = True,
+                   tail_s: float = 0.5, params: dict | None = None, on_piece=None,
+                   on_audio: tp.Callable[[np.ndarray], None] | None = None,
+                   timeout_s: float = 30.0) -> Conversation:
+    """Stream user audio (float32 mono 24 kHz) to a chat server and return what came back.
+
+    `pcm` is a whole recording (sent in 80 ms chunks at real-time pace, or as fast as possible with
+    realtime=False, then `tail_s` of silence so the answer can finish) or an async iterator of live chunks
+    (e.g. a microphone), sent as they come until it ends. Waits for the handshake before sending, as
+    Kyutai's web client does. `on_piece` / `on_audio` see text pieces and decoded audio as they arrive.
     """
     conv = Conversation()
     if params:
@@ -58,8 +73,13 @@ async def converse(url: str, pcm: np.ndarray, realtime: bool = True, tail_s: flo
         url = url + sep + "&".join(f"{k}={v}" for k, v in params.items())
     encoder = OpusEncoderStream()
     decoder = OpusDecoderStream(SAMPLE_RATE)
-    tail = np.zeros(int(tail_s * SAMPLE_RATE), dtype=np.float32)
-    audio = np.concatenate([pcm.astype(np.float32), tail])
+    if isinstance(pcm, np.ndarray):
+        tail = np.zeros(int(tail_s * SAMPLE_RATE), dtype=np.float32)
+        audio = np.concatenate([pcm.astype(np.float32), tail])
+        source = _file_chunks(audio, realtime)
+        expected = len(audio) - 3 * CHUNK
+    else:
+        source, expected = pcm, 0
     start = time.monotonic()
     async with aiohttp.ClientSession() as session:
         try:
@@ -83,6 +103,8 @@ async def converse(url: str, pcm: np.ndarray, realtime: bool = True, tail_s: flo
                         out = decoder.feed(payload)
                         if out.size:
                             conv.audio.append(out)
+                            if on_audio is not None:
+                                on_audio(out)
                     elif kind == Kind.TEXT:
                         piece = payload.decode("utf-8", errors="replace")
                         conv.pieces.append((time.monotonic() - start, piece))
@@ -104,17 +126,13 @@ async def converse(url: str, pcm: np.ndarray, realtime: bool = True, tail_s: flo
                 receiver.cancel()
                 message = conv.errors[0]
                 raise (ServerBusy if "busy" in message else OpenMoshiError)(f"server refused: {message}")
-            t0 = time.monotonic()
-            for i, offset in enumerate(range(0, len(audio), CHUNK)):
-                data = encoder.push(audio[offset:offset + CHUNK])
+            async for chunk in source:
+                data = encoder.push(chunk)
                 if data:
                     await ws.send_bytes(bytes([Kind.AUDIO]) + data)
-                if realtime:
-                    delay = t0 + (i + 1) * CHUNK / SAMPLE_RATE - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                if done.is_set():
+                    break
             # Wait until the answer to the last frame arrived: it trails the input by the model's delay.
-            expected = len(audio) - 3 * CHUNK
             deadline = time.monotonic() + timeout_s
             while sum(len(a) for a in conv.audio) < expected and time.monotonic() < deadline \
                     and not done.is_set():

@@ -84,8 +84,11 @@ def test_corrupt_and_missing_sources(tmp_path):
 
 
 def test_hf_source_offline_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(CheckpointError, match="download"):
         load_mimi("hf://kyutai/moshiko-pytorch-bf16")
 

@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_microphone(args: argparse.Namespace) -> int:
+    """Full duplex from the terminal: microphone chunks go out as they are captured, Moshi plays as it comes."""
+    import collections
+
     from ..errors import OpenMoshiError
     try:
         import sounddevice as sd
@@ -69,17 +72,42 @@ def _run_microphone(args: argparse.Namespace) -> int:
         raise OpenMoshiError("microphone mode needs the `sounddevice` package and an audio device "
                              f"({exc}); or pass --input FILE") from exc
     from ..client import converse
-    chunks: list[np.ndarray] = []
-    print("recording: speak, then press Ctrl+C to send (live duplex needs a browser: openmoshi serve)")
-    try:
-        with sd.InputStream(samplerate=24_000, channels=1, dtype="float32",
-                            callback=lambda data, *_: chunks.append(data[:, 0].copy())):
+
+    playback: collections.deque = collections.deque()
+
+    def play(out, frames, *_):
+        data = np.zeros(frames, dtype=np.float32)
+        filled = 0
+        while playback and filled < frames:
+            chunk = playback[0]
+            take = min(frames - filled, len(chunk))
+            data[filled:filled + take] = chunk[:take]
+            filled += take
+            if take == len(chunk):
+                playback.popleft()
+            else:
+                playback[0] = chunk[take:]
+        out[:, 0] = data
+
+    async def talk() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def captured(data, *_):
+            loop.call_soon_threadsafe(queue.put_nowait, data[:, 0].copy())
+
+        async def microphone():
             while True:
-                sd.sleep(100)
+                yield await queue.get()
+
+        with sd.InputStream(samplerate=24_000, channels=1, dtype="float32", blocksize=1920, callback=captured), \
+                sd.OutputStream(samplerate=24_000, channels=1, dtype="float32", blocksize=1920, callback=play):
+            print("connected: talk to Moshi, Ctrl+C to stop")
+            await converse(args.url, microphone(), params=_params(args), on_audio=playback.append,
+                           on_piece=lambda p: print(p, end="", flush=True))
+
+    try:
+        asyncio.run(talk())
     except KeyboardInterrupt:
-        pass
-    pcm = np.concatenate(chunks) if chunks else np.zeros(1920, dtype=np.float32)
-    conv = asyncio.run(converse(args.url, pcm, params=_params(args), on_piece=lambda p: print(p, end="", flush=True)))
-    print()
-    sd.play(conv.pcm, 24_000, blocking=True)
+        print()
     return 0

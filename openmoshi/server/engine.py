@@ -113,7 +113,12 @@ class Engine:
                     if not batch:
                         break
                     start = time.perf_counter()
-                    outputs = await self._loop.run_in_executor(self._executor, self._step, batch)
+                    try:
+                        outputs = await self._loop.run_in_executor(self._executor, self._step, batch)
+                    except Exception:  # a failing step must not end every conversation's loop
+                        logger.exception("model step failed; dropping this step's frames")
+                        self.metrics.steps_failed += 1
+                        continue
                     elapsed = time.perf_counter() - start
                     self.metrics.record_step(elapsed, len(batch))
                     if elapsed > self.frame_size / self.bundle.sample_rate:

@@ -16,6 +16,7 @@ class Metrics:
     steps_late: int = 0  # steps slower than real time (80 ms)
     frames_dropped: int = 0  # user frames dropped from sessions that fell too far behind
     protocol_errors: int = 0
+    steps_failed: int = 0
     frames_in: int = 0
     step_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2000))
 
@@ -48,6 +49,7 @@ class Metrics:
             "frames_dropped_total": (self.frames_dropped + dropped_live,
                                      "User frames dropped because a session fell too far behind."),
             "protocol_errors_total": (self.protocol_errors, "Malformed client messages."),
+            "steps_failed_total": (self.steps_failed, "Model steps that raised an error."),
         }
         for name, (value, text) in counters.items():
             lines += [f"# HELP openmoshi_{name} {text}", f"# TYPE openmoshi_{name} counter",
