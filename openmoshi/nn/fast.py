@@ -6,9 +6,11 @@ stream from memory. Measured on a 2-core Zen 4 (fp32, 2 threads, weights not in 
 - MKL's sgemm reads a row-major weight [N, K] at close to memory bandwidth (~25 GB/s) when it is the left
   operand and the vectors the transposed right one, `W @ x.T`, for 2 vectors; `F.linear(x, W)` reaches
   5-10 GB/s on the same shapes, gemv ~10 GB/s, so a single vector is padded to two.
+- A weight with 2048+ columns streams at ~19 GB/s that way, at ~28 GB/s as a batch of 512-column blocks.
 - From 3 vectors on, oneDNN's linear on a weight packed once for it stays near 20 GB/s where MKL drops to
-  ~10 GB/s. Packing keeps a second copy of each weight, so it only happens inside `packing()` (Mimi
-  opts in: its weights are small; a 7B LM would double its memory).
+  ~10 GB/s.
+  These two keep a rearranged copy of the weight, so they only happen inside `packing()` (Mimi opts in:
+  its weights are small; a 7B LM would double its memory).
 - Convolutions over a few samples become one such matmul (im2col for conv, col2im for transposed conv),
   which also avoids the slow non-oneDNN kernels torch picks for them (a 1024 -> 512 transposed conv over
   2 steps: ~25 ms -> ~1.5 ms).
@@ -37,9 +39,13 @@ logger = logging.getLogger(__name__)
 
 # Matmuls with at most this many vectors take the `W @ x.T` path when weights are not packed.
 MAX_ROWS = 16
-# im2col / col2im with packed weights up to this many rows (e.g. offline chunks of the 25 Hz stages).
-MAX_PACKED_ROWS = 512
+# With packed weights: linears up to this many rows (offline chunks of the 25 Hz transformer) and convs up
+# to this many output samples x batch. Longer convs are compute-bound, where oneDNN's own conv is faster
+# than an im2col copy plus a matmul.
+MAX_PACKED_ROWS = 1024
+MAX_PACKED_CONV_ROWS = 64
 _PACK_HINT = 8  # batch size oneDNN tunes the packed layout for; measured fine from 3 to 500 rows
+_K_BLOCK = 512  # column block of weights with 2048+ columns, read as a batch of [N, 512] matrices
 
 _enabled = os.environ.get("OPENMOSHI_FAST", "1").lower() not in ("0", "false", "no", "off")
 _packing_works = True  # cleared, with a log line, if this torch build lacks the oneDNN ops
@@ -59,7 +65,10 @@ def is_enabled() -> bool:
 
 @contextlib.contextmanager
 def packing(enabled: bool = True) -> tp.Iterator[None]:
-    """Within this block (this thread), matmuls with 3+ vectors may pack their weight once and reuse it."""
+    """Within this block (this thread), matmuls may keep a rearranged copy of their weight and reuse it.
+
+    oneDNN-packed weights for 3+ vectors, column blocks of wide weights for 1-2 vectors.
+    """
     previous = getattr(_local, "packing", False)
     _local.packing = enabled
     try:
@@ -77,6 +86,15 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def clear_cache() -> None:
+    """Forget every packed or rearranged weight copy (they are rebuilt on next use).
+
+    Copies follow in-place edits of normal tensors through their version counter; inference tensors
+    (weights created under torch.inference_mode) have none, so whoever edits those in place calls this.
+    """
+    _derived.clear()
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -109,10 +127,16 @@ def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor,
     """
     m = rows.shape[0]
     if m <= 2:
-        rows = rows.contiguous()
-        if m == 1:
-            return (weight @ rows.expand(2, -1).contiguous().T)[:, :1].T
-        return (weight @ rows.T).T
+        rows = rows.contiguous() if m == 2 else rows.expand(2, -1).contiguous()
+        n, k = weight.shape
+        if k >= 4 * _K_BLOCK and k % _K_BLOCK == 0 and _packing_active():
+            # MKL reads a weight with 2048+ columns at ~19 GB/s, as K/512 blocks of 512 at ~28 GB/s.
+            blocks = _cached(source if source is not None else weight, kind + "_kblocks",
+                             lambda _: weight.reshape(n, -1, _K_BLOCK).transpose(0, 1).contiguous())
+            out = torch.bmm(blocks, rows.view(2, k // _K_BLOCK, _K_BLOCK).permute(1, 2, 0)).sum(0)
+        else:
+            out = weight @ rows.T
+        return out[:, :m].T
     global _packing_works
     if _packing_active():
         try:
@@ -126,25 +150,34 @@ def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor,
     return F.linear(rows, weight)
 
 
-def max_rows() -> int:
+def max_rows(conv: bool = False) -> int:
     """Longest input (in matmul rows) the fast paths take now."""
-    return MAX_PACKED_ROWS if _packing_active() else MAX_ROWS
+    if not _packing_active():
+        return MAX_ROWS
+    return MAX_PACKED_CONV_ROWS if conv else MAX_PACKED_ROWS
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear: x [..., K], weight [N, K] -> [..., N] (contiguous)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           contiguous: bool = True) -> torch.Tensor:
+    """F.linear: x [..., K], weight [N, K] -> [..., N].
+
+    contiguous=False may return a strided view (saves a copy when the next op is elementwise).
+    """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 0 < rows <= max_rows() or not usable(x, weight):
         return F.linear(x, weight, bias)
     out = rows_times_weight(x.reshape(rows, x.shape[-1]), weight)
-    out = out.contiguous() if bias is None else out + bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        out = out + bias
+    elif contiguous:
+        out = out.contiguous()
+    return out.unflatten(0, x.shape[:-1])
 
 
-def linear_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) for an nn.Linear, through `linear`; any other module (a wrapper, an adapter) is called as is."""
+def linear_module(module: torch.nn.Module, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+    """module(x) for an nn.Linear, through `linear`; other modules (wrappers, adapters) are called as is."""
     if type(module) is torch.nn.Linear:
-        return linear(x, module.weight, module.bias)
+        return linear(x, module.weight, module.bias, contiguous)
     return module(x)
 
 
@@ -155,7 +188,7 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     c_out, _, kernel = weight.shape
     span = (kernel - 1) * dilation + 1
     frames = (length - span) // stride + 1 if length >= span else 0
-    if groups != 1 or not 0 < batch * frames <= max_rows() or not usable(x, weight):
+    if groups != 1 or not 0 < batch * frames <= max_rows(conv=True) or not usable(x, weight):
         return F.conv1d(x, weight, bias, stride, 0, dilation, groups)
     if kernel == 1:
         windows = x[..., ::stride].transpose(1, 2)  # [B, T_out, C_in]
@@ -185,7 +218,7 @@ def conv_transpose1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     batch, c_in, frames = x.shape
     _, c_out, kernel = weight.shape
-    if groups != 1 or not 0 < batch * frames <= max_rows() or not usable(x, weight):
+    if groups != 1 or not 0 < batch * frames <= max_rows(conv=True) or not usable(x, weight):
         return F.conv_transpose1d(x, weight, bias, stride, groups=groups)
     rows = x.transpose(1, 2).reshape(batch * frames, c_in)
     columns = _cached(weight, "columns", _columns_weight)
@@ -205,3 +238,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return rope.apply_rope(x, cos, sin)
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
+

@@ -209,8 +209,9 @@ class Attention(StreamingModule):
             index = ctx.slots[:, None, :, None].expand(B, self.kv_heads, T, self.head_dim)
             state.keys.scatter_(2, index, k)
             state.values.scatter_(2, index, v)
-            # Slots past kv_len were never written: attending to them would be wasted work.
-            k, v = state.keys[:, :, :ctx.kv_len], state.values[:, :, :ctx.kv_len]
+            # Always the whole cache: a per-call length would make the numerics of one batch item depend on
+            # the batch's history, and a server session's output on who was connected before.
+            k, v = state.keys, state.values
         if self.cfg.kv_repeat > 1:
             k = k.repeat_interleave(self.cfg.kv_repeat, dim=1)
             v = v.repeat_interleave(self.cfg.kv_repeat, dim=1)
@@ -249,7 +250,8 @@ class TransformerLayer(nn.Module):
 
     def _mlp(self, x: torch.Tensor, weight_indices: list[int]) -> torch.Tensor:
         if self.gating is None:
-            return fast.linear_module(self.linear2, F.gelu(fast.linear_module(self.linear1, x)))
+            hidden = F.gelu(fast.linear_module(self.linear1, x, contiguous=False))
+            return fast.linear_module(self.linear2, hidden, contiguous=False)
         if isinstance(self.gating, nn.ModuleList):
             if len(weight_indices) == 1:
                 return self.gating[weight_indices[0]](x)
@@ -277,7 +279,6 @@ class _StepContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [B, T, 1, D_head / 2]
     mask: torch.Tensor | None  # [B, 1, T, S] bool, True = may attend
     slots: torch.Tensor | None  # [B, T] cache slots written by this call (streaming only)
-    kv_len: int | None = None  # cache slots ever written (streaming only)
 
 
 @dataclass
@@ -285,7 +286,6 @@ class _TransformerState(StreamingState):
     offsets: torch.Tensor  # [B] long, steps seen so far by each batch item
     key_positions: torch.Tensor  # [B, capacity], absolute step held by each cache slot, -1 = empty
     step: int = 0  # steps seen (host side), selects per-step weights; all items move together
-    seen: int = 0  # steps since streaming started, resets included: bounds the cache slots ever written
 
     def reset(self, mask: torch.Tensor) -> None:
         self.offsets.masked_fill_(mask, 0)
@@ -337,7 +337,6 @@ class Transformer(StreamingModule):
             positions = state.offsets[:, None] + steps
             first_step = state.step
         slots = None
-        kv_len = None
         if state is None:
             key_positions = positions
         else:
@@ -346,14 +345,13 @@ class Transformer(StreamingModule):
                 raise RuntimeError(f"streaming past the {capacity} steps this unbounded-context cache holds")
             slots = positions % capacity
             state.key_positions.scatter_(1, slots, positions)
-            kv_len = min(capacity, state.seen + T)
-            key_positions = state.key_positions[:, :kv_len]
+            key_positions = state.key_positions
         rope = None
         if self.cfg.positional_embedding == "rope":
             cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.num_heads, self.cfg.max_period)
             rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, 1, D / 2], for [B, T, heads, D]
         ctx = _StepContext([self.cfg.weight_index(first_step + t) for t in range(T)], rope,
-                           self._mask(positions, key_positions), slots, kv_len)
+                           self._mask(positions, key_positions), slots)
         dtype = x.dtype
         for layer in self.layers:
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
@@ -364,5 +362,4 @@ class Transformer(StreamingModule):
             # Frozen items keep their offset; their cache writes sit in the slot they will overwrite next.
             state.offsets.copy_(state.keep_inactive(state.offsets + T, state.offsets))
             state.step += T
-            state.seen += T
         return x.to(dtype)
