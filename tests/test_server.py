@@ -48,6 +48,12 @@ def test_python_client_gets_audio_and_text(server, user_audio):
     assert conv.errors == []
     assert conv.handshake is not None and conv.metadata["max_sessions"] == 4
     assert conv.metadata["text_temperature"] == 0
+    # The server-info fields Kyutai's web client validates (numbers, strings, a build_info of strings).
+    for key in ("text_temperature", "text_topk", "audio_temperature", "audio_topk", "pad_mult",
+                "repetition_penalty_context", "repetition_penalty"):
+        assert isinstance(conv.metadata[key], (int, float))
+    assert isinstance(conv.metadata["lm_model_file"], str) and isinstance(conv.metadata["instance_name"], str)
+    assert all(isinstance(v, str) for v in conv.metadata["build_info"].values())
     # Moshi answers every user frame after the model's one-frame delay: the durations match.
     sent = len(user_audio[0]) + int(0.5 * 24_000)
     assert abs(len(conv.pcm) - sent) <= 3 * 1920

@@ -97,10 +97,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     sender = asyncio.create_task(_send_loop(ws, outbox))
     try:
         await ws.send_bytes(protocol.handshake())
-        await ws.send_bytes(protocol.metadata({"slot": slot.index, "max_sessions": engine.max_sessions,
-                                               "sample_rate": engine.bundle.sample_rate,
-                                               "model": Path(engine.bundle.source).name,
-                                               **settings.describe()}))
+        await ws.send_bytes(protocol.metadata(_session_info(engine, slot, settings)))
         await _receive_loop(ws, engine, slot)
     finally:
         engine.release(slot)
@@ -108,6 +105,24 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         await asyncio.gather(sender, return_exceptions=True)
         logger.info("session in slot %d ended after %d steps", slot.index, slot.steps)
     return ws
+
+
+def _session_info(engine: Engine, slot: Slot, settings: SessionSettings) -> dict:
+    """Metadata (kind 4): the session's settings, with the fields Kyutai's web client shows as server info."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+    model = Path(engine.bundle.source).name
+    build = {key: "" for key in ("build_timestamp", "build_date", "git_branch", "git_timestamp", "git_date",
+                                 "git_hash", "git_describe", "rustc_host_triple", "rustc_version",
+                                 "cargo_target_triple")}
+    build.update(git_describe=f"openmoshi {__version__}", rustc_host_triple=platform.machine(),
+                 rustc_version=f"python {platform.python_version()}, torch {torch.__version__}")
+    return {"slot": slot.index, "max_sessions": engine.max_sessions, "sample_rate": engine.bundle.sample_rate,
+            "model": model, "lm_model_file": model, "instance_name": "openmoshi", "build_info": build,
+            **settings.describe()}
 
 
 async def _receive_loop(ws: web.WebSocketResponse, engine: Engine, slot: Slot) -> None:
