@@ -3,6 +3,7 @@
 // and the conversation tape. Implements the audio interface that MoshiSession expects.
 
 import { ConversationTape } from "./wav.js";
+import { concatBytes } from "./ogg.js";
 
 const VENDOR = new URL("../vendor/opus-recorder/", import.meta.url);
 const ENCODER_URL = new URL("encoderWorker.min.js", VENDOR);
@@ -164,14 +165,7 @@ export class BrowserAudio {
   /** @param {Uint8Array[]} pages whole Ogg pages of Moshi's stream */
   decode(pages) {
     if (!this.decoder) return;
-    let size = 0;
-    for (const p of pages) size += p.length;
-    const bytes = new Uint8Array(size);
-    let offset = 0;
-    for (const p of pages) {
-      bytes.set(p, offset);
-      offset += p.length;
-    }
+    const bytes = concatBytes(pages);
     this.decoder.postMessage({ command: "decode", pages: bytes }, [bytes.buffer]);
   }
 
