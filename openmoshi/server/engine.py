@@ -197,9 +197,9 @@ class Engine:
             slot.steps += 1
         if out is None:
             return outputs
-        valid = active & (out[:, 1, 0] >= 0).cpu()
+        valid = active & (out[:, 0, 0] >= 0).cpu()  # -2: a restarted item still in its first steps
         pcm_out = None
-        if bool(valid.any()):
+        if out.shape[1] > 1 and bool(valid.any()):  # text-only models (e.g. speech-to-text) send no audio
             mimi.set_active(valid)
             pcm_out = mimi.decode(out[:, 1:].clamp(min=0)).float().cpu().numpy()
         mimi.set_active(None)
@@ -208,7 +208,8 @@ class Engine:
         for i, (slot, _) in batch.items():
             if not bool(valid[i]):
                 continue
-            outputs.append((slot, pcm_out[i, 0], self.bundle.text_piece(int(tokens[i]))))
+            pcm = None if pcm_out is None else pcm_out[i, 0]
+            outputs.append((slot, pcm, self.bundle.text_piece(int(tokens[i]))))
         return outputs
 
     def _mask(self, indices: list[int]) -> torch.Tensor:
