@@ -40,8 +40,10 @@ def speech_files(tmp_path_factory) -> list[Path]:
     if len(files) >= 4:
         return files[:4]
     out = tmp_path_factory.mktemp("speech")
-    lines = [("Hello, how are you today?", "en-us"), ("I am fine, thank you. And you?", "en-gb+f3"),
-             ("Let us talk about the weather.", "en-us+m3"), ("It is sunny and warm outside.", "en-gb-x-rp+f1")]
+    lines = [("Hello, how are you today? I wanted to ask you about your plans for the weekend.", "en-us"),
+             ("I am fine, thank you. I will probably go hiking in the mountains with friends.", "en-gb+f3"),
+             ("Let us talk about the weather. Do you think it will rain on Saturday?", "en-us+m3"),
+             ("It is sunny and warm outside, and the forecast says it will stay dry.", "en-gb-x-rp+f1")]
     return [synthesize(text, voice, out / f"utt{i}.wav") for i, (text, voice) in enumerate(lines)]
 
 
@@ -53,7 +55,10 @@ def read_speech(path: Path, seconds: float | None = None) -> torch.Tensor:
         data = _resample_np(data, sr)
     wav = torch.from_numpy(np.ascontiguousarray(data))
     if seconds is not None:
-        wav = wav[: int(seconds * SAMPLE_RATE)]
+        wanted = int(seconds * SAMPLE_RATE)
+        if len(wav) < wanted:  # a short utterance is repeated to fill the length asked for
+            wav = wav.repeat(-(-wanted // len(wav)))
+        wav = wav[:wanted]
     return wav[None]
 
 
