@@ -154,3 +154,20 @@ def test_mimi_streaming_rejects_partial_frames(tiny_mimi):
             tiny_mimi.encode(torch.zeros(1, 1, 1000))
     with pytest.raises(ValueError, match=r"\[B, 1, T\]"):
         tiny_mimi.encode(torch.zeros(1, 2, 1920))
+
+
+@torch.no_grad()
+def test_transformer_item_output_is_independent_of_other_items_history():
+    model = _transformer(context=40)
+    x = torch.randn(1, 30, 32)
+
+    def run(other_steps: int) -> torch.Tensor:
+        with model.streaming(2):
+            model.set_active(torch.tensor([False, True]))
+            for _ in range(other_steps):  # only item 1 moves: a longer history than item 0's
+                model(torch.randn(2, 1, 32))
+            model.set_active(None)
+            other = torch.randn(2, 1, 32)
+            return torch.cat([model(torch.cat([x[:, t:t + 1], other[1:]]))[:1] for t in range(30)], dim=1)
+
+    assert torch.equal(run(0), run(25))  # bit for bit: a server session never depends on the others

@@ -33,6 +33,7 @@ class StreamingState:
     def __post_init__(self) -> None:
         self.active = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         self.all_active = True
+        self.active_host: list[bool] | None = None  # host copy of `active` (None = all), for host-side counters
 
     def reset(self, mask: torch.Tensor) -> None:
         """Reset the batch items where `mask` [B] (bool) is True."""
@@ -112,10 +113,12 @@ class StreamingModule(nn.Module):
         if state is None:
             raise RuntimeError("set_active() called outside of a streaming() block.")
         modules = getattr(self, "_active_streaming_modules", None) or self._streaming_modules()
+        host = None if mask is None else [bool(v) for v in mask.tolist()]
         for _, module in modules:
             sub = module._streaming_state
             if sub is None:
                 continue
+            sub.active_host = host
             if mask is None:
                 sub.active.fill_(True)
                 sub.all_active = True

@@ -209,15 +209,23 @@ class Attention(StreamingModule):
             index = ctx.slots[:, None, :, None].expand(B, self.kv_heads, T, self.head_dim)
             state.keys.scatter_(2, index, k)
             state.values.scatter_(2, index, v)
-            # Always the whole cache: a per-call length would make the numerics of one batch item depend on
-            # the batch's history, and a server session's output on who was connected before.
             k, v = state.keys, state.values
+        if ctx.lengths is None:
+            out = self._attend(q, k, v, ctx.mask)
+        else:
+            # Each item attends to the cache slots it has written (all of them once the ring has wrapped),
+            # on its own: its numerics never depend on the other items or on the batch's history.
+            out = torch.cat([self._attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                          ctx.mask[b:b + 1, ..., :n]) for b, n in enumerate(ctx.lengths)])
+        out = out.transpose(1, 2).flatten(2)
+        return self.out_proj(out, weight_indices)
+
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.kv_repeat > 1:
             k = k.repeat_interleave(self.cfg.kv_repeat, dim=1)
             v = v.repeat_interleave(self.cfg.kv_repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
-        out = out.transpose(1, 2).flatten(2)
-        return self.out_proj(out, weight_indices)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class TransformerLayer(nn.Module):
@@ -279,6 +287,7 @@ class _StepContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [B, T, 1, D_head / 2]
     mask: torch.Tensor | None  # [B, 1, T, S] bool, True = may attend
     slots: torch.Tensor | None  # [B, T] cache slots written by this call (streaming only)
+    lengths: list[int] | None = None  # per item, the cache slots worth attending to (streaming only)
 
 
 @dataclass
@@ -286,11 +295,14 @@ class _TransformerState(StreamingState):
     offsets: torch.Tensor  # [B] long, steps seen so far by each batch item
     key_positions: torch.Tensor  # [B, capacity], absolute step held by each cache slot, -1 = empty
     step: int = 0  # steps seen (host side), selects per-step weights; all items move together
+    host_offsets: list[int] | None = None  # `offsets` on the host: bounds the cache slots each item wrote
 
     def reset(self, mask: torch.Tensor) -> None:
         self.offsets.masked_fill_(mask, 0)
         masked_fill_(self.key_positions, mask, -1)
         self.step = 0
+        if self.host_offsets is not None:
+            self.host_offsets = [0 if m else n for m, n in zip(mask.tolist(), self.host_offsets)]
 
 
 class Transformer(StreamingModule):
@@ -307,7 +319,8 @@ class Transformer(StreamingModule):
         device = self.layers[0].self_attn.in_proj_weight.device
         capacity = self.layers[0].self_attn.capacity
         return _TransformerState(batch_size, device, torch.zeros(batch_size, dtype=torch.long, device=device),
-                                 torch.full((batch_size, capacity), -1, dtype=torch.long, device=device))
+                                 torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
+                                 host_offsets=[0] * batch_size)
 
     def _mask(self, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor | None:
         """Which keys each query sees: [B, 1, T, S] bool (None = all)."""
@@ -336,7 +349,7 @@ class Transformer(StreamingModule):
             assert isinstance(state, _TransformerState)
             positions = state.offsets[:, None] + steps
             first_step = state.step
-        slots = None
+        slots = lengths = None
         if state is None:
             key_positions = positions
         else:
@@ -346,12 +359,13 @@ class Transformer(StreamingModule):
             slots = positions % capacity
             state.key_positions.scatter_(1, slots, positions)
             key_positions = state.key_positions
+            lengths = [min(capacity, n + T) for n in state.host_offsets]
         rope = None
         if self.cfg.positional_embedding == "rope":
             cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.num_heads, self.cfg.max_period)
             rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, 1, D / 2], for [B, T, heads, D]
         ctx = _StepContext([self.cfg.weight_index(first_step + t) for t in range(T)], rope,
-                           self._mask(positions, key_positions), slots)
+                           self._mask(positions, key_positions), slots, lengths)
         dtype = x.dtype
         for layer in self.layers:
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():
@@ -362,4 +376,6 @@ class Transformer(StreamingModule):
             # Frozen items keep their offset; their cache writes sit in the slot they will overwrite next.
             state.offsets.copy_(state.keep_inactive(state.offsets + T, state.offsets))
             state.step += T
+            active = state.active_host or [True] * B
+            state.host_offsets = [n + T if a else n for n, a in zip(state.host_offsets, active)]
         return x.to(dtype)
