@@ -42,8 +42,15 @@ def test_init_folder_has_kyutai_layout_and_loads_back_identical(tiny, tmp_path):
     assert first.generation == {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
 
 
-def test_init_refuses_non_empty_folder(tiny, capsys):
-    assert main(["init", "--preset", "tiny", str(tiny)]) == 1
+def test_init_keeps_an_existing_model_and_refuses_other_folders(tiny, tmp_path, capsys):
+    before = (tiny / "model.safetensors").stat().st_mtime_ns
+    assert main(["init", "--preset", "tiny", str(tiny), "--seed", "99"]) == 0
+    assert "keeping it" in capsys.readouterr().out
+    assert (tiny / "model.safetensors").stat().st_mtime_ns == before
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["init", "--preset", "tiny", str(other)]) == 1
     assert "--force" in capsys.readouterr().err
 
 

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     if args.output.exists() and any(args.output.iterdir()) and not args.force:
+        if (args.output / "config.json").is_file():  # re-running a setup line keeps the model it made
+            print(f"{args.output} already holds a model; keeping it (use --force to write a fresh one)")
+            return 0
         raise ConfigError(f"{args.output} exists and is not empty; use --force to write into it")
     folder = init_model(args.preset, args.output, seed=args.seed, tokenizer=args.tokenizer)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
