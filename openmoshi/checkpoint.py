@@ -149,8 +149,27 @@ class ModelSource:
         except FileNotFoundError:
             return False
 
+    @classmethod
+    def around(cls, source: str | Path) -> ModelSource:
+        """The model holding `source`: itself (folder, hf://owner/repo), its repo (hf://owner/repo/file) or the
+        folder of a local file (a bare weights file or config.json)."""
+        text = str(source)
+        if text.startswith(HF_PREFIX):
+            repo, _ = split_hf(text)
+            return cls(HF_PREFIX + repo)
+        path = Path(text).expanduser()
+        return cls(path.parent if path.is_file() else path)
+
     def get(self, filename: str) -> Path:
-        """Local path of `filename` (downloaded through the HF cache for hf:// sources)."""
+        """Local path of `filename` (downloaded through the HF cache for hf:// sources).
+
+        A name that is itself `hf://owner/repo/file` (allowed in Kyutai's config.json) is fetched from there.
+        """
+        if filename.startswith(HF_PREFIX):
+            repo, name = split_hf(filename)
+            if not name:
+                raise CheckpointError(f"{filename} names a repo, not a file")
+            return hf_download(repo, name, self.revision)
         if self.folder is not None:
             path = self.folder / filename
             if not path.is_file():

@@ -116,3 +116,19 @@ def test_serve_and_client_commands(tiny, tmp_path, speech_files):
         server.terminate()
         server.wait(20)
     assert np.isfinite(heard.duration)
+
+
+def test_config_may_name_files_in_another_hf_repo(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    folder = tmp_path / "remote-names"
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["moshi_name"] = "hf://someone/elsewhere/model.safetensors"  # as Kyutai's hf_get allows
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:  # offline here: the error names the repo and what to do
+        load_model(folder)
+    assert "someone/elsewhere" in str(err.value) and "download" in str(err.value)

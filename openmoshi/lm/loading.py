@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import HF_PREFIX, hf_download, load_into, read_safetensors, save_safetensors, split_hf
+from ..checkpoint import (
+    HF_PREFIX,
+    ModelSource,
+    hf_download,
+    load_into,
+    read_safetensors,
+    save_safetensors,
+    split_hf,
+)
 from ..errors import CheckpointError, ConfigError
 from .config import LMConfig
 from .model import LMModel
@@ -72,37 +80,17 @@ def _parse_config(path: Path) -> tuple[LMConfig, dict]:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _resolve_file(source: str | Path, name: str) -> Path:
-    """A file named in config.json, relative to the model source (or itself an hf:// address)."""
-    if name.startswith(HF_PREFIX):
-        repo, filename = split_hf(name)
-        if not filename:
-            raise CheckpointError(f"{name} names a repo, not a file")
-        return hf_download(repo, filename)
-    if _is_hf(source):
-        repo, _ = split_hf(str(source))
-        try:
-            return hf_download(repo, name)
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"{name} is not in the Hugging Face repo {repo} (named by the model config)") from exc
-    base = Path(source)
-    path = base.parent / name if base.is_file() else base / name
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found (named by the model config)")
-    return path
-
-
 def _weights_path(source: str | Path, cfg: LMConfig) -> Path:
     if _is_hf(source):
         _, filename = split_hf(str(source))
         if filename and _is_weights_file(filename):
-            return _resolve_file(source, str(source))
+            return ModelSource.around(source).require(str(source), "LM weights")
     elif _is_weights_file(source):
         path = Path(source)
         if not path.is_file():
             raise CheckpointError(f"checkpoint file not found: {path}")
         return path
-    return _resolve_file(source, cfg.moshi_name)
+    return ModelSource.around(source).require(cfg.moshi_name, "LM weights")
 
 
 def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -122,9 +110,9 @@ def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch
     del state
     if lora_weights is not None or cfg.lora:
         if lora_weights is None:
-            lora_weights = _resolve_file(source, cfg.lora_name or LORA_NAME)
+            lora_weights = ModelSource.around(source).require(cfg.lora_name or LORA_NAME, "LoRA weights")
         elif isinstance(lora_weights, str) and lora_weights.startswith(HF_PREFIX):
-            lora_weights = _resolve_file(source, lora_weights)
+            lora_weights = ModelSource.around(source).require(lora_weights, "LoRA weights")
         fuse_lora(lm, read_safetensors(lora_weights, device=device), cfg.lora_scaling, lora_weights)
         lm.cfg = cfg.replace(lora=False, lora_name=None)
     if cfg.model_type == "hibiki":
