@@ -14,6 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ GENERATION_DEFAULTS = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text"
 class MoshiBundle:
     mimi: Mimi
     lm: LMModel
-    tokenizer: "object"  # sentencepiece.SentencePieceProcessor
+    tokenizer: Any  # sentencepiece.SentencePieceProcessor
     config: LMConfig
     generation: dict = field(default_factory=dict)  # Generator keyword arguments
     source: str = ""
@@ -105,17 +106,15 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
     return MoshiBundle(mimi, lm, tokenizer, lm.cfg, generation_defaults(lm.cfg), str(source))
 
 
-def save_model(bundle_or_parts: MoshiBundle, folder: str | Path, tokenizer_file: str | Path | None = None) -> Path:
+def save_model(bundle: MoshiBundle, folder: str | Path, tokenizer_file: str | Path | None = None) -> Path:
     """Write a bundle as a model folder in Kyutai's layout (loads back with `load_model` and Kyutai's code)."""
     folder = Path(folder)
-    bundle = bundle_or_parts
     cfg = bundle.config
     if bundle.mimi.cfg != mimi_official():
         cfg = cfg.replace(mimi_config_name="mimi_config.json")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "mimi_config.json").write_text(json.dumps(bundle.mimi.cfg.to_kyutai(), indent=2) + "\n")
-    bundle.lm.cfg = cfg
-    save_lm(bundle.lm, folder)
+    save_lm(bundle.lm, folder, config=cfg)
     save_mimi(bundle.mimi, folder / cfg.mimi_name)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, folder / cfg.tokenizer_name)
@@ -161,7 +160,5 @@ def _fill_codebooks_randomly(mimi: Mimi, seed: int) -> None:
     for name, buffer in mimi.quantizer.named_buffers():
         if name.endswith("embedding_sum"):
             buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.1)
-        elif name.endswith("cluster_usage"):
-            buffer.fill_(1.0)
-        elif name.endswith("_initialized"):
+        elif name.endswith(("cluster_usage", "_initialized")):
             buffer.fill_(1.0)

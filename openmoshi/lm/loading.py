@@ -180,11 +180,15 @@ def _add_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: f
     weight.add_(delta.to(weight.dtype))
 
 
-def save_lm(lm: LMModel, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `lm` as a Kyutai model folder: config.json + model.safetensors (weights cast to `dtype` if given)."""
+def save_lm(lm: LMModel, folder: str | Path, dtype: torch.dtype | None = None,
+            config: LMConfig | None = None) -> Path:
+    """Write `lm` as a Kyutai model folder: config.json + model.safetensors (weights cast to `dtype` if given).
+
+    `config` replaces `lm.cfg` in config.json (same architecture; e.g. other file names).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = lm.cfg.replace(lora=False, lora_name=None)
+    cfg = (config or lm.cfg).replace(lora=False, lora_name=None)
     state = {k: (v.to(dtype) if dtype is not None and v.dtype.is_floating_point else v)
              for k, v in lm.state_dict().items()}
     if _is_weights_file(cfg.moshi_name) and "/" not in cfg.moshi_name:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import platform
 from pathlib import Path
 
 import numpy as np
+import torch
 from aiohttp import WSMsgType, web
 
+from .. import __version__
 from ..audio.opus import OpusDecoderStream, OpusEncoderStream
 from ..errors import ProtocolError
 from . import protocol
@@ -107,21 +110,24 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+def _build_info() -> dict:
+    """Kyutai's web client shows a `build_info` of strings (its Rust server's build details)."""
+    info = {key: "" for key in ("build_timestamp", "build_date", "git_branch", "git_timestamp", "git_date",
+                                "git_hash", "git_describe", "rustc_host_triple", "rustc_version",
+                                "cargo_target_triple")}
+    info.update(git_describe=f"openmoshi {__version__}", rustc_host_triple=platform.machine(),
+                rustc_version=f"python {platform.python_version()}, torch {torch.__version__}")
+    return info
+
+
+BUILD_INFO = _build_info()
+
+
 def _session_info(engine: Engine, slot: Slot, settings: SessionSettings) -> dict:
     """Metadata (kind 4): the session's settings, with the fields Kyutai's web client shows as server info."""
-    import platform
-
-    import torch
-
-    from .. import __version__
     model = Path(engine.bundle.source).name
-    build = {key: "" for key in ("build_timestamp", "build_date", "git_branch", "git_timestamp", "git_date",
-                                 "git_hash", "git_describe", "rustc_host_triple", "rustc_version",
-                                 "cargo_target_triple")}
-    build.update(git_describe=f"openmoshi {__version__}", rustc_host_triple=platform.machine(),
-                 rustc_version=f"python {platform.python_version()}, torch {torch.__version__}")
     return {"slot": slot.index, "max_sessions": engine.max_sessions, "sample_rate": engine.bundle.sample_rate,
-            "model": model, "lm_model_file": model, "instance_name": "openmoshi", "build_info": build,
+            "model": model, "lm_model_file": model, "instance_name": "openmoshi", "build_info": BUILD_INFO,
             **settings.describe()}
 
 

@@ -42,7 +42,7 @@ class RunningServer:
         self.loop.run_until_complete(self.runner.cleanup())
         self.loop.close()
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         self._thread.start()
         if not self._ready.wait(60):
             raise RuntimeError("server did not start")

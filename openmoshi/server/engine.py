@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
 import typing as tp
@@ -62,6 +63,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stack = None
         self._running = False
+        self._input = torch.zeros(max_sessions, 1, self.frame_size)
 
     # ---- sessions
     def acquire(self, settings: SessionSettings, on_output: OutputCallback) -> Slot | None:
@@ -156,7 +158,6 @@ class Engine:
 
     # ---- model side (runs in the step thread)
     def _start_streaming(self) -> None:
-        import contextlib
         torch.set_grad_enabled(False)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.bundle.mimi.streaming(self.max_sessions))
@@ -169,7 +170,7 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, batch: dict[int, tuple[Slot, np.ndarray]]) -> list[tuple[Slot, np.ndarray | None, str | None]]:
-        mimi, gen, B = self.bundle.mimi, self.generator, self.max_sessions
+        mimi, gen = self.bundle.mimi, self.generator
         fresh = [i for i, (slot, _) in batch.items() if slot.fresh]
         if fresh:
             mask = self._mask(fresh)
@@ -181,7 +182,7 @@ class Engine:
                                    temp_text=slot.settings.text_temperature, top_k_text=slot.settings.text_topk,
                                    text_seed=slot.settings.text_seed, audio_seed=slot.settings.audio_seed)
         active = self._mask(list(batch))
-        pcm = torch.zeros(B, 1, self.frame_size)
+        pcm = self._input  # [B, 1, frame_size], reused every step; frozen rows keep stale audio, unused
         for i, (_, frame) in batch.items():
             pcm[i, 0] = torch.from_numpy(frame)
         mimi.set_active(active)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..errors import ProtocolError
 
@@ -75,25 +77,27 @@ class SessionSettings:
     repetition_penalty_context: int = 64
     ignored: list[str] = field(default_factory=list)
 
-    LIMITS = {"text_temperature": (0.0, 10.0), "audio_temperature": (0.0, 10.0), "text_topk": (0, 1_000_000),
-              "audio_topk": (0, 1_000_000), "pad_mult": (-100.0, 100.0), "repetition_penalty": (0.1, 10.0),
-              "repetition_penalty_context": (0, 10_000), "text_seed": (-1, 2 ** 63 - 1),
-              "audio_seed": (-1, 2 ** 63 - 1)}
+    # query parameter -> (type, lowest, highest)
+    FIELDS: ClassVar[dict[str, tuple[type, float, float]]] = {"text_temperature": (float, 0.0, 10.0), "audio_temperature": (float, 0.0, 10.0),
+              "text_topk": (int, 0, 1_000_000), "audio_topk": (int, 0, 1_000_000),
+              "pad_mult": (float, -100.0, 100.0), "repetition_penalty": (float, 0.1, 10.0),
+              "repetition_penalty_context": (int, 0, 10_000), "text_seed": (int, -1, 2 ** 63 - 1),
+              "audio_seed": (int, -1, 2 ** 63 - 1)}
 
     @classmethod
-    def from_query(cls, query: dict[str, str], defaults: "SessionSettings") -> "SessionSettings":
-        values = {name: getattr(defaults, name) for name in cls.LIMITS}
-        for name, (low, high) in cls.LIMITS.items():
+    def from_query(cls, query: dict[str, str], defaults: SessionSettings) -> SessionSettings:
+        values = {name: getattr(defaults, name) for name in cls.FIELDS}
+        for name, (kind, low, high) in cls.FIELDS.items():
             if name not in query:
                 continue
             raw = query[name]
-            kind = float if isinstance(getattr(defaults, name), float) or name.endswith("temperature") \
-                or name in ("pad_mult", "repetition_penalty") else int
             try:
-                value = kind(float(raw)) if kind is int else kind(raw)
-            except ValueError:
+                number = float(raw)
+                # Integers written as such are read exactly (seeds can exceed float precision).
+                value = int(raw) if kind is int and raw.strip().lstrip("-").isdigit() else kind(number)
+            except (ValueError, OverflowError):
                 raise ProtocolError(f"query parameter {name}={raw!r} is not a number") from None
-            if not low <= value <= high or value != value:
+            if not low <= value <= high or math.isnan(number):
                 raise ProtocolError(f"query parameter {name}={raw!r} is outside [{low}, {high}]")
             values[name] = value
         for seed in ("text_seed", "audio_seed"):
