@@ -24,9 +24,33 @@ def fill_codebooks(mimi: Mimi, wav: torch.Tensor, seed: int = 0) -> None:
             # the residual, so residuals stay large and the nearest codeword wins by a wide margin.
             words = torch.randn(bins, residual.shape[1], generator=gen) * residual.std(dim=0) * 0.5
             words = words + residual.mean(dim=0)
+            words = _widen_margins(residual, words)
             usage = torch.rand(bins, generator=gen) + 0.5
             book.embedding_sum.copy_(words * usage[:, None])
             book.cluster_usage.copy_(usage)
             book._initialized.fill_(1)
             nearest = torch.cdist(residual, words).argmin(dim=1)
             residual = residual - words[nearest]
+
+
+def _widen_margins(residual: torch.Tensor, words: torch.Tensor, rel_gap: float = 1e-3,
+                   passes: int = 20) -> torch.Tensor:
+    """Push away runner-up codewords that nearly tie with the nearest one for some frame of `residual`.
+
+    Random codewords occasionally sit at almost the same distance from a frame (a relative gap of 1e-6 was
+    seen); then float rounding that differs between two exact computations of the same latent (one pass
+    vs chunked streaming, or two CPUs) flips the code. Tests compare codes exactly, so the codebooks they
+    build must not hold such ties for the audio they encode.
+    """
+    words = words.clone()
+    for _ in range(passes):
+        dist = torch.cdist(residual, words)
+        best = dist.topk(2, dim=1, largest=False)
+        gap = (best.values[:, 1] - best.values[:, 0]) / best.values[:, 0].clamp(min=1e-12)
+        close = (gap < rel_gap).nonzero().flatten()
+        if len(close) == 0:
+            break
+        for i in close.tolist():
+            j = best.indices[i, 1]
+            words[j] += (words[j] - residual[i]) * 4 * rel_gap
+    return words
