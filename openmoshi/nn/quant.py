@@ -266,7 +266,7 @@ def quantize_modules_(root: nn.Module, bits: int, group_size: int = INT4_GROUP,
         if skip is not None and skip(name):
             return False
         if not quantizable(tuple(shape), bits, group_size):
-            logger.info("%s %s stays float: the int%d kernels do not take this shape", name, tuple(shape), bits)
+            logger.debug("%s %s stays float: the int%d kernels do not take this shape", name, tuple(shape), bits)
             return False
         return True
 
