@@ -160,6 +160,11 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
         if bits == 4:
             group_size = int(cfg.quantization.get("group_size", INT4_GROUP))
         suffix = "_scb" if bits == 8 else "_scale"
+        found = {b for b, sfx in ((8, "_scb"), (4, "_scale")) if any(k.endswith(sfx) for k in checkpoint.sources)}
+        if found != {bits}:
+            held = " and ".join(f"int{b}" for b in sorted(found)) or "float"
+            raise CheckpointError(f"{weights}: config.json says int{bits} weights but the file holds {held} "
+                                  "weights; the folder is inconsistent, write it again with openmoshi quantize")
 
         def stored_quantized(name: str) -> bool:
             return f"{name}.weight{suffix}" in checkpoint
