@@ -113,7 +113,8 @@ class _LazyCheckpoint:
 
 
 @torch.no_grad()
-def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], source: Path) -> None:
+def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], source: Path,
+            dtype: torch.dtype, device: str | torch.device) -> None:
     """Replace every (meta) parameter and buffer of `lm` by tensors(key, target)."""
     for key, target in list(lm.state_dict(keep_vars=True).items()):
         module_name, _, leaf = key.rpartition(".")
@@ -126,6 +127,10 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
             module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:
             module._buffers[leaf] = value
+    for name, buffer in list(lm.named_buffers()):  # non-persistent ones (QuantizedLinear.activation_like)
+        if buffer.is_meta:
+            module_name, _, leaf = name.rpartition(".")
+            lm.get_submodule(module_name)._buffers[leaf] = torch.empty(buffer.shape, dtype=dtype, device=device)
 
 
 def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -177,7 +182,7 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
                 raise CheckpointError(f"{weights} does not match the model: tensor {_to_file_key(key)} is "
                                       f"missing (a int{bits} checkpoint written by another model?)")
             value = checkpoint.get(key)
-            if value.dtype.is_floating_point:
+            if value.dtype.is_floating_point and not key.endswith(("_scale", "_zero")):  # bf16 as stored
                 value = value.to(dtype)
             return value.to(device)
     else:
@@ -197,7 +202,7 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
                 raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
             return checkpoint.get(key).to(device=device, dtype=dtype)
         lm.cfg = cfg.replace(**quantization_config(bits, group_size))
-    _assign(lm, tensor, weights)
+    _assign(lm, tensor, weights, dtype, device)
     extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
     if extra:
         raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")

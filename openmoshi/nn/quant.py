@@ -5,7 +5,7 @@ Formats (what a checkpoint stores, per linear weight W [N, K]):
 - int8, per output channel, Kyutai's (bitsandbytes) layout: `weight` int8 [N, K] and `weight_scb` float32 [N],
   the absolute maximum of each row: W ~ weight * weight_scb / 127.
 - int4, groups of `group_size` (32) input columns, asymmetric: `weight` uint8 [N, K / 2] (column 2j in the high
-  nibble, 2j + 1 in the low one), `weight_scale` and `weight_zero` float32 [N, K / group_size]:
+  nibble, 2j + 1 in the low one), `weight_scale` and `weight_zero` bfloat16 [N, K / group_size] (1/8 byte per weight):
   W ~ (q - 8) * scale + zero, q in 0..15 (torch's int4 kernels' convention).
 
 Why bfloat16 activations: on CPU, torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are fast only
@@ -81,14 +81,14 @@ def dequantize_int8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = tor
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (packed uint8 [N, K / 2], scale [N, G], zero [N, G]), G = K / group_size."""
+    """W [N, K] -> (packed uint8 [N, K / 2], scale bfloat16 [N, G], zero bfloat16 [N, G]), G = K / group_size."""
     n, k = weight.shape
     w = weight.float().view(n, k // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
     scale = _bf16(((high - low) / 15).clamp(min=1e-8))
     zero = _bf16(low + 8 * scale)
     q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).view(n, k)
-    return pack_int4(q), scale, zero
+    return pack_int4(q), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -166,9 +166,11 @@ class QuantizedLinear(nn.Module):
         else:
             groups = in_features // group_size
             self.register_buffer("weight", torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("weight_scale", torch.ones(rows, groups, device=device))
-            self.register_buffer("weight_zero", torch.zeros(rows, groups, device=device))
+            self.register_buffer("weight_scale", torch.ones(rows, groups, dtype=torch.bfloat16, device=device))
+            self.register_buffer("weight_zero", torch.zeros(rows, groups, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        # follows the model's float dtype and device (model.to(...)): the dtype of the activations
+        self.register_buffer("activation_like", torch.empty(0, device=device), persistent=False)
         self._kernels: list[_Kernel] | None = None
 
     @classmethod
@@ -184,6 +186,7 @@ class QuantizedLinear(nn.Module):
             module.weight, module.weight_scale, module.weight_zero = packed, scale, zero
         if bias is not None:
             module.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        module.activation_like = torch.empty(0, dtype=weight.dtype)
         return module
 
     def extra_repr(self) -> str:
@@ -234,7 +237,7 @@ class QuantizedLinear(nn.Module):
 
     def float_like(self) -> torch.Tensor:
         """A tensor on this layer's device in the float dtype of its activations."""
-        return self.weight_scb if self.bits == 8 else self.weight_scale
+        return self.activation_like
 
     def memory_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
