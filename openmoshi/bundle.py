@@ -24,6 +24,8 @@ from .errors import CheckpointError, ConfigError
 from .lm.config import LMConfig
 from .lm.loading import load_lm, read_config, save_lm
 from .lm.model import LMModel
+from .lm.quantized import load_quantized_lm, stored_bits
+from .nn.quant import quantize_modules_
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +82,13 @@ def generation_defaults(cfg: LMConfig) -> dict:
     return out
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MoshiBundle:
-    """Load a model folder or `hf://owner/repo` (Kyutai's layout) with everything needed to talk to it."""
+def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               quantize: int | None = None) -> MoshiBundle:
+    """Load a model folder or `hf://owner/repo` (Kyutai's layout) with everything needed to talk to it.
+
+    quantize=8 or 4: int8 / int4 LM weights (lm/quantized.py), quantized while loading unless the folder
+    already holds them; Mimi's transformers then run in int8.
+    """
     model = ModelSource(source)
     cfg, _ = read_config(source)
     if cfg.model_type not in ("moshi", "hibiki", "stt", "tts"):
@@ -102,8 +109,15 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
     if tokenizer.get_piece_size() > cfg.text_card:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.get_piece_size()} pieces but the LM's "
                               f"text vocabulary is {cfg.text_card}")
-    lm = load_lm(source, device=device, dtype=dtype)
+    lm = load_quantized_lm(source, device=device, dtype=dtype, quantize=quantize)
+    if quantize is not None or stored_bits(cfg) is not None:
+        quantize_mimi_(mimi)
     return MoshiBundle(mimi, lm, tokenizer, lm.cfg, generation_defaults(lm.cfg), str(source))
+
+
+def quantize_mimi_(mimi: Mimi) -> list[str]:
+    """int8 weights for Mimi's transformers (its convolutions stay float32)."""
+    return quantize_modules_(mimi, 8, skip=lambda name: "transformer" not in name)
 
 
 def save_model(bundle: MoshiBundle, folder: str | Path, tokenizer_file: str | Path | None = None) -> Path:

@@ -68,7 +68,7 @@ def test_file_keys_and_inherited_depformer_settings():
 @pytest.mark.parametrize("key,value", [
     ("conditioners", {"description": {"type": "lut"}}), ("fuser", {"sum": ["description"]}),
     ("cross_attention", True), ("demux_second_stream", True), ("depformer_low_rank_embeddings", 128),
-    ("norm_emb", True), ("quantize", True)])
+    ("norm_emb", True)])
 def test_unsupported_features_are_named(key, value):
     with pytest.raises(ConfigError, match=key.replace("demux_second_stream", "demux_second_text_stream")):
         LMConfig.from_kyutai(dict(RELEASED_7B, **{key: value}))

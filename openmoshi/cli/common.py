@@ -36,3 +36,18 @@ def resolve_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]
     threads = getattr(args, "threads", 0) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     return device, dtype
+
+
+QUANTIZE = {"int8": 8, "int4": 4}
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, choices=sorted(QUANTIZE),
+                        help="run the LM with int8 (per channel) or int4 (groups of 32) weights, quantized while "
+                             "loading (Mimi's transformers then run in int8); a folder written by `openmoshi "
+                             "quantize` loads quantized without this option")
+
+
+def quantize_bits(args: argparse.Namespace) -> int | None:
+    name = getattr(args, "quantize", None)
+    return None if name is None else QUANTIZE[name]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..audio.io import load_audio, save_wav
 from ..errors import OpenMoshiError
-from .common import add_device_arguments, resolve_device
+from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
 
 logger = logging.getLogger(__name__)
 MIN_SECONDS = 0.08  # one frame
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arguments(parser)
+    add_quantize_argument(parser)
 
 
 def _generation(args: argparse.Namespace, defaults: dict) -> dict:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not loaded:
         print(f"nothing to do: {len(failed)} input(s) failed")
         return 1
-    bundle = load_model(args.model, device=device, dtype=dtype)
+    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
     generation = _generation(args, bundle.generation)
     args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(loaded), args.batch_size):

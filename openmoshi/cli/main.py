@@ -13,6 +13,7 @@ from ..errors import OpenMoshiError
 COMMANDS = {
     "codec": ("openmoshi.cli.codec", "encode audio to Mimi codes and decode codes to audio"),
     "init": ("openmoshi.cli.init", "write a freshly initialised model folder from a preset"),
+    "quantize": ("openmoshi.cli.quantize", "write a model folder with int8 or int4 LM weights"),
     "infer": ("openmoshi.cli.infer", "run Moshi on recordings: answers as audio and transcripts"),
     "serve": ("openmoshi.cli.serve", "real-time full-duplex server (websocket + web page)"),
     "client": ("openmoshi.cli.client", "talk to a server from the terminal or stream a file to it"),

@@ -14,7 +14,7 @@ import argparse
 import logging
 import secrets
 
-from .common import add_device_arguments, resolve_device
+from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-backlog", type=float, default=1.0,
                         help="seconds of user audio a session may queue before old audio is dropped")
     add_device_arguments(parser)
+    add_quantize_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-sessions must be at least 1")
     device, dtype = resolve_device(args)
     logger.info("loading %s on %s (%s)", args.model, device, dtype)
-    bundle = load_model(args.model, device=device, dtype=dtype)
+    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
     gen = bundle.generation
     defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
                                audio_temperature=gen["temp"], audio_topk=gen["top_k"])

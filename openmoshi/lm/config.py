@@ -89,6 +89,9 @@ class LMConfig:
     tts_config: dict = field(default_factory=dict)
     stt_config: dict = field(default_factory=dict)
     model_id: dict = field(default_factory=dict)
+    # quantized weights (lm/quantized.py): Kyutai's int8 flag, and openmoshi's {"bits": 4, "group_size": 32}
+    quantize: bool = False
+    quantization: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -212,7 +215,7 @@ class LMConfig:
                 continue
             if f.name in ("lm_gen_config", "tts_config", "stt_config", "model_id") and not value:
                 continue
-            if f.name == "gradient_checkpointing" and not value:
+            if f.name in ("gradient_checkpointing", "quantize", "quantization") and not value:
                 continue
             out[f.name] = list(value) if isinstance(value, list) else value
         return out
@@ -281,7 +284,6 @@ _UNSUPPORTED = {
     "demux_second_text_stream": bool,
     "depformer_low_rank_embeddings": lambda v: v is not None,
     "norm_emb": bool,
-    "quantize": bool,
 }
 
 # Defaults of Kyutai's LMModel / StreamingTransformer constructors, used for keys a config.json leaves out.

@@ -172,6 +172,7 @@ class Attention(StreamingModule):
         n = cfg.num_weight_sets
         self.in_proj_weight = nn.Parameter(torch.empty(n * qkv_dim, cfg.d_model))
         nn.init.kaiming_uniform_(self.in_proj_weight, a=5 ** 0.5)
+        self.in_proj: nn.Module | None = None  # replaces in_proj_weight when quantized (nn/quant.py)
         self.out_proj = StackedLinear(cfg.d_model, cfg.d_model, n)
         if cfg.context is not None:
             self.capacity = cfg.context + CACHE_RESERVE
@@ -183,7 +184,7 @@ class Attention(StreamingModule):
     def _init_streaming_state(self, batch_size: int) -> _AttentionState:
         if not self.capacity:
             raise RuntimeError("streaming attention needs a context (or weights_per_step) to size its cache")
-        w = self.in_proj_weight
+        w = self.float_like()
         shape = (batch_size, self.kv_heads, self.capacity, self.head_dim)
         return _AttentionState(
             batch_size, w.device,
@@ -194,7 +195,10 @@ class Attention(StreamingModule):
         """x [B, T, D] -> [B, T, D]; `ctx` holds positions, RoPE tables, mask and cache slots of this call."""
         weight_indices = ctx.weight_indices
         B, T, _ = x.shape
-        qkv = stacked_linear(x, self.in_proj_weight, self.cfg.num_weight_sets, weight_indices)
+        if self.in_proj is not None:
+            qkv = self.in_proj(x, weight_indices)
+        else:
+            qkv = stacked_linear(x, self.in_proj_weight, self.cfg.num_weight_sets, weight_indices)
         heads = self.num_heads + self.kv_heads  # query and key heads, rotated together
         qkv = qkv.unflatten(-1, (heads + self.kv_heads, self.head_dim))  # [B, T, H + 2 H_kv, D]
         qk, v = qkv[:, :, :heads], qkv[:, :, heads:]
@@ -220,6 +224,10 @@ class Attention(StreamingModule):
         out = out.transpose(1, 2).flatten(2)
         return self.out_proj(out, weight_indices)
 
+
+    def float_like(self) -> torch.Tensor:
+        """A tensor with the device and float dtype of this layer's weights (its KV cache's)."""
+        return self.in_proj_weight if self.in_proj is None else self.in_proj.float_like()
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.kv_repeat > 1:
@@ -316,7 +324,7 @@ class Transformer(StreamingModule):
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_layers)])
 
     def _init_streaming_state(self, batch_size: int) -> _TransformerState:
-        device = self.layers[0].self_attn.in_proj_weight.device
+        device = self.layers[0].self_attn.float_like().device
         capacity = self.layers[0].self_attn.capacity
         return _TransformerState(batch_size, device, torch.zeros(batch_size, dtype=torch.long, device=device),
                                  torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),

@@ -1,0 +1,3 @@
+from openmoshi.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""Moshi LMs with int8 / int4 weights: quantize on load (layer by layer), save, and load quantized folders.
+
+A quantized folder is a Kyutai model folder whose LM file holds, for each linear weight, the tensors of
+nn/quant.py under the checkpoint's key names:
+
+    transformer.layers.0.self_attn.in_proj_weight      int8 [N, K]         (int4: uint8 [N, K / 2])
+    transformer.layers.0.self_attn.in_proj_weight_scb  float32 [N]         (int4: ..._scale, ..._zero [N, K / 32])
+    transformer.layers.0.gating.linear_in.weight       int8 ...
+    transformer.layers.0.gating.linear_in.weight_scb   float32 ...
+
+config.json marks it: int8 with Kyutai's own `"quantize": true` (the layout of kyutai/moshiko-pytorch-q8, so
+such a folder also loads in Kyutai's package on GPU), int4 with `"quantization": {"bits": 4, "group_size": 32}`.
+Loading assigns the memory-mapped tensors as they are: nothing is quantized again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import ModelSource, save_safetensors
+from ..errors import CheckpointError, ConfigError
+from ..nn.quant import INT4_GROUP, QuantizedLinear, check_bits, quantize_modules_
+from .config import LMConfig
+from .loading import CONFIG_NAME, _weights_path, load_lm, read_config
+from .model import LMModel
+
+logger = logging.getLogger(__name__)
+
+_QUANT_SUFFIXES = ("_scb", "_scale", "_zero")
+_PER_STEP = re.compile(r"^(.*\.self_attn\.)(in_projs|out_projs)\.(\d+)\.(weight(?:_scb|_scale|_zero)?)$")
+
+
+def stored_bits(cfg: LMConfig) -> int | None:
+    """Bit width of the weights a config describes (None: float weights)."""
+    if cfg.quantization:
+        bits = cfg.quantization.get("bits")
+        if bits not in (4, 8):
+            raise ConfigError(f"config.json: quantization bits {bits!r} is not 8 or 4")
+        return int(bits)
+    return 8 if cfg.quantize else None
+
+
+def quantization_config(bits: int, group_size: int = INT4_GROUP) -> dict:
+    """The config.json fields marking a folder quantized to `bits`."""
+    if check_bits(bits) == 8:
+        return {"quantize": True, "quantization": {}}
+    return {"quantize": False, "quantization": {"bits": 4, "group_size": group_size}}
+
+
+def quantize_lm_(lm: LMModel, bits: int, group_size: int = INT4_GROUP) -> list[str]:
+    """Quantize every linear layer of the LM in place (temporal + depth transformers, projections, heads)."""
+    names = quantize_modules_(lm, bits, group_size)
+    lm.cfg = lm.cfg.replace(**quantization_config(bits, group_size))
+    return names
+
+
+# ---- key names: module state dict <-> checkpoint (Kyutai's spelling of the attention input projection)
+
+def _to_file_key(key: str) -> str:
+    head, sep, tail = key.rpartition(".self_attn.in_proj.")
+    return f"{head}.self_attn.in_proj_{tail}" if sep else key
+
+
+def quantized_state_dict(lm: LMModel) -> dict[str, torch.Tensor]:
+    return {_to_file_key(k): v for k, v in lm.state_dict().items()}
+
+
+class _LazyCheckpoint:
+    """Tensors of a safetensors file by module key (any accepted spelling), read one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+        self.path = path
+        try:
+            self.handle = safe_open(str(path), framework="pt")
+            keys = list(self.handle.keys())
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+        self.sources: dict[str, list[str]] = {}
+        per_step: dict[str, dict[int, str]] = {}
+        for key in keys:
+            match = _PER_STEP.match(key)
+            if match:
+                prefix, kind, index, leaf = match.groups()
+                target = prefix + ("in_proj_" if kind == "in_projs" else "out_proj.") + leaf
+                per_step.setdefault(target, {})[int(index)] = key
+            else:
+                self.sources[_to_file_key(key)] = [key]
+        for target, parts in per_step.items():
+            if sorted(parts) != list(range(len(parts))):
+                raise CheckpointError(f"{path}: per-step weights for {target} are missing steps")
+            self.sources[target] = [parts[i] for i in range(len(parts))]
+
+    def __contains__(self, key: str) -> bool:
+        return _to_file_key(key) in self.sources
+
+    def dtype(self, key: str) -> str:
+        return self.handle.get_slice(self.sources[_to_file_key(key)][0]).get_dtype()
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            parts = [self.handle.get_tensor(k) for k in self.sources[_to_file_key(key)]]
+        except Exception as exc:
+            raise CheckpointError(f"{self.path}: tensor {key} cannot be read ({exc}); the file is truncated or "
+                                  "corrupt, write it again") from exc
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@torch.no_grad()
+def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], source: Path,
+            dtype: torch.dtype, device: str | torch.device) -> None:
+    """Replace every (meta) parameter and buffer of `lm` by tensors(key, target)."""
+    for key, target in list(lm.state_dict(keep_vars=True).items()):
+        module_name, _, leaf = key.rpartition(".")
+        module = lm.get_submodule(module_name)
+        value = tensors(key, target)
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(f"{source}: tensor {_to_file_key(key)} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(target.shape)}")
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[leaf] = value
+    for name, buffer in list(lm.named_buffers()):  # non-persistent ones (QuantizedLinear.activation_like)
+        if buffer.is_meta:
+            module_name, _, leaf = name.rpartition(".")
+            lm.get_submodule(module_name)._buffers[leaf] = torch.empty(buffer.shape, dtype=dtype, device=device)
+
+
+def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      quantize: int | None = None, group_size: int = INT4_GROUP) -> LMModel:
+    """Load an LM with quantized linear layers, in eval mode.
+
+    A quantized folder loads as stored (memory-mapped, no re-quantization); `quantize` must then be None or
+    its bit width. A float checkpoint is quantized to `quantize` bits while it is read, one weight at a time,
+    so the float model is never whole in memory (Moshi 7B int4 fits a laptop).
+    """
+    cfg, _ = read_config(source)
+    bits = stored_bits(cfg)
+    if quantize is not None:
+        check_bits(quantize)
+        if bits is not None and bits != quantize:
+            raise ConfigError(f"{source} holds int{bits} weights, so it cannot be loaded as int{quantize}; "
+                              f"quantize the float model with --bits {quantize} instead")
+    if bits is None and quantize is None:
+        return load_lm(source, device=device, dtype=dtype)
+    if cfg.lora:
+        if bits is not None:
+            raise ConfigError(f"{source}: LoRA weights cannot be fused into quantized weights; quantize the "
+                              "model after fusing the LoRA (openmoshi quantize on the float model)")
+        lm = load_lm(source, device=device, dtype=dtype)
+        quantize_lm_(lm, int(quantize))
+        return lm
+    weights = _weights_path(source, cfg)
+    checkpoint = _LazyCheckpoint(weights)
+    with torch.device("meta"):
+        lm = LMModel(cfg)
+    if bits is not None:
+        if bits == 4:
+            group_size = int(cfg.quantization.get("group_size", INT4_GROUP))
+        suffix = "_scb" if bits == 8 else "_scale"
+        found = {b for b, sfx in ((8, "_scb"), (4, "_scale")) if any(k.endswith(sfx) for k in checkpoint.sources)}
+        if found != {bits}:
+            held = " and ".join(f"int{b}" for b in sorted(found)) or "float"
+            raise CheckpointError(f"{weights}: config.json says int{bits} weights but the file holds {held} "
+                                  "weights; the folder is inconsistent, write it again with openmoshi quantize")
+
+        def stored_quantized(name: str) -> bool:
+            return f"{name}.weight{suffix}" in checkpoint
+
+        quantize_modules_(lm, bits, group_size, skip=lambda name: not stored_quantized(name))
+        _check_quantized_dtypes(lm, checkpoint, weights, bits)
+
+        def tensor(key: str, target: torch.Tensor) -> torch.Tensor:
+            if key not in checkpoint:
+                raise CheckpointError(f"{weights} does not match the model: tensor {_to_file_key(key)} is "
+                                      f"missing (a int{bits} checkpoint written by another model?)")
+            value = checkpoint.get(key)
+            if value.dtype.is_floating_point and not key.endswith(("_scale", "_zero")):  # bf16 as stored
+                value = value.to(dtype)
+            return value.to(device)
+    else:
+        assert quantize is not None
+        bits = quantize
+        quantize_modules_(lm, bits, group_size)
+        quantized = {name: module for name, module in lm.named_modules() if isinstance(module, QuantizedLinear)}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+
+        def tensor(key: str, target: torch.Tensor) -> torch.Tensor:
+            module_name, _, leaf = key.rpartition(".")
+            layer = quantized.get(module_name)
+            if layer is not None and leaf != "bias":
+                return _quantized_tensor(layer, module_name, leaf, checkpoint, weights, device, group_size,
+                                         pending)
+            if key not in checkpoint:
+                raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
+            return checkpoint.get(key).to(device=device, dtype=dtype)
+        lm.cfg = cfg.replace(**quantization_config(bits, group_size))
+    _assign(lm, tensor, weights, dtype, device)
+    extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
+    if extra:
+        raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")
+    if cfg.model_type == "hibiki":  # as in load_lm: read EOS as PAD
+        with torch.no_grad():
+            lm.text_emb.weight[2] = lm.text_emb.weight[3]
+    return lm.eval()
+
+
+def _quantized_tensor(layer: QuantizedLinear, name: str, leaf: str, checkpoint: _LazyCheckpoint, source: Path,
+                      device: str | torch.device, group_size: int,
+                      pending: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """One buffer of `layer`, quantizing its float weight from the checkpoint on first request."""
+    parts = pending.pop(name, None)
+    if parts is None:
+        key = f"{name}.weight"
+        if key not in checkpoint:
+            raise CheckpointError(f"{source} does not match the model: tensor {_to_file_key(key)} is missing")
+        weight = checkpoint.get(key).float()
+        if tuple(weight.shape) != (layer.n * layer.out_features, layer.in_features):
+            raise CheckpointError(f"{source}: tensor {_to_file_key(key)} has shape {tuple(weight.shape)}, the "
+                                  f"model expects {(layer.n * layer.out_features, layer.in_features)}")
+        fresh = QuantizedLinear.from_weight(weight, layer.bits, n=layer.n, group_size=group_size)
+        parts = {k: v.to(device) for k, v in fresh.state_dict().items()}
+    value = parts.pop(leaf)
+    if parts:
+        pending[name] = parts
+    return value
+
+
+def _check_quantized_dtypes(lm: LMModel, checkpoint: _LazyCheckpoint, source: Path, bits: int) -> None:
+    expected = torch.int8 if bits == 8 else torch.uint8
+    for name, module in lm.named_modules():
+        if isinstance(module, QuantizedLinear):
+            key = f"{name}.weight"
+            stored = checkpoint.dtype(key) if key in checkpoint else None
+            if stored is not None and stored != ("I8" if bits == 8 else "U8"):
+                raise CheckpointError(f"{source}: {_to_file_key(key)} is {stored}, not the {expected} of an "
+                                      f"int{bits} checkpoint (config.json and the weights disagree)")
+
+
+def save_quantized_lm(lm: LMModel, folder: str | Path, config: LMConfig | None = None) -> Path:
+    """Write a quantized LM as config.json + model.q8.safetensors (or .q4.)."""
+    bits = next((m.bits for m in lm.modules() if isinstance(m, QuantizedLinear)), None)
+    if bits is None:
+        raise ConfigError("the LM has no quantized layer: quantize it first (quantize_lm_)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    group = next(m.group_size for m in lm.modules() if isinstance(m, QuantizedLinear))
+    name = f"model.q{bits}.safetensors"
+    cfg = (config or lm.cfg).replace(moshi_name=name, lora=False, lora_name=None,
+                                     **quantization_config(bits, group))
+    save_safetensors(quantized_state_dict(lm), folder / name,
+                     metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group})})
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg.to_kyutai(), indent=2) + "\n")
+    return folder
+
+
+def copy_model_files(source: str | Path, folder: Path, cfg: LMConfig) -> None:
+    """Copy the non-LM files of a model folder (Mimi, tokenizer, Mimi config) next to a quantized LM."""
+    import shutil
+    model = ModelSource.around(source)
+    names = [(cfg.mimi_name, "Mimi weights"), (cfg.tokenizer_name, "text tokenizer")]
+    if cfg.mimi_config_name:
+        names.append((cfg.mimi_config_name, "Mimi config"))
+    for name, what in names:
+        if "/" in name or name.startswith("hf://"):
+            continue  # a reference to another repo stays a reference
+        shutil.copyfile(model.require(name, what), folder / name)

@@ -1,0 +1,292 @@
+"""Weight-only int8 / int4 linear layers, run by torch's packed integer matmul kernels.
+
+Formats (what a checkpoint stores, per linear weight W [N, K]):
+
+- int8, per output channel, Kyutai's (bitsandbytes) layout: `weight` int8 [N, K] and `weight_scb` float32 [N],
+  the absolute maximum of each row: W ~ weight * weight_scb / 127.
+- int4, groups of `group_size` (32) input columns, asymmetric: `weight` uint8 [N, K / 2] (column 2j in the high
+  nibble, 2j + 1 in the low one), `weight_scale` and `weight_zero` bfloat16 [N, K / group_size] (1/8 byte per weight):
+  W ~ (q - 8) * scale + zero, q in 0..15 (torch's int4 kernels' convention).
+
+Why bfloat16 activations: on CPU, torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are fast only
+with bfloat16 inputs (4096 x 4096, 1 vector, 2 Zen 4 threads: 1.5 ms int8 and 1.9 ms int4 in bfloat16, 15 ms
+and 27 ms in float32, against 5.5 ms for the float32 matmul). Scales and zeros are rounded to bfloat16 at
+quantization time, so the kernel applies exactly the stored ones. Inputs with many rows (prefill, offline
+chunks, training) are compute-bound: there the weight is dequantized once per call and multiplied in the
+input's dtype, which is then faster than the per-row kernels.
+
+Stacked per-step weights (the depth transformer's `in_proj` / `out_proj`, [n * N, K]) quantize row-wise,
+so each step's block is a slice of the same buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+BITS = (8, 4)
+INT4_GROUP = 32
+# Matmul rows up to which the integer kernels run (their time grows with each row; past this many rows a
+# dequantized weight and one float matmul is faster, measured on a 2-core Zen 4).
+MAX_KERNEL_ROWS = 16
+_INT4_INNER_K_TILES = 8  # CUDA tinygemm layout
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest bfloat16 value, kept in float32."""
+    return x.to(torch.bfloat16).float()
+
+
+def check_bits(bits: int) -> int:
+    from ..errors import ConfigError
+    if bits not in BITS:
+        raise ConfigError(f"unsupported quantization bit width {bits!r}: choose 8 (int8) or 4 (int4)")
+    return bits
+
+
+def quantizable(weight_shape: tuple[int, ...], bits: int, group_size: int = INT4_GROUP) -> bool:
+    """Whether a [N, K] weight fits the kernels: K a multiple of 8 (int8) or of the group size, N of 16 (int4)."""
+    n, k = weight_shape
+    if bits == 8:
+        return k % 8 == 0 and k >= 8
+    return k % group_size == 0 and k % 2 == 0 and n % 16 == 0
+
+
+# ---- quantize / dequantize (reference math, also used to build checkpoints)
+
+@torch.no_grad()
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (q int8 [N, K], scb float32 [N]); scb / 127 is a bfloat16 value, q in -127..127."""
+    w = weight.float()
+    scale = _bf16((w.abs().amax(dim=1) / 127).clamp(min=1e-8))
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale * 127
+
+
+def int8_scale(scb: torch.Tensor) -> torch.Tensor:
+    """Per-row multiplier of an int8 weight from its stored absolute maxima."""
+    return scb.float() / 127
+
+
+def dequantize_int8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * int8_scale(scb)[:, None]).to(dtype)
+
+
+@torch.no_grad()
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (packed uint8 [N, K / 2], scale bfloat16 [N, G], zero bfloat16 [N, G]), G = K / group_size."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = _bf16(((high - low) / 15).clamp(min=1e-8))
+    zero = _bf16(low + 8 * scale)
+    q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).view(n, k)
+    return pack_int4(q), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 [N, K] -> uint8 [N, K / 2], even columns in the high nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K / 2] -> values 0..15 uint8 [N, K]."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    groups = scale.shape[1]
+    w = (q.view(n, groups, -1) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+# ---- kernels
+
+class _Kernel:
+    """One weight block ready for torch's packed matmul on one device: x [M, K] -> [M, N] (x.dtype)."""
+
+    def __init__(self, bits: int, group_size: int, weight: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None) -> None:
+        self.bits, self.group_size = bits, group_size
+        self.device = weight.device
+        self.compute_dtype = torch.bfloat16  # the dtype the kernels are fast in (CPU) or need (CUDA int4)
+        with torch.no_grad():
+            if bits == 8:
+                self.weight = weight.contiguous()
+                self.scales = int8_scale(scale).to(self.compute_dtype).contiguous()
+            else:
+                assert zero is not None
+                self.scales = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).to(
+                    self.compute_dtype).contiguous()  # [G, N, 2]
+                if self.device.type == "cuda":
+                    self.weight = torch._convert_weight_to_int4pack(weight.contiguous(), _INT4_INNER_K_TILES)
+                else:
+                    self.weight = torch._convert_weight_to_int4pack_for_cpu(
+                        unpack_int4(weight).to(torch.int32), 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype).contiguous()
+        if self.bits == 8:
+            out = torch._weight_int8pack_mm(xc, self.weight, self.scales)
+        elif self.device.type == "cuda":
+            out = torch._weight_int4pack_mm(xc, self.weight, self.group_size, self.scales)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(xc, self.weight, self.group_size, self.scales)
+        return out.to(x.dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """Bias-optional linear layer with int8 or int4 weights; `n` > 1 stacks per-step weights [n * N, K].
+
+    forward(x [..., K]) -> [..., N] for n == 1; forward(x [B, T, K], indices) uses weight set indices[t] at
+    step t (the StackedLinear interface of nn/transformer.py).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = INT4_GROUP,
+                 bias: bool = False, n: int = 1, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        check_bits(bits)
+        self.in_features, self.out_features, self.n = in_features, out_features, n
+        self.bits, self.group_size = bits, group_size
+        rows = n * out_features
+        if bits == 8:
+            self.register_buffer("weight", torch.zeros(rows, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scb", torch.ones(rows, device=device))
+        else:
+            groups = in_features // group_size
+            self.register_buffer("weight", torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scale", torch.ones(rows, groups, dtype=torch.bfloat16, device=device))
+            self.register_buffer("weight_zero", torch.zeros(rows, groups, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        # follows the model's float dtype and device (model.to(...)): the dtype of the activations
+        self.register_buffer("activation_like", torch.empty(0, device=device), persistent=False)
+        self._kernels: list[_Kernel] | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int, bias: torch.Tensor | None = None, n: int = 1,
+                    group_size: int = INT4_GROUP) -> QuantizedLinear:
+        rows, in_features = weight.shape
+        module = cls(in_features, rows // n, bits, group_size, bias is not None, n, device="meta")
+        if bits == 8:
+            q, scb = quantize_int8(weight)
+            module.weight, module.weight_scb = q, scb
+        else:
+            packed, scale, zero = quantize_int4(weight, group_size)
+            module.weight, module.weight_scale, module.weight_zero = packed, scale, zero
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        module.activation_like = torch.empty(0, dtype=weight.dtype)
+        return module
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
+                + (f", n={self.n}" if self.n > 1 else ""))
+
+    def _load_from_state_dict(self, *args: tp.Any, **kwargs: tp.Any) -> None:
+        self._kernels = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(device) / .float(): keep integer data, rebuild kernels
+        self._kernels = None
+        return super()._apply(fn, recurse)
+
+    def _block(self, i: int) -> tuple[torch.Tensor, ...]:
+        rows = slice(i * self.out_features, (i + 1) * self.out_features)
+        if self.bits == 8:
+            return self.weight[rows], self.weight_scb[rows], None
+        return self.weight[rows], self.weight_scale[rows], self.weight_zero[rows]
+
+    def kernels(self) -> list[_Kernel]:
+        if self._kernels is None or self._kernels[0].device != self.weight.device:
+            self._kernels = [_Kernel(self.bits, self.group_size, *self._block(i)) for i in range(self.n)]
+        return self._kernels
+
+    def dequantized(self, i: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] of block i (for long inputs and for tests)."""
+        q, scale, zero = self._block(i)
+        if self.bits == 8:
+            return dequantize_int8(q, scale, dtype)
+        return dequantize_int4(q, scale, zero, dtype)
+
+    def _matmul(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if 0 < rows <= MAX_KERNEL_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+            out = self.kernels()[i](x.reshape(rows, self.in_features)).unflatten(0, x.shape[:-1])
+        else:
+            out = F.linear(x, self.dequantized(i, x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def forward(self, x: torch.Tensor, indices: list[int] | None = None) -> torch.Tensor:
+        if self.n == 1 or indices is None:
+            return self._matmul(x, 0)
+        if len(indices) == 1:
+            return self._matmul(x, indices[0])
+        return torch.cat([self._matmul(x[:, t:t + 1], i) for t, i in enumerate(indices)], dim=1)
+
+    def float_like(self) -> torch.Tensor:
+        """A tensor on this layer's device in the float dtype of its activations."""
+        return self.activation_like
+
+    def memory_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def _quantized(weight: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None = None,
+               n: int = 1) -> QuantizedLinear:
+    if weight.is_meta:  # structure only: a checkpoint of quantized tensors will be assigned into it
+        rows, in_features = weight.shape
+        return QuantizedLinear(in_features, rows // n, bits, group_size, bias is not None, n, device="meta")
+    module = QuantizedLinear.from_weight(weight, bits, bias, n, group_size)
+    return module.to(weight.device)
+
+
+@torch.no_grad()
+def quantize_modules_(root: nn.Module, bits: int, group_size: int = INT4_GROUP,
+                      skip: tp.Callable[[str], bool] | None = None) -> list[str]:
+    """Replace, in place, every linear weight under `root` by an int8 / int4 one; returns their names.
+
+    Covers nn.Linear, the transformers' stacked per-step `out_proj` (StackedLinear) and `in_proj_weight`.
+    Weights whose shape the kernels cannot take stay float (logged). `skip(name)` keeps a layer float.
+    On the meta device only the structure changes (to load a quantized checkpoint into).
+    """
+    from .transformer import Attention, StackedLinear
+    check_bits(bits)
+    done: list[str] = []
+
+    def fits(name: str, shape: tuple[int, ...]) -> bool:
+        if skip is not None and skip(name):
+            return False
+        if not quantizable(tuple(shape), bits, group_size):
+            logger.debug("%s %s stays float: the int%d kernels do not take this shape", name, tuple(shape), bits)
+            return False
+        return True
+
+    for prefix, module in list(root.named_modules()):
+        dot = prefix + "." if prefix else ""
+        for child_name, child in list(module.named_children()):
+            name = dot + child_name
+            if type(child) is nn.Linear and fits(name, child.weight.shape):
+                setattr(module, child_name, _quantized(child.weight, bits, group_size, child.bias))
+                done.append(name)
+            elif type(child) is StackedLinear and fits(name, child.weight.shape):
+                setattr(module, child_name, _quantized(child.weight, bits, group_size, n=child.n))
+                done.append(name)
+        if isinstance(module, Attention) and module.in_proj is None and fits(dot + "in_proj",
+                                                                              module.in_proj_weight.shape):
+            weight = module.in_proj_weight
+            del module.in_proj_weight
+            module.in_proj = _quantized(weight, bits, group_size, n=module.cfg.num_weight_sets)
+            done.append(dot + "in_proj")
+    return done
