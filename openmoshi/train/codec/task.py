@@ -227,6 +227,9 @@ class CodecTask:
             grad, norms = self.balancer.gradient(active, wav_hat)
             for k, n in norms.items():
                 out[f"grad_norm_{k}"] = n
+            # The balanced gradient is per item, O(1) whatever the batch: scaled so that averaging over
+            # processes and micro-batches sums over the global batch, as one process without accumulation does.
+            grad = grad * (env.dist.world_size * env.micro_batches)
             env.backward_tensors([wav_hat, side], [grad, None])
         else:
             env.backward(weighted + side)
