@@ -1,3 +1,5 @@
+import sys
+
 from openmoshi.cli.main import main
 
-raise SystemExit(main())
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics of trained models (codec quality now; LM and dialogue evaluations beside it)."""
