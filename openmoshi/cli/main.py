@@ -17,6 +17,9 @@ COMMANDS = {
     "serve": ("openmoshi.cli.serve", "real-time full-duplex server (websocket + web page)"),
     "client": ("openmoshi.cli.client", "talk to a server from the terminal or stream a file to it"),
     "data": ("openmoshi.cli.data", "prepare training data: synthesize, align, count, tokenizer, encode codes"),
+    "train": ("openmoshi.cli.train", "train a codec or LM (resumable, multi-process with torchrun)"),
+    "eval": ("openmoshi.cli.eval", "evaluate a trained codec or LM"),
+    "plot": ("openmoshi.cli.plot", "plot the curves of a training run folder"),
 }
 
 
