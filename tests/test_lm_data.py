@@ -14,7 +14,7 @@ from openmoshi.bundle import init_model, load_codec, load_tokenizer
 from openmoshi.cli.main import main
 from openmoshi.data.codes import CodeShards, codec_key, encode_channels
 from openmoshi.data.interleave import InterleaveConfig, parse_alignments, text_stream
-from openmoshi.data.lm_dataset import AudioLMDataset, TextLMDataset, epoch_order
+from openmoshi.data.lm_dataset import AudioLMDataset, TextLMDataset
 from openmoshi.data.sources import AudioItem, DataError, read_channels, read_manifest
 from openmoshi.lm.config import LMConfig
 
@@ -111,7 +111,7 @@ def test_encode_shards_keyed_by_codec(model, dialogue, tmp_path):
         CodeShards(out, other_key)
 
 
-def test_text_corpus_and_order(tmp_path):
+def test_text_corpus(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"the cat number {i} sat on the mat"}) for i in range(20)))
     tok = load_tokenizer(TOKENIZER)
@@ -120,8 +120,5 @@ def test_text_corpus_and_order(tmp_path):
     assert grid.shape == (17, 16) and (grid[1:] == -1).all()
     assert grid[0, :8].tolist() == tok.encode("the cat number 0 sat on the mat")[:8]
     assert data.bytes_per_token > 1
-    order = epoch_order(len(data), seed=3, epoch=0)
-    assert sorted(order) == list(range(len(data)))
-    assert order == epoch_order(len(data), 3, 0) and order != epoch_order(len(data), 3, 1)
     with pytest.raises(DataError):
         AudioLMDataset([AudioItem(tmp_path / "x.wav", 1.0)], LMConfig.tiny(), tok, 1.0)

@@ -5,7 +5,7 @@
     rows dep_q+1..    the user's audio: channel 1 of a dialogue; -1 (no input) for mono speech and text
 
 Crops are consecutive `duration`-second windows of every file (the last one zero-padded), indexed in manifest
-order; the training order is a seeded permutation of these indices (see `epoch_order`).
+order; the training core draws the order (openmoshi.train.data: seeded, sharded, resumable).
 """
 
 from __future__ import annotations
@@ -25,12 +25,6 @@ logger = logging.getLogger(__name__)
 
 # augment(user [1, samples], moshi [1, samples], sample_rate, generator) -> user [1, samples]
 UserAugment = Callable[[torch.Tensor, torch.Tensor, int, torch.Generator], torch.Tensor]
-
-
-def epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    """The sample order of an epoch: a permutation fixed by (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(size, generator=gen).tolist()
 
 
 class AudioLMDataset:
@@ -57,7 +51,7 @@ class AudioLMDataset:
     def __len__(self) -> int:
         return len(self.crops)
 
-    def _audio_codes(self, index: int, item: AudioItem, start: float) -> torch.Tensor:
+    def _audio_codes(self, item: AudioItem, start: float, gen: torch.Generator) -> torch.Tensor:
         """Codes of the crop, long [C, n_q_codec, frames] (C = 1 mono, 2 dialogue)."""
         if self.shards is not None:
             codes = self.shards.codes(item)
@@ -67,23 +61,29 @@ class AudioLMDataset:
         assert self.mimi is not None
         wav = read_channels(item.path, start, self.frames / self.frame_rate, self.sample_rate)
         if wav.shape[0] >= 2 and self.user_augment is not None:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             wav = torch.cat([wav[:1], self.user_augment(wav[1:2], wav[:1], self.sample_rate, gen), wav[2:]])
         return encode_channels(self.mimi, wav)[..., : self.frames]
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        return self.item(index)
+
+    def item(self, index: int, interleave: InterleaveConfig | None = None,
+             gen: torch.Generator | None = None) -> torch.Tensor:
+        """Crop `index` as a token grid; `interleave` overrides the stream settings (e.g. a jittered delay),
+        `gen` drives the user augmentation (default: seeded by the crop index)."""
         cfg = self.cfg
         item_index, start = self.crops[index]
         item = self.items[item_index]
-        codes = self._audio_codes(index, item, start)
+        gen = gen or torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        codes = self._audio_codes(item, start, gen)
         if codes.shape[0] > 2:
             raise DataError(f"{item.path} has {codes.shape[0]} channels: expected mono speech or a stereo "
                             "dialogue (channel 0 = Moshi, channel 1 = the user)")
         dialogue = codes.shape[0] == 2
         if item_index not in self._words:
             self._words = {item_index: item.words()}  # the alignments of the file being cropped
-        text = text_stream(self._words[item_index], self.tokenizer, start, self.frames, self.interleave,
-                           speakers="main" if dialogue else "all")
+        text = text_stream(self._words[item_index], self.tokenizer, start, self.frames,
+                           interleave or self.interleave, speakers="main" if dialogue else "all")
         grid = torch.full((cfg.num_codebooks, self.frames), NO_TOKEN, dtype=torch.long)
         grid[0] = torch.tensor(text)
         grid[1:1 + cfg.dep_q] = codes[0, : cfg.dep_q]

@@ -1,0 +1,1 @@
+"""Evaluation of trained models (codec, LM, dialogue)."""
