@@ -62,8 +62,8 @@ def test_dialogue_grid_rows(model, dialogue):
     assert len(data) == 4 and data.frames == 20  # two 1.6 s crops per file
     grid = data[1]  # talk.wav from 1.6 s: "there" at crop time 0 on channel 0
     assert grid.shape == (17, 20) and grid.dtype == torch.long
-    codes = encode_channels(mimi, read_channels(items[0].path, 1.6, 1.6))
-    assert torch.equal(grid[1:9], codes[0, :8]) and torch.equal(grid[9:], codes[1, :8])
+    codes = encode_channels(mimi, read_channels(items[0].path, 1.6, 1.68))  # one frame more: the user's is ahead
+    assert torch.equal(grid[1:9], codes[0, :8, :20]) and torch.equal(grid[9:], codes[1, :8, 1:21])
     words = parse_alignments(json.loads(items[0].alignments_path.read_text()))
     expected = text_stream(words, tok, 1.6, 20, InterleaveConfig(), speakers="main")
     assert grid[0].tolist() == expected and expected[:2] == tok.encode("there")[:2]
@@ -102,7 +102,7 @@ def test_encode_shards_keyed_by_codec(model, dialogue, tmp_path):
     whole = encode_channels(mimi, read_channels(item.path))
     assert torch.equal(shards.codes(item), whole)
     data = AudioLMDataset([item], LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, shards=shards)
-    assert torch.equal(data[1][1:9], whole[0, :8, 20:40])
+    assert torch.equal(data[1][1:9], whole[0, :8, 20:40]) and torch.equal(data[1][9:], whole[1, :8, 21:41])
     # another codec (other weights) has another key, and finds no codes here
     other = init_model("tiny", tmp_path / "other", seed=2)
     other_key = codec_key(load_codec(other))

@@ -4,6 +4,15 @@
     rows 1..dep_q     Moshi's audio: channel 0 of a dialogue, the only channel of mono speech
     rows dep_q+1..    the user's audio: channel 1 of a dialogue; -1 (no input) for mono speech and text
 
+The user's rows are one frame ahead: column t holds the user's frame t + 1 (`user_shift`). That is what
+generation feeds: Kyutai's LMGen (and openmoshi's Generator) gives the model the user's frame t at the same
+step as Moshi's own tokens of frame t - 1, where a plain teacher-forced forward would give frame t - 1:
+
+    step s of the model          0        1        2        3
+    Moshi's tokens fed           init     frame 0  frame 1  frame 2
+    user's tokens fed (gen)      init     frame 1  frame 2  frame 3     <- user_shift = 1 reproduces this
+    user's tokens fed (shift 0)  init     frame 0  frame 1  frame 2     (moshi-finetune's layout)
+
 Crops are consecutive `duration`-second windows of every file (the last one zero-padded), indexed in manifest
 order; the training core draws the order (openmoshi.train.data: seeded, sharded, resumable).
 """
@@ -33,7 +42,7 @@ class AudioLMDataset:
     def __init__(self, items: list[AudioItem], cfg: LMConfig, tokenizer, duration: float,
                  interleave: InterleaveConfig | None = None, mimi: Mimi | None = None,
                  shards: CodeShards | None = None, user_augment: UserAugment | None = None,
-                 frame_rate: float = 12.5, sample_rate: int = 24_000, seed: int = 0) -> None:
+                 frame_rate: float = 12.5, sample_rate: int = 24_000, seed: int = 0, user_shift: int = 1) -> None:
         if mimi is None and shards is None:
             raise DataError("audio data needs a codec (the model's Mimi) or precomputed codes")
         if mimi is not None and mimi.num_codebooks < max(cfg.dep_q, cfg.n_user):
@@ -44,6 +53,9 @@ class AudioLMDataset:
             frame_rate=frame_rate, pad_id=cfg.existing_text_padding_id, epad_id=cfg.existing_text_end_padding_id)
         self.mimi, self.shards, self.user_augment, self.seed = mimi, shards, user_augment, seed
         self.frame_rate, self.sample_rate = frame_rate, sample_rate
+        if user_shift < 0:
+            raise DataError(f"user_shift must be >= 0, got {user_shift}")
+        self.user_shift = user_shift
         self.frames = frames_of(duration, frame_rate)
         self.crops = [(i, start) for i, item in enumerate(items) for start in crop_starts(item.duration, duration)]
         self._words: dict[int, list] = {}
@@ -52,17 +64,18 @@ class AudioLMDataset:
         return len(self.crops)
 
     def _audio_codes(self, item: AudioItem, start: float, gen: torch.Generator) -> torch.Tensor:
-        """Codes of the crop, long [C, n_q_codec, frames] (C = 1 mono, 2 dialogue)."""
+        """Codes from the crop's first frame, long [C, n_q_codec, frames + user_shift] (C = 1 mono, 2 dialogue)."""
+        length = self.frames + self.user_shift
         if self.shards is not None:
             codes = self.shards.codes(item)
             first = round(start * self.frame_rate)
-            codes = codes[..., first:first + self.frames]
-            return torch.nn.functional.pad(codes, (0, self.frames - codes.shape[-1]), value=NO_TOKEN)
+            codes = codes[..., first:first + length]
+            return torch.nn.functional.pad(codes, (0, length - codes.shape[-1]), value=NO_TOKEN)
         assert self.mimi is not None
-        wav = read_channels(item.path, start, self.frames / self.frame_rate, self.sample_rate)
+        wav = read_channels(item.path, start, length / self.frame_rate, self.sample_rate)
         if wav.shape[0] >= 2 and self.user_augment is not None:
             wav = torch.cat([wav[:1], self.user_augment(wav[1:2], wav[:1], self.sample_rate, gen), wav[2:]])
-        return encode_channels(self.mimi, wav)[..., : self.frames]
+        return encode_channels(self.mimi, wav)[..., :length]
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.item(index)
@@ -86,9 +99,9 @@ class AudioLMDataset:
                            interleave or self.interleave, speakers="main" if dialogue else "all")
         grid = torch.full((cfg.num_codebooks, self.frames), NO_TOKEN, dtype=torch.long)
         grid[0] = torch.tensor(text)
-        grid[1:1 + cfg.dep_q] = codes[0, : cfg.dep_q]
+        grid[1:1 + cfg.dep_q] = codes[0, : cfg.dep_q, : self.frames]
         if dialogue and cfg.n_user:
-            grid[1 + cfg.dep_q:] = codes[1, : cfg.n_user]
+            grid[1 + cfg.dep_q:] = codes[1, : cfg.n_user, self.user_shift:self.user_shift + self.frames]
         return grid
 
 

@@ -265,7 +265,7 @@ class LMTask:
                                       keep_and_shift=self.cfg.data.keep_and_shift)
         return AudioLMDataset(items, self.lm.cfg, self.tokenizer, self.cfg.data.duration, interleave,
                               mimi=None if shards else self.mimi, shards=shards, user_augment=self.user_augment,
-                              seed=self.cfg.train.seed)
+                              seed=self.cfg.train.seed, user_shift=self.cfg.data.user_shift)
 
     def _text_dataset(self, sources: list[str]) -> TextLMDataset:
         from ...data.sources import read_text_documents
