@@ -86,7 +86,7 @@ def test_user_augmentation_hook_changes_only_the_user_channel(model, dialogue):
     plain = AudioLMDataset(items, LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, mimi=mimi)
     aug = AudioLMDataset(items, LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, mimi=mimi, user_augment=louder)
     a, b = plain[0], aug[0]
-    assert calls == [((1, 38_400), (1, 38_400), 24_000)]
+    assert calls == [((1, 40_320), (1, 40_320), 24_000)]  # the crop and one frame more (the user's is ahead)
     assert torch.equal(a[:9], b[:9]) and not torch.equal(a[9:], b[9:])
     assert torch.equal(aug[0], b)  # seeded: the same crop gets the same augmentation
 
@@ -102,7 +102,8 @@ def test_encode_shards_keyed_by_codec(model, dialogue, tmp_path):
     whole = encode_channels(mimi, read_channels(item.path))
     assert torch.equal(shards.codes(item), whole)
     data = AudioLMDataset([item], LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, shards=shards)
-    assert torch.equal(data[1][1:9], whole[0, :8, 20:40]) and torch.equal(data[1][9:], whole[1, :8, 21:41])
+    assert torch.equal(data[1][1:9], whole[0, :8, 20:40]) and torch.equal(data[1][9:, :19], whole[1, :8, 21:40])
+    assert (data[1][9:, 19] == -1).all()  # the user's frame after the end of the file: no input
     # another codec (other weights) has another key, and finds no codes here
     other = init_model("tiny", tmp_path / "other", seed=2)
     other_key = codec_key(load_codec(other))
