@@ -33,11 +33,13 @@ class LMLossConfig:
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position cross-entropy and argmax hits: logits [..., V], targets [...] -> ([...], [...] bool)."""
-    logits = torch.where(mask.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
-    safe = torch.where(mask, targets, torch.zeros_like(targets))
-    ce = F.cross_entropy(logits.flatten(0, -2).float(), safe.flatten(), reduction="none").view(targets.shape)
-    hits = (logits.argmax(-1) == targets) & mask
+    """Per-position cross-entropy and argmax hits: logits [..., V], targets [...] -> ([...], [...] bool), zero
+    where mask is False. Only the valid rows go through the softmax (masked ones may hold NaN)."""
+    rows = logits[mask]  # [N, V]
+    ce_rows = F.cross_entropy(rows.float(), targets[mask], reduction="none")
+    ce = torch.zeros(mask.shape, dtype=ce_rows.dtype, device=logits.device).masked_scatter(mask, ce_rows)
+    with torch.no_grad():
+        hits = torch.zeros_like(mask).masked_scatter(mask, rows.argmax(-1) == targets[mask])
     return ce, hits
 
 
