@@ -56,6 +56,7 @@ class QuantizedResult:
     bandwidth: torch.Tensor  # scalar, kbit/s for the levels used
     penalty: torch.Tensor | None = None  # commitment loss, mean over the levels used (0 in eval)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    semantic: torch.Tensor | None = None  # [B, D_out, T], the semantic branch's output alone (distillation)
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -170,14 +171,17 @@ class SplitResidualVectorQuantizer(nn.Module):
         return out
 
     def forward(
-        self, x: torch.Tensor, frame_rate: float, generator: torch.Generator | None = None
+        self, x: torch.Tensor, frame_rate: float, generator: torch.Generator | None = None,
+        unquantized: torch.Tensor | None = None, n_acoustic: int | None = None,
     ) -> QuantizedResult:
         """Quantizes x [B, D_in, T]; in training mode this is the learning step of the codebooks.
 
         Training: k-means init, EMA updates and dead-code replacement of the codebooks, straight-through
         output, commitment loss, quantizer dropout (cfg.q_dropout, acoustic levels only) and, with
         probability 1 - cfg.quantization_rate per sequence, the unquantized latent as output.
-        `generator` drives all the randomness (default: torch's global RNG).
+        `generator` drives all the randomness (default: torch's global RNG). A trainer may make the two
+        draws itself: `unquantized` (bool [B], true = pass the latent through) replaces the per-sequence
+        quantization-rate draw and `n_acoustic` the dropout draw of the number of acoustic levels.
         """
         self._check_input(x)
         if x.shape[-1] == 0:
@@ -185,11 +189,17 @@ class SplitResidualVectorQuantizer(nn.Module):
         batch = x.shape[0]
         rng_device = generator.device if generator is not None else x.device
         n_rest = self.rvq_rest.n_q
-        if self.training and self.cfg.q_dropout and n_rest > 0:
+        if self.training and n_acoustic is not None:
+            if not 0 <= n_acoustic <= n_rest:
+                raise ValueError(f"n_acoustic must be in 0..{n_rest}, got {n_acoustic}")
+            n_rest = n_acoustic
+        elif self.training and self.cfg.q_dropout and n_rest > 0:
             n_rest = int(torch.randint(1, n_rest + 1, (1,), generator=generator, device=rng_device).item())
         branches = [(self.rvq_first, self.n_q_semantic)] + ([(self.rvq_rest, n_rest)] if n_rest > 0 else [])
         keep_rows = None  # [B * T, 1], true where the decoder gets the unquantized latent
-        if self.training and self.cfg.quantization_rate < 1.0:
+        if self.training and unquantized is not None:
+            keep_rows = unquantized.to(device=x.device, dtype=torch.bool).repeat_interleave(x.shape[-1])[:, None]
+        elif self.training and self.cfg.quantization_rate < 1.0:
             draw = torch.rand(batch, generator=generator, device=rng_device).to(x.device)
             # One draw per sequence, shared by both branches: a sequence is either all quantized or not at all.
             keep_rows = (draw >= self.cfg.quantization_rate).repeat_interleave(x.shape[-1])[:, None]
@@ -197,10 +207,12 @@ class SplitResidualVectorQuantizer(nn.Module):
         out, codes, losses, metrics = None, [], [], {}
         sums: dict[str, torch.Tensor] = {}
         level = 0
+        semantic = None
         for branch, n_q in branches:
             latent, res = branch.quantize(x, n_q, generator)
             flat = res.quantized if keep_rows is None else torch.where(keep_rows, latent, res.quantized)
             y = branch.project_out(flat, batch)
+            semantic = y if semantic is None else semantic
             out = y if out is None else out + y
             codes.append(res.codes.view(n_q, batch, -1).transpose(0, 1))
             losses.append(res.commit_losses)
@@ -218,4 +230,5 @@ class SplitResidualVectorQuantizer(nn.Module):
             bandwidth=bandwidth.to(x.dtype),
             penalty=torch.cat(losses).mean(),
             metrics=metrics,
+            semantic=semantic,
         )

@@ -17,6 +17,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +26,25 @@ from ..nn import fast
 # torch.cdist computes exact pairwise differences when both sides have at most this many rows and its
 # matmul formulation otherwise. We follow the same switch so that codes match it bit for bit.
 _CDIST_EXACT_MAX_ROWS = 25
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every training process (rank order), so codebook updates see the global batch."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _sum_over_processes_(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
 
 def _sample_rows(samples: torch.Tensor, num: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -176,7 +196,11 @@ class EMACodebook(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Initialises the codebook by k-means on x [N, dim] and marks it initialised."""
+        """Initialises the codebook by k-means on x [N, dim] and marks it initialised.
+
+        Under torch.distributed, k-means runs on the rows of every process (same generator state on each).
+        """
+        x = _gather_rows(x)
         means, sizes = kmeans(x.to(self.embedding_sum.dtype), self.bins, self.kmeans_iters, generator)
         self.embedding_sum.copy_(means * sizes[:, None])
         self.cluster_usage.copy_(sizes)
@@ -199,7 +223,7 @@ class EMACodebook(nn.Module):
         uniform_usage = self.cluster_usage.sum() / self.bins
         dead = self.cluster_usage < self.threshold_usage_ratio * uniform_usage
         new_usage = self.replaced_usage_ratio * uniform_usage
-        fresh = _sample_rows(x.to(self.embedding_sum.dtype), self.bins, generator)
+        fresh = _sample_rows(_gather_rows(x).to(self.embedding_sum.dtype), self.bins, generator)
         self.embedding_sum.copy_(torch.where(dead[:, None], new_usage * fresh, self.embedding_sum))
         self.cluster_usage.copy_(torch.where(dead, new_usage, self.cluster_usage))
         return dead.float().mean()
@@ -207,9 +231,10 @@ class EMACodebook(nn.Module):
     @torch.no_grad()
     def ema_update(self, x: torch.Tensor, codes: torch.Tensor) -> None:
         """Moves usage and sums towards this batch's assignments of x [N, dim] to codes [N]."""
-        counts = torch.bincount(codes, minlength=self.bins).to(self.cluster_usage.dtype)
+        counts = _sum_over_processes_(torch.bincount(codes, minlength=self.bins).to(self.cluster_usage.dtype))
         self.cluster_usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         sums = torch.zeros_like(self.embedding_sum).index_add_(0, codes, x.to(self.embedding_sum.dtype))
+        _sum_over_processes_(sums)
         self.embedding_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
 
     def usage_entropy(self) -> torch.Tensor:

@@ -1,1 +1,1 @@
-"""Evaluation of trained models (codec, LM, dialogue)."""
+"""Evaluation: metrics of trained models (codec quality now; LM and dialogue evaluations beside it)."""
