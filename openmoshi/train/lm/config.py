@@ -43,6 +43,8 @@ class LMDataSection:
     delay_jitter: float = 0.0  # text-audio delay drawn uniformly in [-x, x] seconds per item
     text_mask_prob: float = 0.0  # probability that an item's text stream is hidden (no input, no target)
     keep_and_shift: bool = False  # stream builder: queue overlapping words instead of cutting the previous one
+    augment_user: bool = False  # augment the user channel before encoding (openmoshi.data.augment: gain, noise,
+    #                             reverb, echo of Moshi); needs on-the-fly encoding
     user_shift: int = 1  # the user's codes one frame ahead, as generation feeds them (0 = moshi-finetune's)
     eval_items: int = 8  # items evaluated at each evaluation
 

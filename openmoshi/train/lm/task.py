@@ -168,11 +168,30 @@ def collate(items: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, bool]
     return torch.stack([grid for grid, _ in items]), kinds.pop()
 
 
+def default_user_augment(seed: int) -> UserAugment:
+    """openmoshi.data.augment's user-channel augmentation (gain -24..+15 dB, noise, reverb, echo of Moshi's
+    channel) as a dataset hook."""
+    try:
+        from ...data.augment import UserAugmenter  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ConfigError("data.augment_user needs openmoshi.data.augment, which this build lacks") from exc
+    augmenter = UserAugmenter(seed=seed)
+
+    def augment(user: torch.Tensor, moshi: torch.Tensor, sample_rate: int, gen: torch.Generator) -> torch.Tensor:
+        index = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        out, _ = augmenter(torch.cat([moshi, user]), index=index)
+        return out[1:2]
+
+    return augment
+
+
 class LMTask:
     """`openmoshi train lm`: see openmoshi/train/__init__.py for the contract."""
 
     def __init__(self, cfg: LMTrainConfig, user_augment: UserAugment | None = None) -> None:
         self.cfg = cfg
+        if user_augment is None and cfg.data.augment_user:
+            user_augment = default_user_augment(cfg.train.seed)
         self.user_augment = user_augment
         frames = math.ceil(cfg.data.duration * 12.5 - 1e-6)
         self.throughput_unit = ("frames", float(frames))
@@ -256,6 +275,8 @@ class LMTask:
         items = [it for s in sources for it in read_manifest(s)]
         shards = None
         if self.cfg.data.codes:
+            if self.user_augment is not None:
+                raise ConfigError("user augmentation happens before encoding: drop --codes to use it")
             assert self.mimi is not None
             shards = CodeShards(self.cfg.data.codes, codec_key(self.mimi))
         if self.mimi is None:
