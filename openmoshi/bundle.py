@@ -82,17 +82,10 @@ def generation_defaults(cfg: LMConfig) -> dict:
     return out
 
 
-def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quantize: int | None = None) -> MoshiBundle:
-    """Load a model folder or `hf://owner/repo` (Kyutai's layout) with everything needed to talk to it.
-
-    quantize=8 or 4: int8 / int4 LM weights (lm/quantized.py), quantized while loading unless the folder
-    already holds them; Mimi's transformers then run in int8.
-    """
+def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMConfig | None = None) -> Mimi:
+    """The Mimi of a model folder, using as many codebooks as the LM reads per audio stream."""
     model = ModelSource(source)
-    cfg, _ = read_config(source)
-    if cfg.model_type not in ("moshi", "hibiki", "stt", "tts"):
-        raise ConfigError(f"{source}: unknown model_type {cfg.model_type!r}")
+    cfg = cfg or read_config(source)[0]
     n_codebooks = max(cfg.dep_q, cfg.n_q - cfg.dep_q)
     if cfg.tts_config.get("multistream"):
         n_codebooks //= 2
@@ -104,7 +97,21 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
         except ValueError as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
     mimi_path = model.require(cfg.mimi_name, "Mimi weights")
-    mimi = load_mimi(mimi_path, num_codebooks=n_codebooks, device=device, config=mimi_cfg)
+    return load_mimi(mimi_path, num_codebooks=n_codebooks, device=device, config=mimi_cfg)
+
+
+def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               quantize: int | None = None) -> MoshiBundle:
+    """Load a model folder or `hf://owner/repo` (Kyutai's layout) with everything needed to talk to it.
+
+    quantize=8 or 4: int8 / int4 LM weights (lm/quantized.py), quantized while loading unless the folder
+    already holds them; Mimi's transformers then run in int8.
+    """
+    model = ModelSource(source)
+    cfg, _ = read_config(source)
+    if cfg.model_type not in ("moshi", "hibiki", "stt", "tts"):
+        raise ConfigError(f"{source}: unknown model_type {cfg.model_type!r}")
+    mimi = load_codec(source, device, cfg)
     tokenizer = load_tokenizer(model.require(cfg.tokenizer_name, "text tokenizer"))
     if tokenizer.get_piece_size() > cfg.text_card:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.get_piece_size()} pieces but the LM's "

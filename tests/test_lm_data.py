@@ -1,0 +1,125 @@
+"""LM training data: manifests and alignments in moshi-finetune's format, crops, token grids, codec-keyed shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from dialogue_utils import make_dialogue
+from openmoshi.bundle import init_model, load_codec, load_tokenizer
+from openmoshi.cli.main import main
+from openmoshi.data.codes import CodeShards, codec_key, encode_channels
+from openmoshi.data.interleave import InterleaveConfig, parse_alignments, text_stream
+from openmoshi.data.lm_dataset import AudioLMDataset, TextLMDataset
+from openmoshi.data.sources import AudioItem, DataError, read_channels, read_manifest
+from openmoshi.lm.config import LMConfig
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "openmoshi" / "lm" / "assets" / "tokenizer_tiny.model"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return init_model("tiny", tmp_path_factory.mktemp("model") / "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def dialogue(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("dialogue")
+    manifest, _ = make_dialogue(folder, "talk", moshi=[("hello", 0.32), ("there", 1.6)],
+                                user=[("yes", 1.0), ("okay", 2.4)], duration=3.2)
+    # a mono file in the same manifest: speech of one stream, every speaker's words in the text
+    wav, _ = sf.read(folder / "talk.wav", dtype="float32")
+    sf.write(folder / "mono.wav", wav[:, 0], 24_000)
+    (folder / "mono.json").write_text((folder / "talk.json").read_text())
+    with manifest.open("a") as f:
+        f.write(json.dumps({"path": "mono.wav", "duration": 3.2}) + "\n")
+    return manifest
+
+
+def test_manifest_and_channels(dialogue):
+    items = read_manifest(dialogue)
+    assert [i.path.name for i in items] == ["talk.wav", "mono.wav"]
+    assert read_manifest(dialogue.parent)[0].path == items[0].path  # a folder of manifests
+    wav = read_channels(items[0].path, start=0.8, duration=3.2)
+    assert wav.shape == (2, int(3.2 * 24_000))
+    assert wav[:, int(2.4 * 24_000):].abs().max() == 0  # zero-padded past the file's end
+    with pytest.raises(DataError, match="duration"):
+        bad = dialogue.parent / "bad.jsonl"
+        bad.write_text('{"path": "talk.wav"}\n')
+        read_manifest(bad)
+
+
+def test_dialogue_grid_rows(model, dialogue):
+    mimi = load_codec(model)
+    cfg = LMConfig.tiny()
+    tok = load_tokenizer(TOKENIZER)
+    items = read_manifest(dialogue)
+    data = AudioLMDataset(items, cfg, tok, duration=1.6, mimi=mimi)
+    assert len(data) == 4 and data.frames == 20  # two 1.6 s crops per file
+    grid = data[1]  # talk.wav from 1.6 s: "there" at crop time 0 on channel 0
+    assert grid.shape == (17, 20) and grid.dtype == torch.long
+    codes = encode_channels(mimi, read_channels(items[0].path, 1.6, 1.68))  # one frame more: the user's is ahead
+    assert torch.equal(grid[1:9], codes[0, :8, :20]) and torch.equal(grid[9:], codes[1, :8, 1:21])
+    words = parse_alignments(json.loads(items[0].alignments_path.read_text()))
+    expected = text_stream(words, tok, 1.6, 20, InterleaveConfig(), speakers="main")
+    assert grid[0].tolist() == expected and expected[:2] == tok.encode("there")[:2]
+    # the user's "okay" (channel 1, 0.8 s into the crop) is not in Moshi's text
+    assert expected != text_stream(words, tok, 1.6, 20, InterleaveConfig(), speakers="all")
+    mono = data[2]  # mono speech: no user audio, every speaker's words
+    assert (mono[9:] == -1).all()
+    assert mono[0].tolist() == text_stream(words, tok, 0.0, 20, InterleaveConfig(), speakers="all")
+
+
+def test_user_augmentation_hook_changes_only_the_user_channel(model, dialogue):
+    mimi = load_codec(model)
+    items = read_manifest(dialogue)[:1]
+    calls = []
+
+    def louder(user, moshi, sample_rate, gen):
+        calls.append((user.shape, moshi.shape, sample_rate))
+        return torch.randn(user.shape, generator=gen)  # the user buried in loud noise
+
+    plain = AudioLMDataset(items, LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, mimi=mimi)
+    aug = AudioLMDataset(items, LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, mimi=mimi, user_augment=louder)
+    a, b = plain[0], aug[0]
+    assert calls == [((1, 40_320), (1, 40_320), 24_000)]  # the crop and one frame more (the user's is ahead)
+    assert torch.equal(a[:9], b[:9]) and not torch.equal(a[9:], b[9:])
+    assert torch.equal(aug[0], b)  # seeded: the same crop gets the same augmentation
+
+
+def test_encode_shards_keyed_by_codec(model, dialogue, tmp_path):
+    out = tmp_path / "codes"
+    assert main(["data", "encode", "--model", str(model), "--data", str(dialogue), "--out", str(out),
+                 "--quiet"]) == 0
+    mimi = load_codec(model)
+    key = codec_key(mimi)
+    shards = CodeShards(out, key)
+    item = read_manifest(dialogue)[0]
+    whole = encode_channels(mimi, read_channels(item.path))
+    assert torch.equal(shards.codes(item), whole)
+    data = AudioLMDataset([item], LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, shards=shards)
+    assert torch.equal(data[1][1:9], whole[0, :8, 20:40]) and torch.equal(data[1][9:, :19], whole[1, :8, 21:40])
+    assert (data[1][9:, 19] == -1).all()  # the user's frame after the end of the file: no input
+    # another codec (other weights) has another key, and finds no codes here
+    other = init_model("tiny", tmp_path / "other", seed=2)
+    other_key = codec_key(load_codec(other))
+    assert other_key != key
+    with pytest.raises(DataError, match="other codecs"):
+        CodeShards(out, other_key)
+
+
+def test_text_corpus(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"the cat number {i} sat on the mat"}) for i in range(20)))
+    tok = load_tokenizer(TOKENIZER)
+    data = TextLMDataset.from_path(corpus, LMConfig.tiny(), tok, frames=16)
+    grid = data[0]
+    assert grid.shape == (17, 16) and (grid[1:] == -1).all()
+    assert grid[0, :8].tolist() == tok.encode("the cat number 0 sat on the mat")[:8]
+    assert data.bytes_per_token > 1
+    with pytest.raises(DataError):
+        AudioLMDataset([AudioItem(tmp_path / "x.wav", 1.0)], LMConfig.tiny(), tok, 1.0)
