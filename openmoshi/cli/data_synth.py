@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--script-file", type=Path, default=None,
                         help='JSONL of dialogues {"turns": [{"speaker": "moshi"|"user", "text": ...}], '
                              '"split"?: ...} used instead of the built-in topics')
+    parser.add_argument("--exchanges", default="2,5",
+                        help="MIN,MAX topic exchanges per built-in dialogue (between a greeting and a goodbye)")
     parser.add_argument("--user-voices", type=int, default=48, help="number of distinct user voices")
     parser.add_argument("--moshi-voice", default=MOSHI_VOICE,
                         help="Moshi's one voice, ENGINE:NAME[:pPITCH][:rRATE][:gRANGE]")
@@ -62,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     if dialogues is None:
         dialogues = (sum(1 for line in args.script_file.read_text().splitlines() if line.strip())
                      if args.script_file and args.script_file.is_file() else 100)
-    cfg = SynthConfig(dialogues=dialogues, seed=args.seed,
+    try:
+        low, high = (int(x) for x in args.exchanges.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--exchanges {args.exchanges!r}: expected MIN,MAX such as 2,5") from exc
+    cfg = SynthConfig(dialogues=dialogues, seed=args.seed, exchanges=(low, high),
                       topics=tuple(t.strip() for t in args.topics.split(",") if t.strip()),
                       script_file=str(args.script_file.resolve()) if args.script_file else None,
                       user_voices=args.user_voices, moshi_voice=args.moshi_voice,

@@ -35,7 +35,7 @@ class Word:
     speaker: str
 
     def to_json(self) -> list:
-        return [self.text, [round(self.start, 4), round(self.end, 4)], self.speaker]
+        return [self.text, [round(self.start, 5), round(self.end, 5)], self.speaker]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

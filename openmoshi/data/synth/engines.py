@@ -1,4 +1,4 @@
-"""Speech synthesizers with exact word timings: espeak-ng (in process, word events) and festival (segment times).
+"""Speech synthesizers with exact word timings: espeak-ng (libespeak-ng word events) and festival (segment times).
 
 A synthesizer turns one chunk of text (a clause without inner punctuation pauses) into 24 kHz mono audio plus
 each word's [start, end] in seconds. The times come from the synthesizer itself: espeak-ng reports the sample at
@@ -9,11 +9,12 @@ next word starts), which moves a boundary to the first or last sample the synthe
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
+import json
 import logging
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -113,8 +114,10 @@ def _finish(audio: np.ndarray, rate: int, spans: list[tuple[str, int, int]]) -> 
     if not words:
         raise SynthesisError(f"the synthesizer produced only silence for {' '.join(s[0] for s in spans)!r}")
     first, last = words[0][1], words[-1][2]
-    audio24 = to_24k(audio[first:last], rate)
     scale = SAMPLE_RATE / rate
+    audio24 = to_24k(audio[first:last], rate)
+    length = round((last - first) * scale)  # the polyphase filter may give one sample more
+    audio24 = np.pad(audio24[:length], (0, max(0, length - len(audio24))))
     out_words = []
     for text, start, end in words:
         s = round((start - first) * scale) / SAMPLE_RATE
@@ -123,84 +126,66 @@ def _finish(audio: np.ndarray, rate: int, spans: list[tuple[str, int, int]]) -> 
     return Speech(audio24, out_words)
 
 
-# --- espeak-ng, in process through libespeak-ng's synchronous API -----------------------------------------------
+# --- espeak-ng: libespeak-ng word events, in a fresh process per batch (see _espeak_process.py) ----------------
 
-class _EspeakEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
-                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+_ESPEAK_SCRIPT = Path(__file__).with_name("_espeak_process.py")
 
 
-_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                             ctypes.POINTER(_EspeakEvent))
-_EVENT_WORD, _EVENT_LIST_END = 1, 0
-_RATE, _PITCH, _RANGE = 1, 3, 4  # espeak_PARAMETER ids
-_AUDIO_OUTPUT_SYNCHRONOUS, _INIT_DONT_EXIT = 0x02, 0x8000
+@lru_cache(maxsize=1)
+def espeak_available() -> bool:
+    return ctypes.util.find_library("espeak-ng") is not None
 
 
-class EspeakEngine:
-    """libespeak-ng loaded once per process; `speak` returns audio and each word's start sample."""
+def _espeak_spans(words: list[str], text: str, events: list[list[int]], total: int) -> list[tuple[str, int, int]]:
+    """Each word's sample span: from its word event to the next word's (the last runs to the end)."""
+    offsets, pos = [], 0  # 1-based character positions of each word, as espeak-ng reports them
+    for w in words:
+        offsets.append(len(text[:pos].encode()) + 1)
+        pos += len(w) + 1
+    starts: list[int | None] = []
+    for k, off in enumerate(offsets):
+        nxt = offsets[k + 1] if k + 1 < len(offsets) else 1 << 30
+        hits = [sample for p, sample in events if off <= p < nxt]
+        starts.append(min(hits) if hits else None)
+    spans: list[tuple[str, int, int]] = []
+    for k, w in enumerate(words):
+        if starts[k] is None:  # no event for this word (rare): it is spoken within the previous word's span
+            if spans:
+                spans[-1] = (f"{spans[-1][0]} {w}", spans[-1][1], spans[-1][2])
+                continue
+            starts[k] = 0
+        end = next((s for s in starts[k + 1:] if s is not None), total)
+        spans.append((w, starts[k], end))
+    return spans
 
-    def __init__(self) -> None:
-        path = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
-        try:
-            self._lib = ctypes.CDLL(path)
-        except OSError as exc:
-            raise SynthesisError("libespeak-ng is not installed; install it (Debian/Ubuntu: apt-get install "
-                                 "espeak-ng) or use festival voices only") from exc
-        self.rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, None, _INIT_DONT_EXIT)
-        if self.rate <= 0:
-            raise SynthesisError("libespeak-ng failed to initialise (is espeak-ng-data installed?)")
-        self._chunks: list[np.ndarray] = []
-        self._events: list[tuple[int, int]] = []
-        self._callback = _CALLBACK(self._on_audio)  # keep a reference: the C side holds the pointer
-        self._lib.espeak_SetSynthCallback(self._callback)
-        self._lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
 
-    def _on_audio(self, wav, count, events) -> int:
-        if wav and count > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, (count,)).copy())
-        i = 0
-        while events[i].type != _EVENT_LIST_END:
-            if events[i].type == _EVENT_WORD:
-                self._events.append((events[i].text_position, events[i].sample))
-            i += 1
-        return 0
-
-    def synthesize(self, words: list[str], voice: Voice) -> Speech:
-        if self._lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
-            raise SynthesisError(f"espeak-ng has no voice {voice.name!r} (see `espeak-ng --voices`)")
-        for param, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.range)):
-            self._lib.espeak_SetParameter(param, int(value), 0)
-        text = " ".join(words)
-        data = text.encode()
-        offsets, pos = [], 0  # 1-based character positions of each word, as espeak reports them
-        for w in words:
-            offsets.append(len(text[:pos].encode()) + 1)
-            pos += len(w) + 1
-        self._chunks, self._events = [], []
-        self._lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 0, None, None)
-        self._lib.espeak_Synchronize()
-        if not self._chunks:
-            raise SynthesisError(f"espeak-ng produced no audio for {text!r}")
-        audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0
-        # first word event at or after each word's first character: the sample where that word starts
-        starts: list[int | None] = []
-        for k, off in enumerate(offsets):
-            nxt = offsets[k + 1] if k + 1 < len(offsets) else 1 << 30
-            hits = [s for p, s in self._events if off <= p < nxt]
-            starts.append(min(hits) if hits else None)
-        spans: list[tuple[str, int, int]] = []
-        for k, w in enumerate(words):
-            if starts[k] is None:  # no event for this word (rare): it is spoken within the previous word's span
-                if spans:
-                    spans[-1] = (f"{spans[-1][0]} {w}", spans[-1][1], spans[-1][2])
-                    continue
-                starts[k] = 0
-            end = next((s for s in starts[k + 1:] if s is not None), len(audio))
-            spans.append((w, starts[k], end))
-        return _finish(audio, self.rate, spans)
+def espeak_synthesize(jobs: list[tuple[list[str], Voice]]) -> list[Speech]:
+    """Synthesize every (words, voice) job in one fresh espeak-ng process, in order."""
+    if not jobs:
+        return []
+    if not espeak_available():
+        raise SynthesisError("libespeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
+    payload = [{"text": " ".join(words), "voice": v.name, "rate": v.rate, "pitch": v.pitch, "range": v.range}
+               for words, v in jobs]
+    proc = subprocess.run([sys.executable, str(_ESPEAK_SCRIPT)], input=json.dumps(payload).encode(),
+                          capture_output=True, timeout=600)
+    data, pos, out = proc.stdout, 0, []
+    for (words, voice), job in zip(jobs, payload):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            raise SynthesisError(f"espeak-ng stopped early: {proc.stderr.decode(errors='replace')[-400:]}")
+        header = json.loads(data[pos:nl])
+        if "fatal" in header:
+            raise SynthesisError(header["fatal"] + "; install espeak-ng (apt-get install espeak-ng)")
+        if header["error"]:
+            raise SynthesisError(header["error"])
+        n = header["samples"]
+        audio = np.frombuffer(data[nl + 1:nl + 1 + 2 * n], dtype="<i2").astype(np.float32) / 32768.0
+        pos = nl + 1 + 2 * n
+        if n == 0:
+            raise SynthesisError(f"espeak-ng produced no audio for {job['text']!r}")
+        out.append(_finish(audio, header["rate"], _espeak_spans(words, job["text"], header["words"], n)))
+    return out
 
 
 # --- festival, one batch process per list of chunks --------------------------------------------------------------
@@ -282,18 +267,19 @@ class FestivalEngine:
             return out
 
 
-class Synthesizer:
-    """Both engines behind one call; espeak-ng is loaded lazily, once per process."""
-
-    def __init__(self) -> None:
-        self._espeak: EspeakEngine | None = None
-        self._festival = FestivalEngine()
-
-    def synthesize_many(self, chunks: list[list[str]], voice: Voice) -> list[Speech]:
-        if voice.engine == "espeak":
-            if self._espeak is None:
-                self._espeak = EspeakEngine()
-            return [self._espeak.synthesize(words, voice) for words in chunks]
-        if voice.engine == "festival":
-            return self._festival.synthesize_many(chunks, voice) if chunks else []
-        raise SynthesisError(f"unknown synthesis engine {voice.engine!r} (espeak or festival)")
+def synthesize(jobs: list[tuple[list[str], Voice]]) -> list[Speech]:
+    """Synthesize (words, voice) jobs, results in order: espeak-ng jobs in one fresh process, festival jobs in one
+    process per voice."""
+    out: list[Speech | None] = [None] * len(jobs)
+    espeak = [i for i, (_, v) in enumerate(jobs) if v.engine == "espeak"]
+    for i, speech in zip(espeak, espeak_synthesize([jobs[i] for i in espeak])):
+        out[i] = speech
+    festival = FestivalEngine()
+    for name in sorted({v.key for _, v in jobs if v.engine == "festival"}):
+        idx = [i for i, (_, v) in enumerate(jobs) if v.key == name]
+        for i, speech in zip(idx, festival.synthesize_many([jobs[i][0] for i in idx], jobs[idx[0]][1])):
+            out[i] = speech
+    unknown = [v.engine for _, v in jobs if v.engine not in ("espeak", "festival")]
+    if unknown:
+        raise SynthesisError(f"unknown synthesis engine {unknown[0]!r} (espeak or festival)")
+    return [s for s in out if s is not None]

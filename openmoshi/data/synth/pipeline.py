@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ..format import atomic_write_bytes, atomic_write_json, write_alignments, write_manifest
-from .engines import Speech, Synthesizer, Voice
+from .engines import Speech, Voice, synthesize
 from .mixing import render, wav_bytes, words_of
 from .scripts import MOSHI, TOPICS, USER, Dialogue, chunk_text, generate_dialogue, load_jsonl_dialogues
 from .turns import PlannedTurn, TurnTaking, plan
@@ -60,6 +60,9 @@ class SynthConfig:
         if not self.engines or set(self.engines) - {"espeak", "festival"}:
             raise ConfigError(f"engines must be espeak and/or festival, not {self.engines}")
         Voice.parse(self.moshi_voice)
+        if not 1 <= self.exchanges[0] <= self.exchanges[1]:
+            raise ConfigError(f"exchanges {self.exchanges}: need 1 <= MIN <= MAX")
+        self.exchanges = (int(self.exchanges[0]), int(self.exchanges[1]))
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -98,7 +101,6 @@ class DialogueMaker:
         self.bank: VoiceBank = make_voice_bank(cfg.user_voices, cfg.seed, cfg.fractions, cfg.moshi_voice,
                                                cfg.engines)
         self.scripts = load_jsonl_dialogues(Path(cfg.script_file)) if cfg.script_file else None
-        self.synth = Synthesizer()
         import scipy.signal  # noqa: F401  (slow first import: once here, before workers fork)
 
     def script(self, index: int) -> tuple[str, Dialogue]:
@@ -117,13 +119,13 @@ class DialogueMaker:
         split, dialogue = self.script(index)
         user_voice = self.user_voice(index, split)
         voices = {MOSHI: self.bank.moshi, USER: user_voice}
-        # all clauses of a speaker in one synthesizer call (festival starts once per speaker and dialogue)
+        # every clause of the dialogue in one call: one fresh synthesizer process per engine and voice
         per_turn = [chunk_text(t.text) for t in dialogue.turns]
         bc_words = [w.split() for w in self.cfg.turn_taking.backchannels]
-        speech: dict[str, list[Speech]] = {}
-        for who in (MOSHI, USER):
-            chunks = [c for turn, cs in zip(dialogue.turns, per_turn) if turn.speaker == who for c in cs]
-            speech[who] = self.synth.synthesize_many(chunks + bc_words, voices[who])
+        chunks = {who: [c for turn, cs in zip(dialogue.turns, per_turn) if turn.speaker == who for c in cs]
+                  + bc_words for who in (MOSHI, USER)}
+        results = synthesize([(c, voices[who]) for who in (MOSHI, USER) for c in chunks[who]])
+        speech: dict[str, list[Speech]] = {MOSHI: results[:len(chunks[MOSHI])], USER: results[len(chunks[MOSHI]):]}
         taken = {MOSHI: 0, USER: 0}
         turns = []
         for turn, cs in zip(dialogue.turns, per_turn):
