@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import read_speech
+
 from openmoshi.cli.main import main
 from openmoshi.data.align import AlignError, make_aligner
 

@@ -13,7 +13,7 @@ from openmoshi.data.augment import AugmentConfig, UserAugmenter, coloured_noise,
 from openmoshi.errors import ConfigError
 
 SR = 24_000
-OFF = dict(gain_prob=0.0, noise_prob=0.0, reverb_prob=0.0, echo_prob=0.0)
+OFF = {"gain_prob": 0.0, "noise_prob": 0.0, "reverb_prob": 0.0, "echo_prob": 0.0}
 
 
 def _stereo(seconds: float = 2.0) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_echo_of_moshi_at_reported_delay_and_level():
     n = 1 << (2 * len(moshi)).bit_length()
     corr = np.fft.irfft(np.fft.rfft(added, n) * np.conj(np.fft.rfft(moshi, n)), n)[:int(0.35 * SR)]
     assert abs(int(np.argmax(corr)) - info.echo_delay * SR) <= 1
-    shift = int(round(info.echo_delay * SR))
+    shift = round(info.echo_delay * SR)
     gain = np.dot(added[shift:], moshi[:-shift]) / np.dot(moshi[:-shift], moshi[:-shift])
     assert _db(gain) == pytest.approx(info.echo_db, abs=0.01)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -12,21 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_utils import read_contract_manifest, rms
 
-from openmoshi.data.format import SPEAKER_MAIN, SPEAKER_USER
+from openmoshi.data.format import SPEAKER_MAIN, SPEAKER_USER, Word
 from openmoshi.data.stats import turn_taking
-from openmoshi.data.format import Word
 from openmoshi.data.synth.engines import Speech, Voice, festival_voices, synthesize
 from openmoshi.data.synth.pipeline import SynthConfig, synthesize_dataset
 from openmoshi.data.synth.scripts import FACTS, MOSHI, USER, fact_split
 from openmoshi.data.synth.turns import Duration, PlannedTurn, TurnTaking, plan
 from openmoshi.errors import ConfigError
 
-from data_utils import read_contract_manifest, rms
-
 REPO = Path(__file__).resolve().parents[1]
 SR = 24_000
-SPLIT_CFG = dict(seed=3, user_voices=12, valid_fraction=0.25, test_fraction=0.25, exchanges=(2, 3))
+SPLIT_CFG = {"seed": 3, "user_voices": 12, "valid_fraction": 0.25, "test_fraction": 0.25, "exchanges": (2, 3)}
 
 
 @pytest.fixture(scope="session")
@@ -94,14 +93,14 @@ def test_word_timings_match_speech_energy(synth_set):
                 words = sorted((w for w in it["words"] if w[3] == speaker), key=lambda w: w[1])
                 mask = np.zeros(len(sig), dtype=bool)
                 for _, s, e, _ in words:
-                    mask[int(round(s * SR)):int(round(e * SR))] = True
+                    mask[round(s * SR):round(e * SR)] = True
                 speech = rms(sig[mask])
                 for text, s, e, _ in words:
-                    assert rms(sig[int(round(s * SR)):int(round(e * SR))]) > 0.1 * speech, (it["name"], text)
+                    assert rms(sig[round(s * SR):round(e * SR)]) > 0.1 * speech, (it["name"], text)
                 # energy outside this speaker's words: a millionth-scale remainder of trimmed edges
                 assert np.sum(sig[~mask] ** 2) < 1e-4 * np.sum(sig ** 2), it["name"]
-                for a, b in zip(words, words[1:]):
-                    lo, hi = int(round(a[2] * SR)) + 3, int(round(b[1] * SR)) - 3
+                for a, b in itertools.pairwise(words):
+                    lo, hi = round(a[2] * SR) + 3, round(b[1] * SR) - 3
                     if hi - lo > 48:  # a gap of 2 ms or more between two words of one speaker
                         assert rms(sig[lo:hi]) < 0.05 * speech, (it["name"], a[0], b[0])
 
@@ -142,7 +141,7 @@ def test_missing_festival_degrades_to_espeak(monkeypatch):
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
-    cfg = dict(dialogues=2, user_voices=6, exchanges=(1, 2))
+    cfg = {"dialogues": 2, "user_voices": 6, "exchanges": (1, 2)}
     synthesize_dataset(tmp_path / "a", SynthConfig(seed=5, **cfg))
     synthesize_dataset(tmp_path / "b", SynthConfig(seed=5, **cfg), workers=2)
     synthesize_dataset(tmp_path / "c", SynthConfig(seed=6, **cfg))
@@ -201,6 +200,7 @@ def test_user_jsonl_dialogues(tmp_path):
         synthesize_dataset(tmp_path / "bad", SynthConfig(dialogues=1, script_file=str(bad)))
 
 
+@pytest.mark.slow
 def test_turn_taking_distributions_match_configuration(tmp_path):
     """Measured (from the written alignments) gaps, pauses and overlaps follow the configured distributions."""
     from scipy.stats import ks_2samp
@@ -255,7 +255,7 @@ def test_interruptions_and_backchannels():
         cuts += counts["interruption"]
         for who in (MOSHI, USER):
             own = sorted((s.start, s.end) for s in segments if s.speaker == who)
-            assert all(b[0] >= a[1] for a, b in zip(own, own[1:])), "a channel overlaps itself"
+            assert all(b[0] >= a[1] for a, b in itertools.pairwise(own)), "a channel overlaps itself"
         assert total >= max(s.end for s in segments)
         moshi_words = [w for s in segments if s.speaker == MOSHI and s.kind == "speech" for w in s.speech.words]
         for k in (0, 2, 4):  # Moshi's turns: a prefix of the script, then the user's turn k+1 starts

@@ -95,8 +95,8 @@ class WhisperTimestampedAligner:
 
     def words(self, audio: np.ndarray) -> list[tuple[str, float, float]]:
         temps = self.temperatures if len(self.temperatures) > 1 else self.temperatures[0]
-        kwargs = dict(language=self.language, vad="auditok" if self.vad else False, verbose=None,
-                      temperature=temps)
+        kwargs = {"language": self.language, "vad": "auditok" if self.vad else False, "verbose": None,
+                      "temperature": temps}
         if self.beam_size > 1:
             kwargs.update(beam_size=self.beam_size, best_of=self.beam_size)
         result = self._wt.transcribe(self._model, audio.astype(np.float32), **kwargs)
@@ -206,7 +206,7 @@ def align_folder(root: Path, aligner: Aligner, overwrite: bool = False, main_onl
                                                                 "duration": round(duration, 4)}})
                 err.unlink(missing_ok=True)
                 counts["aligned"] += 1
-            except Exception as exc:  # one bad file must not stop a long run: record it and go on
+            except Exception as exc:  # noqa: BLE001  (one bad file must not stop a long run: record it, go on)
                 logger.warning("%s: %s", path, exc)
                 atomic_write_bytes(err, f"{type(exc).__name__}: {exc}\n".encode())
                 counts["failed"] += 1

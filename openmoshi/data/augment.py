@@ -157,7 +157,7 @@ class UserAugmenter:
         if do_echo:
             applied.echo_delay = uniform(cfg.echo_delay)
             applied.echo_db = uniform(cfg.echo_db)
-            shift = int(round(applied.echo_delay * SAMPLE_RATE))
+            shift = round(applied.echo_delay * SAMPLE_RATE)
             echo = torch.zeros_like(moshi)
             if shift < length:
                 echo[shift:] = moshi[:length - shift]

@@ -114,7 +114,7 @@ class DatasetStats:
             row = {}
             for who in [*speakers, "all"]:
                 vals = np.array(self.events.values(kind, None if who == "all" else who))
-                row[who] = {"count": int(len(vals)), "per_minute": round(len(vals) / minutes, 3) if minutes else 0.0,
+                row[who] = {"count": len(vals), "per_minute": round(len(vals) / minutes, 3) if minutes else 0.0,
                             "mean": round(float(vals.mean()), 4) if len(vals) else None,
                             "median": round(float(np.median(vals)), 4) if len(vals) else None,
                             "total_share": round(float(vals.sum()) / (minutes * 60), 4) if minutes else 0.0}
@@ -188,7 +188,10 @@ def _meta(path: Path) -> dict | None:
 
 def plot_histograms(stats: DatasetStats, out_dir: Path) -> list[Path]:
     """One PNG per event kind: duration histograms, one colour per speaker."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise OpenMoshiError("histograms need matplotlib: pip install matplotlib (or openmoshi[data])") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

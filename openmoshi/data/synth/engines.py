@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +167,7 @@ def espeak_synthesize(jobs: list[tuple[list[str], Voice]]) -> list[Speech]:
         raise SynthesisError("libespeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
     payload = [{"text": " ".join(words), "voice": v.name, "rate": v.rate, "pitch": v.pitch, "range": v.range}
                for words, v in jobs]
-    proc = subprocess.run([sys.executable, str(_ESPEAK_SCRIPT)], input=json.dumps(payload).encode(),
+    proc = subprocess.run([sys.executable, str(_ESPEAK_SCRIPT)], check=False, input=json.dumps(payload).encode(),
                           capture_output=True, timeout=600)
     data, pos, out = proc.stdout, 0, []
     for (words, voice), job in zip(jobs, payload):
@@ -214,13 +214,13 @@ def festival_available() -> bool:
     return shutil.which("festival") is not None
 
 
-@lru_cache(maxsize=None)
+@cache
 def festival_voices() -> tuple[str, ...]:
     """Installed festival voices (empty when festival is absent)."""
     if not festival_available():
         return ()
-    out = subprocess.run(["festival", "--batch", "(format t \"%l\\n\" (voice.list))"], capture_output=True,
-                         text=True, timeout=60).stdout.strip()
+    out = subprocess.run(["festival", "--batch", "(format t \"%l\\n\" (voice.list))"], check=False,
+                         capture_output=True, text=True, timeout=60).stdout.strip()
     return tuple(sorted(out.strip("()").split())) if out else ()
 
 
@@ -240,7 +240,7 @@ class FestivalEngine:
                           _FESTIVAL_SCRIPT]
             script = Path(tmp) / "run.scm"
             script.write_text("\n".join(lines) + "\n")
-            proc = subprocess.run(["festival", "--batch", str(script)], capture_output=True, text=True,
+            proc = subprocess.run(["festival", "--batch", str(script)], check=False, capture_output=True, text=True,
                                   timeout=600)
             if proc.returncode != 0 or "C\t" not in proc.stdout:
                 raise SynthesisError(f"festival failed with voice {voice.name!r}: {proc.stderr.strip()[-400:]}")
@@ -262,7 +262,7 @@ class FestivalEngine:
                 spoken = [t[0] for t in tokens.get(i, [])]
                 # festival drops nothing it was given when every token carried speech: keep our spelling then
                 names = words if len(toks) == len(words) == len(spoken) else [t[0] for t in toks]
-                spans = [(name, int(round(s * rate)), int(round(e * rate))) for name, (_, s, e) in zip(names, toks)]
+                spans = [(name, round(s * rate), round(e * rate)) for name, (_, s, e) in zip(names, toks)]
                 out.append(_finish(audio, rate, spans))
             return out
 

@@ -101,7 +101,10 @@ class DialogueMaker:
         self.bank: VoiceBank = make_voice_bank(cfg.user_voices, cfg.seed, cfg.fractions, cfg.moshi_voice,
                                                cfg.engines)
         self.scripts = load_jsonl_dialogues(Path(cfg.script_file)) if cfg.script_file else None
-        import scipy.signal  # noqa: F401  (slow first import: once here, before workers fork)
+        try:
+            import scipy.signal  # noqa: F401  (slow first import: once here, before workers fork)
+        except ImportError as exc:
+            raise ConfigError("data synth resamples with scipy: pip install scipy (or openmoshi[data])") from exc
 
     def script(self, index: int) -> tuple[str, Dialogue]:
         if self.scripts is not None:

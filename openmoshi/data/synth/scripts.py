@@ -170,20 +170,20 @@ def topic_smalltalk(rng: np.random.Generator, split: str, fractions: dict[str, f
 
 
 _INSTRUCTIONS = [
-    ("How do I make a cup of tea?", "First, boil some water. Then put a tea bag in a cup, pour the water, and wait "
-                                    "three minutes. Finally, take out the bag and add milk if you like."),
-    ("How do I plant a seed?", "Fill a pot with soil, press the seed a little into it, and water it gently. Keep it "
-                               "in a sunny place and water it every few days."),
-    ("How can I fall asleep faster?", "Try to go to bed at the same time every day. Avoid screens for an hour "
-                                      "before bed, and keep your room dark and cool."),
-    ("How do I boil an egg?", "Put the egg in a pot of cold water and bring it to a boil. Then let it cook for "
-                              "about eight minutes and cool it in cold water."),
+    ("How do I make a cup of tea?", ("First, boil some water. Then put a tea bag in a cup, pour the water, and wait "
+                                    "three minutes. Finally, take out the bag and add milk if you like.")),
+    ("How do I plant a seed?", ("Fill a pot with soil, press the seed a little into it, and water it gently. Keep it "
+                               "in a sunny place and water it every few days.")),
+    ("How can I fall asleep faster?", ("Try to go to bed at the same time every day. Avoid screens for an hour "
+                                      "before bed, and keep your room dark and cool.")),
+    ("How do I boil an egg?", ("Put the egg in a pot of cold water and bring it to a boil. Then let it cook for "
+                              "about eight minutes and cool it in cold water.")),
     ("Can you count to five?", "Sure. One, two, three, four, five."),
     ("Can you count to ten?", "Of course. One, two, three, four, five, six, seven, eight, nine, ten."),
     ("How do you spell cat?", "Cat is spelled C, A, T."),
     ("How do you spell dog?", "Dog is spelled D, O, G."),
-    ("Give me a tip to stay focused.", "Work for twenty-five minutes, then take a short break. Put your phone in "
-                                       "another room while you work."),
+    ("Give me a tip to stay focused.", ("Work for twenty-five minutes, then take a short break. Put your phone in "
+                                       "another room while you work.")),
 ]
 
 

@@ -109,7 +109,7 @@ class PlannedTurn:
 
 
 def _sec(x: float) -> int:
-    return int(round(x * 24_000))
+    return round(x * 24_000)
 
 
 def _truncate(speech: Speech, word_index: int) -> Speech:
