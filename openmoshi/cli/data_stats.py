@@ -1,0 +1,53 @@
+"""Statistics of a dialogue data set (moshi-finetune format): hours, dialogues, voices, words per minute, the
+share of text-stream frames that hold padding, and turn-taking as in the Moshi paper's Table 9 (IPU, pause,
+gap, overlap: count per minute, mean and median duration) per channel, with PNG histograms.
+
+  openmoshi data stats synth/                 # a folder of manifests (or of wav + json)
+  openmoshi data stats synth/train.jsonl --json --plots plots/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data.stats import EVENTS, IPU_SILENCE, dataset_stats, plot_histograms
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", type=Path, help="data set folder (with *.jsonl manifests) or one manifest")
+    parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    parser.add_argument("--plots", type=Path, default=None, help="write histograms (PNG) into this folder")
+    parser.add_argument("--ipu-silence", type=float, default=IPU_SILENCE,
+                        help="silence (s) that separates two IPUs of a speaker (Table 9 uses 0.2)")
+
+
+def run(args: argparse.Namespace) -> int:
+    stats = dataset_stats(args.data, args.ipu_silence)
+    summary = stats.summary()
+    if args.plots is not None:
+        summary["plots"] = [str(p) for p in plot_histograms(stats, args.plots)]
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{summary['dialogues']} dialogues, {summary['hours']:.3f} hours"
+          + (f" (splits: {summary['splits']})" if summary["splits"] else ""))
+    if summary["voices"]:
+        print("voices: " + ", ".join(f"{role} {n}" for role, n in summary["voices"].items()))
+    for speaker, wpm in summary["words_per_minute"].items():
+        print(f"{speaker}: {summary['words'][speaker]} words, {wpm:.1f} per minute of dialogue, "
+              f"{summary['words_per_minute_of_speech'][speaker]:.1f} per minute of own speech")
+    if summary["text_pad_fraction"] is not None:
+        print(f"text stream (SPEAKER_MAIN, 12.5 Hz): {100 * summary['text_pad_fraction']:.1f} % of frames are padding")
+    speakers = [s for s in next(iter(summary["turn_taking"].values()))]
+    print(f"\n{'event':8s} {'speaker':14s} {'count':>7s} {'/min':>7s} {'mean s':>7s} {'median':>7s}")
+    for kind in EVENTS:
+        for who in speakers:
+            row = summary["turn_taking"][kind][who]
+            mean = f"{row['mean']:.3f}" if row["mean"] is not None else "-"
+            median = f"{row['median']:.3f}" if row["median"] is not None else "-"
+            print(f"{kind:8s} {who:14s} {row['count']:7d} {row['per_minute']:7.2f} {mean:>7s} {median:>7s}")
+    for p in summary.get("plots", []):
+        print(f"wrote {p}")
+    return 0
