@@ -16,6 +16,7 @@ COMMANDS = {
     "infer": ("openmoshi.cli.infer", "run Moshi on recordings: answers as audio and transcripts"),
     "serve": ("openmoshi.cli.serve", "real-time full-duplex server (websocket + web page)"),
     "client": ("openmoshi.cli.client", "talk to a server from the terminal or stream a file to it"),
+    "transcribe": ("openmoshi.cli.transcribe", "speech to text with an stt model: timed words, txt/json/srt/vtt"),
 }
 
 

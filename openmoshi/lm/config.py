@@ -199,6 +199,22 @@ class LMConfig:
                    depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=int(4.125 * 32),
                    tokenizer_name="tokenizer_tiny.model")
 
+    @classmethod
+    def stt_1b(cls) -> LMConfig:
+        """kyutai/stt-1b-en_fr: 32 audio streams in, text out 0.5 s behind, 4 end-of-speech heads."""
+        return cls(dim=2048, num_heads=16, num_layers=16, context=750, max_period=100_000.0, text_card=8000,
+                   n_q=32, dep_q=0, delays=[0] * 33, extra_heads_num_heads=4, extra_heads_dim=6,
+                   model_type="stt", mimi_name="mimi-pytorch-e351c8d8@125.safetensors",
+                   tokenizer_name="tokenizer_en_fr_audio_8000.model",
+                   stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+                   lm_gen_config={"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50})
+
+    @classmethod
+    def tiny_stt(cls) -> LMConfig:
+        """stt-1b's structure at toy size with the bundled 1000-piece tokenizer, for tests."""
+        return cls.stt_1b().replace(dim=64, num_heads=4, num_layers=2, context=250, text_card=1000,
+                                    tokenizer_name="tokenizer_tiny.model", mimi_name=MIMI_NAME)
+
     def replace(self, **changes: Any) -> LMConfig:
         return dataclasses.replace(self, **changes)
 
@@ -307,4 +323,5 @@ def tiny() -> LMConfig:
     return LMConfig.tiny()
 
 
-PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny}
+PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny, "stt_1b": LMConfig.stt_1b,
+           "tiny_stt": LMConfig.tiny_stt}
