@@ -71,6 +71,12 @@ class LMConfig:
     depformer_layer_scale: float | None = None
     depformer_kv_repeat: int = 1
     depformer_context: int | None = 8  # kept for round trips: the depth transformer always sees its whole frame
+    # TTS features: two text streams muxed into one token, low-rank depth embeddings, conditioning
+    demux_second_text_stream: bool = False
+    depformer_low_rank_embeddings: int | None = None
+    conditioners: dict = field(default_factory=dict)  # Kyutai's layout, see openmoshi.lm.conditioners
+    fuser: dict = field(default_factory=dict)  # {"sum": [names], "cross": [names], "cross_attention_pos_emb": ..}
+    cross_attention: bool = False  # cross-attention to the "cross" conditions in every temporal layer
     # small heads on the temporal transformer output (e.g. voice-activity heads of the STT models)
     extra_heads_num_heads: int = 0
     extra_heads_dim: int = 6
@@ -158,6 +164,14 @@ class LMConfig:
                 need(min(schedule) >= 0, "depformer_weights_per_step_schedule holds a negative index")
             if self.depformer_weights_per_step:
                 need(self.depformer_gating != "none", "depformer_weights_per_step needs a gated MLP")
+        if self.conditioners or self.fuser or self.cross_attention:
+            from .conditioners import check_condition_spec
+            check_condition_spec(self.conditioners, self.fuser)
+            need(self.cross_attention == bool(self.fuser.get("cross")),
+                 "cross_attention must be true exactly when the fuser has 'cross' conditions")
+            need(not self.cross_attention or self.kv_repeat == 1, "cross-attention needs kv_repeat = 1")
+        need(self.depformer_low_rank_embeddings is None or self.depformer_low_rank_embeddings > 0,
+             "depformer_low_rank_embeddings must be a positive integer")
 
     # ---- transformer configs
     def temporal_config(self) -> TransformerConfig:
@@ -166,7 +180,7 @@ class LMConfig:
             dim_feedforward=int(self.hidden_scale * self.dim), causal=self.causal, context=self.context,
             norm=self.norm, layer_scale=self.layer_scale, gating=self.gating,
             positional_embedding=self.positional_embedding, max_period=self.max_period, kv_repeat=self.kv_repeat,
-            checkpointing=self.gradient_checkpointing)
+            checkpointing=self.gradient_checkpointing, cross_attention=self.cross_attention)
 
     def depth_config(self) -> TransformerConfig:
         # The depth transformer restarts at every frame and sees all of it (Kyutai drops depformer_context).
@@ -228,7 +242,8 @@ class LMConfig:
                 continue
             if f.name in ("lm_gen_config", "tts_config", "stt_config", "model_id") and not value:
                 continue
-            if f.name == "gradient_checkpointing" and not value:
+            if f.name in ("gradient_checkpointing", "demux_second_text_stream", "conditioners", "fuser",
+                          "cross_attention") and not value:
                 continue
             out[f.name] = list(value) if isinstance(value, list) else value
         return out
@@ -287,15 +302,10 @@ class LMConfig:
 
 # Optional fields left out of config.json when unset.
 _OPTIONAL_OUT = {"text_card_out", "depformer_weights_per_step_schedule", "depformer_norm", "mimi_config_name",
-                 "lora_name", "depformer_context", "context"}
+                 "lora_name", "depformer_context", "context", "depformer_low_rank_embeddings"}
 
 # Features of Kyutai's LM that openmoshi does not implement, with the test that a value actually uses them.
 _UNSUPPORTED = {
-    "conditioners": bool,
-    "fuser": bool,
-    "cross_attention": bool,
-    "demux_second_text_stream": bool,
-    "depformer_low_rank_embeddings": lambda v: v is not None,
     "norm_emb": bool,
     "quantize": bool,
 }
