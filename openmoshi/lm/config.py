@@ -229,6 +229,39 @@ class LMConfig:
         return cls.stt_1b().replace(dim=64, num_heads=4, num_layers=2, context=250, text_card=1000,
                                     tokenizer_name="tokenizer_tiny.model", mimi_name=MIMI_NAME)
 
+    @classmethod
+    def tts_1_6b(cls) -> LMConfig:
+        """kyutai/tts-1.6b-en_fr's structure: 32 generated codebooks, text demuxed with a lookahead stream, voice by
+        cross-attention, guidance distilled into a `cfg` condition, audio 1.28 s behind the text."""
+        lut = {"type": "lut", "lut": {"n_bins": 2, "dim": 16, "tokenizer": "noop", "possible_values": ["ok", "bad"]}}
+        cfg_lut = {"type": "lut", "lut": {"n_bins": 7, "dim": 16, "tokenizer": "noop",
+                                          "possible_values": ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]}}
+        return cls(dim=2048, num_heads=16, num_layers=16, context=500, text_card=8000, n_q=32, dep_q=32,
+                   delays=[0, 0] + [2] * 31, depformer_dim=1024, depformer_num_heads=16, depformer_num_layers=4,
+                   depformer_dim_feedforward=3072, depformer_low_rank_embeddings=128,
+                   depformer_weights_per_step_schedule=[0, 1, 2, 3, 4, 5, 6, 7] + [8] * 8 + [9] * 16,
+                   demux_second_text_stream=True, cross_attention=True,
+                   conditioners={"control": lut, "cfg": cfg_lut,
+                                 "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}}},
+                   fuser={"sum": ["control", "cfg"], "cross": ["speaker_wavs"], "cross_attention_pos_emb": True,
+                          "cross_attention_pos_emb_scale": 1.0},
+                   model_type="tts", tokenizer_name="tokenizer_spm_8k_en_fr_audio.model",
+                   tts_config={"audio_delay": 1.28, "second_stream_ahead": 2}, model_id={"sig": "tiny", "epoch": 0},
+                   lm_gen_config={"temp": 0.6, "temp_text": 0.6, "top_k": 250, "top_k_text": 50})
+
+    @classmethod
+    def tiny_tts(cls) -> LMConfig:
+        """tts-1.6b's structure at toy size (8 codebooks, 4 shared depth weight sets, voices of width 32)."""
+        base = cls.tts_1_6b()
+        conditioners = dict(base.conditioners, speaker_wavs={"type": "tensor", "tensor": {"dim": 32}})
+        return base.replace(dim=64, num_heads=4, num_layers=2, context=250, text_card=1000, n_q=8, dep_q=8,
+                            delays=[0, 0] + [2] * 7, depformer_dim=32, depformer_num_heads=2,
+                            depformer_num_layers=1, depformer_dim_feedforward=int(4.125 * 32),
+                            depformer_low_rank_embeddings=16,
+                            depformer_weights_per_step_schedule=[0, 1, 2, 2, 3, 3, 3, 3], conditioners=conditioners,
+                            tokenizer_name="tokenizer_tiny.model",
+                            tts_config={"audio_delay": 0.32, "second_stream_ahead": 2})
+
     def replace(self, **changes: Any) -> LMConfig:
         return dataclasses.replace(self, **changes)
 
@@ -334,4 +367,4 @@ def tiny() -> LMConfig:
 
 
 PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny, "stt_1b": LMConfig.stt_1b,
-           "tiny_stt": LMConfig.tiny_stt}
+           "tiny_stt": LMConfig.tiny_stt, "tts_1_6b": LMConfig.tts_1_6b, "tiny_tts": LMConfig.tiny_tts}
