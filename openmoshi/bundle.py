@@ -138,6 +138,7 @@ PRESETS = {
     "tiny-stt": (LMConfig.tiny_stt, _mimi_tiny_32, "tokenizer_tiny.model"),
     "tts-1.6b": (LMConfig.tts_1_6b, mimi_official, None),
     "tiny-tts": (LMConfig.tiny_tts, mimi_tiny, "tokenizer_tiny.model"),
+    "tiny-hibiki": (LMConfig.tiny_hibiki, mimi_tiny, "tokenizer_tiny.model"),
 }
 
 

@@ -3,6 +3,7 @@
   openmoshi init --preset tiny tiny-moshi     # ~0.5 M parameters, runs anywhere, babbles (random weights)
   openmoshi init --preset tiny-stt tiny-stt   # speech-to-text structure of kyutai/stt-1b-en_fr, toy size
   openmoshi init --preset tiny-tts tiny-tts   # text-to-speech structure of kyutai/tts-1.6b-en_fr, toy size
+  openmoshi init --preset tiny-hibiki tiny-h  # speech translation structure of kyutai/hibiki, toy size
   openmoshi init --preset bench bench-moshi   # the benchmark size (dim 1024, 12 layers), official Mimi
   openmoshi init --preset moshi-7b OUT --tokenizer tokenizer_spm_32k_3.model   # the 7B structure (~31 GB fp32)
 
@@ -19,7 +20,8 @@ from ..bundle import PRESETS, init_model
 
 
 # what to run on a fresh folder, by family (the preset's last word)
-_NEXT = {"stt": "transcribe --model {0} speech.wav", "tts": "speak --model {0} 'Hello there.' --out hello.wav"}
+_NEXT = {"stt": "transcribe --model {0} speech.wav", "tts": "speak --model {0} 'Hello there.' --out hello.wav",
+         "hibiki": "translate --model {0} french.wav --out english.wav"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ COMMANDS = {
     "client": ("openmoshi.cli.client", "talk to a server from the terminal or stream a file to it"),
     "transcribe": ("openmoshi.cli.transcribe", "speech to text with an stt model: timed words, txt/json/srt/vtt"),
     "speak": ("openmoshi.cli.speak", "text to speech with a tts model: a wav and word timings"),
+    "translate": ("openmoshi.cli.translate", "speech translation with a Hibiki model: translated speech and text"),
 }
 
 

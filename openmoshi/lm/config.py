@@ -262,6 +262,15 @@ class LMConfig:
                             tokenizer_name="tokenizer_tiny.model",
                             tts_config={"audio_delay": 0.32, "second_stream_ahead": 2})
 
+    @classmethod
+    def tiny_hibiki(cls) -> LMConfig:
+        """Hibiki's structure (Moshi's streams, a `description` condition fused by sum) at toy size."""
+        lut = {"type": "lut", "lut": {"n_bins": 4, "dim": 16, "tokenizer": "noop",
+                                      "possible_values": ["very_bad", "bad", "good", "very_good"]}}
+        return cls.tiny().replace(model_type="hibiki", conditioners={"description": lut},
+                                  fuser={"sum": ["description"]},
+                                  lm_gen_config={"temp": 0.8, "temp_text": 0.8, "top_k": 250, "top_k_text": 50})
+
     def replace(self, **changes: Any) -> LMConfig:
         return dataclasses.replace(self, **changes)
 
@@ -367,4 +376,5 @@ def tiny() -> LMConfig:
 
 
 PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny, "stt_1b": LMConfig.stt_1b,
-           "tiny_stt": LMConfig.tiny_stt, "tts_1_6b": LMConfig.tts_1_6b, "tiny_tts": LMConfig.tiny_tts}
+           "tiny_stt": LMConfig.tiny_stt, "tts_1_6b": LMConfig.tts_1_6b, "tiny_tts": LMConfig.tiny_tts,
+           "tiny_hibiki": LMConfig.tiny_hibiki}
