@@ -1,3 +1,5 @@
+"""`python -m openmoshi` runs the command line."""
+
 import sys
 
 from openmoshi.cli.main import main

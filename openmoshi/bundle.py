@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -144,10 +145,21 @@ def save_model(bundle: MoshiBundle, folder: str | Path, tokenizer_file: str | Pa
     return folder
 
 
+def _mimi_tiny_32() -> MimiConfig:
+    """The tiny Mimi with all 32 codebook levels (speech-to-text models read 32)."""
+    cfg = mimi_tiny()
+    return dataclasses.replace(cfg, quantizer=dataclasses.replace(cfg.quantizer, n_q=32))
+
+
 PRESETS = {
     "moshi-7b": (LMConfig.moshi_7b, mimi_official, None),
     "bench": (LMConfig.bench, mimi_official, "tokenizer_tiny.model"),
     "tiny": (LMConfig.tiny, mimi_tiny, "tokenizer_tiny.model"),
+    "stt-1b": (LMConfig.stt_1b, mimi_official, None),
+    "tiny-stt": (LMConfig.tiny_stt, _mimi_tiny_32, "tokenizer_tiny.model"),
+    "tts-1.6b": (LMConfig.tts_1_6b, mimi_official, None),
+    "tiny-tts": (LMConfig.tiny_tts, mimi_tiny, "tokenizer_tiny.model"),
+    "tiny-hibiki": (LMConfig.tiny_hibiki, mimi_tiny, "tokenizer_tiny.model"),
 }
 
 
@@ -158,8 +170,8 @@ def init_model(preset: str, folder: str | Path, seed: int = 0, tokenizer: str | 
     lm_preset, mimi_preset, bundled_tokenizer = PRESETS[preset]
     tokenizer = tokenizer or (ASSETS / bundled_tokenizer if bundled_tokenizer else None)
     if tokenizer is None:
-        raise ConfigError(f"preset {preset!r} needs a 32k SentencePiece model: pass --tokenizer "
-                          "(Kyutai's tokenizer_spm_32k_3.model)")
+        raise ConfigError(f"preset {preset!r} needs Kyutai's SentencePiece model: pass --tokenizer "
+                          f"({lm_preset().tokenizer_name})")
     torch.manual_seed(seed)
     cfg = lm_preset()
     tok = load_tokenizer(tokenizer)

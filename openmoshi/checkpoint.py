@@ -64,7 +64,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
 
 
-_PER_STEP = re.compile(r"^(.*\.self_attn\.)(in_projs|out_projs)\.(\d+)\.weight$")
+_PER_STEP = re.compile(r"^(.*\.(?:self_attn|cross_attention)\.)(in_projs|out_projs)\.(\d+)\.weight$")
 
 
 def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,7 +77,7 @@ def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             prefix, kind, index = match.groups()
             target = prefix + ("in_proj_weight" if kind == "in_projs" else "out_proj.weight")
             per_step.setdefault(target, {})[int(index)] = value
-        elif key.endswith(".self_attn.in_proj.weight"):
+        elif key.endswith((".self_attn.in_proj.weight", ".cross_attention.in_proj.weight")):
             out[key[: -len("in_proj.weight")] + "in_proj_weight"] = value
         else:
             out[key] = value

@@ -1,6 +1,9 @@
 """Write a freshly initialised model folder in Kyutai's layout.
 
   openmoshi init --preset tiny tiny-moshi     # ~0.5 M parameters, runs anywhere, babbles (random weights)
+  openmoshi init --preset tiny-stt tiny-stt   # speech-to-text structure of kyutai/stt-1b-en_fr, toy size
+  openmoshi init --preset tiny-tts tiny-tts   # text-to-speech structure of kyutai/tts-1.6b-en_fr, toy size
+  openmoshi init --preset tiny-hibiki tiny-h  # speech translation structure of kyutai/hibiki, toy size
   openmoshi init --preset bench bench-moshi   # the benchmark size (dim 1024, 12 layers), official Mimi
   openmoshi init --preset moshi-7b OUT --tokenizer tokenizer_spm_32k_3.model   # the 7B structure (~31 GB fp32)
 
@@ -14,6 +17,11 @@ import argparse
 from pathlib import Path
 
 from ..bundle import PRESETS, init_model
+
+
+# what to run on a fresh folder, by family (the preset's last word)
+_NEXT = {"stt": "transcribe --model {0} speech.wav", "tts": "speak --model {0} 'Hello there.' --out hello.wav",
+         "hibiki": "translate --model {0} french.wav --out english.wav"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
     folder = init_model(args.preset, args.output, seed=args.seed, tokenizer=args.tokenizer)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
     print(f"wrote a fresh {args.preset} model to {folder} ({size:.1f} MB). Random weights: it babbles.")
-    print(f"next: openmoshi serve --model {folder}   or   openmoshi infer --model {folder} speech.wav --out answers")
+    next_step = _NEXT.get(args.preset.split("-")[-1], "infer --model {0} speech.wav --out answers")
+    print(f"next: openmoshi {next_step.format(folder)}")
     return 0

@@ -21,6 +21,9 @@ COMMANDS = {
     "train": ("openmoshi.cli.train", "train a codec or LM (resumable, multi-process with torchrun)"),
     "eval": ("openmoshi.cli.eval", "evaluate a trained codec or LM"),
     "plot": ("openmoshi.cli.plot", "plot the curves of a training run folder"),
+    "transcribe": ("openmoshi.cli.transcribe", "speech to text with an stt model: timed words, txt/json/srt/vtt"),
+    "speak": ("openmoshi.cli.speak", "text to speech with a tts model: a wav and word timings"),
+    "translate": ("openmoshi.cli.translate", "speech translation with a Hibiki model: translated speech and text"),
 }
 
 

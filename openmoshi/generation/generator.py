@@ -42,6 +42,9 @@ class _GenState:
     all_active: bool = True  # host-side summary of `active`: the common case costs nothing
     hidden: torch.Tensor | None = None  # [B, 1, dim] temporal output of the last step
     slots: list["SlotSampling | None"] | None = None  # per-item settings, once configure_slot() was used
+    sum_condition: torch.Tensor | None = None  # [B or 2B, 1, dim] fused conditions (conditioned models)
+    cross: torch.Tensor | None = None  # [B or 2B, S, dim] cross-attention source
+    masked_until: torch.Tensor | None = None  # [B] long, CFG's null branch hides inputs up to this step
 
 
 @dataclass
@@ -62,7 +65,15 @@ class Generator:
     Temperatures <= 0 mean greedy (argmax). `seed` seeds two generators, one for text and one for audio
     (`text_seed` / `audio_seed` override each); None uses torch's global generator. `text_logits_hook`
     receives the text logits [B, text_card_out] (float32) of each step and may return replacements
-    (e.g. a padding bonus for TTS).
+    (e.g. a padding bonus for TTS). `text_hook` gets the sampled text tokens [B] and may return the tokens to
+    use instead (the TTS state machine), before the depth transformer; `audio_hook` likewise gets the audio
+    codes [B, dep_q] (-1 = no token).
+
+    Conditioned models (TTS, Hibiki) take `conditions` (embedded by `lm.condition_provider`). Classifier-free
+    guidance (`cfg_coef` != 1) runs each item twice: conditions then hold 2B rows, the B real ones then the B
+    null ones; logits are null + cfg_coef * (cond - null). `cfg_null_text` hides the text from the null branch
+    (and then uses the conditioned text logits as they are); `cfg_masked_until` [B] hides the inputs up to
+    that step from it (an audio prompt).
 
         gen = Generator(lm)
         with gen.streaming(batch_size=1):
@@ -74,7 +85,9 @@ class Generator:
     def __init__(self, lm: LMModel, temp: float = 0.8, temp_text: float = 0.7, top_k: int = 250,
                  top_k_text: int = 25, top_p: float = 0.0, top_p_text: float = 0.0, seed: int | None = None,
                  text_seed: int | None = None, audio_seed: int | None = None,
-                 text_logits_hook: LogitsHook | None = None) -> None:
+                 text_logits_hook: LogitsHook | None = None, text_hook: LogitsHook | None = None,
+                 audio_hook: LogitsHook | None = None, conditions: dict | None = None, cfg_coef: float = 1.0,
+                 cfg_null_text: bool = False, cfg_masked_until: list[int] | None = None) -> None:
         if lm.training:
             logger.debug("Generator: switching the LM to eval mode")
             lm.eval()
@@ -86,6 +99,12 @@ class Generator:
         self.text_seed = text_seed if text_seed is not None else seed
         self.audio_seed = audio_seed if audio_seed is not None else (None if seed is None else seed + 1)
         self.text_logits_hook = text_logits_hook
+        self.text_hook, self.audio_hook = text_hook, audio_hook
+        self.conditions = conditions
+        self.cfg_coef = float(cfg_coef)
+        self.cfg_null_text = cfg_null_text
+        self.cfg_masked_until = cfg_masked_until
+        self._copies = 1 if self.cfg_coef == 1.0 else 2  # model rows per item (CFG: conditioned + null)
         self._state: _GenState | None = None
         cfg = self.cfg
         self.max_delay = cfg.max_delay
@@ -107,10 +126,21 @@ class Generator:
             raise RuntimeError("this Generator is already streaming; end the current `with` block first")
         lm, cfg = self.lm, self.cfg
         device = lm.device
+        sum_condition, cross = lm.fused_conditions(self.conditions)
+        rows = batch_size * self._copies
+        for name, value in (("sum", sum_condition), ("cross", cross)):
+            if value is not None and value.shape[0] != rows:
+                raise ValueError(f"the {name} conditions have {value.shape[0]} rows, expected {rows} "
+                                 f"(batch {batch_size}{' x 2 for CFG' if self._copies == 2 else ''})")
+        masked_until = None
+        if self.cfg_masked_until is not None:
+            if len(self.cfg_masked_until) != batch_size:
+                raise ValueError(f"cfg_masked_until lists {len(self.cfg_masked_until)} steps for {batch_size} items")
+            masked_until = torch.tensor(self.cfg_masked_until, dtype=torch.long, device=device)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(lm.streaming(batch_size))
+            stack.enter_context(lm.streaming(rows))
             if self._depth_streams:
-                stack.enter_context(lm.depformer.streaming(batch_size))
+                stack.enter_context(lm.depformer.streaming(rows))
             self._state = _GenState(
                 batch_size=batch_size,
                 cache=torch.full((batch_size, cfg.num_codebooks, self._ring), UNGENERATED, dtype=torch.long,
@@ -120,7 +150,8 @@ class Generator:
                 delays=torch.tensor(cfg.delays, dtype=torch.long, device=device),
                 everyone=torch.ones(batch_size, dtype=torch.bool, device=device),
                 active=torch.ones(batch_size, dtype=torch.bool, device=device),
-                text_rng=self._rng(self.text_seed), audio_rng=self._rng(self.audio_seed))
+                text_rng=self._rng(self.text_seed), audio_rng=self._rng(self.audio_seed),
+                sum_condition=sum_condition, cross=cross, masked_until=masked_until)
             try:
                 yield self
             finally:
@@ -197,7 +228,7 @@ class Generator:
             raise ValueError(f"reset mask must have shape [{st.batch_size}], got {tuple(mask.shape)}")
         st.offsets.masked_fill_(mask, 0)
         st.cache.masked_fill_(mask.view(-1, 1, 1), UNGENERATED)
-        self.lm.reset_streaming(mask)
+        self.lm.reset_streaming(mask.repeat(self._copies))
 
     def set_active(self, mask: torch.Tensor | None) -> None:
         """Advance only the items where mask [B] is True in the next steps (None = all).
@@ -214,12 +245,13 @@ class Generator:
                 raise ValueError(f"active mask must have shape [{st.batch_size}], got {tuple(mask.shape)}")
             st.active.copy_(mask.to(device=st.active.device, dtype=torch.bool))
             st.all_active = False
-        self.lm.set_active(mask)
+        self.lm.set_active(None if mask is None else mask.to(st.active.device, torch.bool).repeat(self._copies))
 
     # ---- one frame
     @torch.no_grad()
     def step(self, user_codes: torch.Tensor | None = None, force_text: torch.Tensor | None = None,
-             force_audio: torch.Tensor | None = None) -> torch.Tensor | None:
+             force_audio: torch.Tensor | None = None,
+             replace_audio: torch.Tensor | None = None) -> torch.Tensor | None:
         """Advance every conversation by one 80 ms frame.
 
         user_codes: long [B, n_q - dep_q, 1], the user's codes of this frame (extra codebooks are ignored;
@@ -227,6 +259,8 @@ class Generator:
         force_text: long [B] (or [B, 1, 1]): the text token to use instead of sampling, -1 = sample.
         force_audio: long [B, dep_q] (or [B, dep_q, 1]): audio codes to use instead of sampling, -1 = sample;
             a forced code is also what the next codebook is conditioned on.
+        replace_audio: long [B, dep_q]: audio codes to use without running the depth transformer (-1 allowed:
+            no token), e.g. while a TTS model's audio is still delayed.
         Forced tokens are in model time: they replace what this step samples, before delays are undone.
 
         Returns None for the first max(delays) steps, then long [B, 1 + dep_q, 1]: Moshi's text token and
@@ -249,15 +283,29 @@ class Generator:
         if not st.all_active:  # frozen items get the initial tokens: always valid, and their result is dropped
             is_init = is_init | ~st.active.view(B, 1, 1)
         tokens = torch.where(is_init, st.initial, tokens)
-        hidden, text_logits = lm.forward_text(tokens)
+        if self._copies == 2:
+            tokens = torch.cat([tokens, self._null_inputs(st, tokens, is_init)])
+        hidden, text_logits = lm.forward_text(tokens, st.sum_condition, st.cross)
         text_logits = text_logits[:, 0, 0].float()
+        if self._copies == 2:
+            cond, null = text_logits.chunk(2)
+            text_logits = cond if self.cfg_null_text else null + (cond - null) * self.cfg_coef
         if self.text_logits_hook is not None:
             replaced = self.text_logits_hook(text_logits)
             text_logits = text_logits if replaced is None else replaced
         text = self._sample(st, text_logits, text=True)
         if force_text is not None:
             text = _forced(text, force_text.reshape(B))
-        audio = self._sample_audio(st, hidden, text, force_audio)
+        if self.text_hook is not None:
+            replaced = self.text_hook(text)
+            text = text if replaced is None else replaced.to(text)
+        if replace_audio is not None:
+            audio = replace_audio.reshape(B, self.dep_q).to(text)
+        else:
+            audio = self._sample_audio(st, hidden, text, force_audio)
+        if self.audio_hook is not None:
+            replaced = self.audio_hook(audio)
+            audio = audio if replaced is None else replaced.to(audio)
 
         st.offsets.copy_(self._keep_inactive(st, st.offsets + 1, st.offsets))
         write = (st.offsets % ring).view(B, 1, 1).expand(B, 1 + self.dep_q, 1)
@@ -265,7 +313,7 @@ class Generator:
         new = torch.cat([text[:, None], audio], dim=1)[..., None]  # [B, 1 + dep_q, 1]
         generated.scatter_(2, write, self._keep_inactive(st, new, generated.gather(2, write)))
         st.steps += 1
-        st.hidden = hidden
+        st.hidden = hidden[:B]
         if st.steps <= self.max_delay:
             return None
         index = (st.offsets[:, None] - self.max_delay + st.delays[:1 + self.dep_q]) % ring  # [B, 1 + dep_q]
@@ -274,6 +322,18 @@ class Generator:
         if not st.all_active:
             missing = missing | ~st.active
         return out.masked_fill(missing.view(B, 1, 1), UNGENERATED)
+
+    def _null_inputs(self, st: _GenState, tokens: torch.Tensor, is_init: torch.Tensor) -> torch.Tensor:
+        """The inputs of CFG's null branch: tokens [B, K, 1] with the hidden parts set to -1 (no token)."""
+        null = tokens
+        if st.masked_until is not None:
+            limit = st.delays.view(1, -1, 1) + st.masked_until.view(-1, 1, 1)
+            hidden = (st.offsets.view(-1, 1, 1) <= limit) & ~is_init
+            null = torch.where(hidden, torch.full_like(null, -1), null)
+        if self.cfg_null_text:
+            text = torch.where(is_init[:, :1], null[:, :1], torch.full_like(null[:, :1], -1))
+            null = torch.cat([text, null[:, 1:]], dim=1)
+        return null
 
     @staticmethod
     def _keep_inactive(st: _GenState, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -300,14 +360,18 @@ class Generator:
         lm = self.lm
         forced = None if force_audio is None else force_audio.reshape(B, self.dep_q).to(text.device)
         if self._depth_streams:
-            lm.depformer.reset_streaming(st.everyone)
+            lm.depformer.reset_streaming(st.everyone if self._copies == 1 else st.everyone.repeat(self._copies))
+        copies = self._copies
         prev = text
         codes: list[torch.Tensor] = []
         for k in range(self.dep_q):
             if self._depth_streams:
-                logits = lm.depth_step(k, hidden, prev)
+                logits = lm.depth_step(k, hidden, prev.repeat(copies))
             else:
-                logits = lm.depth_logits_recompute(hidden, torch.stack([text, *codes], dim=1))
+                logits = lm.depth_logits_recompute(hidden, torch.stack([text, *codes], dim=1).repeat(copies, 1))
+            if copies == 2:
+                cond, null = logits.chunk(2)
+                logits = null + (cond - null) * self.cfg_coef
             code = self._sample(st, logits.float(), text=False)
             if forced is not None:
                 code = _forced(code, forced[:, k])

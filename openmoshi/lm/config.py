@@ -71,6 +71,12 @@ class LMConfig:
     depformer_layer_scale: float | None = None
     depformer_kv_repeat: int = 1
     depformer_context: int | None = 8  # kept for round trips: the depth transformer always sees its whole frame
+    # TTS features: two text streams muxed into one token, low-rank depth embeddings, conditioning
+    demux_second_text_stream: bool = False
+    depformer_low_rank_embeddings: int | None = None
+    conditioners: dict = field(default_factory=dict)  # Kyutai's layout, see openmoshi.lm.conditioners
+    fuser: dict = field(default_factory=dict)  # {"sum": [names], "cross": [names], "cross_attention_pos_emb": ..}
+    cross_attention: bool = False  # cross-attention to the "cross" conditions in every temporal layer
     # small heads on the temporal transformer output (e.g. voice-activity heads of the STT models)
     extra_heads_num_heads: int = 0
     extra_heads_dim: int = 6
@@ -161,6 +167,14 @@ class LMConfig:
                 need(min(schedule) >= 0, "depformer_weights_per_step_schedule holds a negative index")
             if self.depformer_weights_per_step:
                 need(self.depformer_gating != "none", "depformer_weights_per_step needs a gated MLP")
+        if self.conditioners or self.fuser or self.cross_attention:
+            from .conditioners import check_condition_spec
+            check_condition_spec(self.conditioners, self.fuser)
+            need(self.cross_attention == bool(self.fuser.get("cross")),
+                 "cross_attention must be true exactly when the fuser has 'cross' conditions")
+            need(not self.cross_attention or self.kv_repeat == 1, "cross-attention needs kv_repeat = 1")
+        need(self.depformer_low_rank_embeddings is None or self.depformer_low_rank_embeddings > 0,
+             "depformer_low_rank_embeddings must be a positive integer")
 
     # ---- transformer configs
     def temporal_config(self) -> TransformerConfig:
@@ -169,7 +183,7 @@ class LMConfig:
             dim_feedforward=int(self.hidden_scale * self.dim), causal=self.causal, context=self.context,
             norm=self.norm, layer_scale=self.layer_scale, gating=self.gating,
             positional_embedding=self.positional_embedding, max_period=self.max_period, kv_repeat=self.kv_repeat,
-            checkpointing=self.gradient_checkpointing)
+            checkpointing=self.gradient_checkpointing, cross_attention=self.cross_attention)
 
     def depth_config(self) -> TransformerConfig:
         # The depth transformer restarts at every frame and sees all of it (Kyutai drops depformer_context).
@@ -202,6 +216,64 @@ class LMConfig:
                    depformer_num_heads=2, depformer_num_layers=1, depformer_dim_feedforward=int(4.125 * 32),
                    tokenizer_name="tokenizer_tiny.model")
 
+    @classmethod
+    def stt_1b(cls) -> LMConfig:
+        """kyutai/stt-1b-en_fr: 32 audio streams in, text out 0.5 s behind, 4 end-of-speech heads."""
+        return cls(dim=2048, num_heads=16, num_layers=16, context=750, max_period=100_000.0, text_card=8000,
+                   n_q=32, dep_q=0, delays=[0] * 33, extra_heads_num_heads=4, extra_heads_dim=6,
+                   model_type="stt", mimi_name="mimi-pytorch-e351c8d8@125.safetensors",
+                   tokenizer_name="tokenizer_en_fr_audio_8000.model",
+                   stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+                   lm_gen_config={"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50})
+
+    @classmethod
+    def tiny_stt(cls) -> LMConfig:
+        """stt-1b's structure at toy size with the bundled 1000-piece tokenizer, for tests."""
+        return cls.stt_1b().replace(dim=64, num_heads=4, num_layers=2, context=250, text_card=1000,
+                                    tokenizer_name="tokenizer_tiny.model", mimi_name=MIMI_NAME)
+
+    @classmethod
+    def tts_1_6b(cls) -> LMConfig:
+        """kyutai/tts-1.6b-en_fr's structure: 32 generated codebooks, text demuxed with a lookahead stream, voice by
+        cross-attention, guidance distilled into a `cfg` condition, audio 1.28 s behind the text."""
+        lut = {"type": "lut", "lut": {"n_bins": 2, "dim": 16, "tokenizer": "noop", "possible_values": ["ok", "bad"]}}
+        cfg_lut = {"type": "lut", "lut": {"n_bins": 7, "dim": 16, "tokenizer": "noop",
+                                          "possible_values": ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]}}
+        return cls(dim=2048, num_heads=16, num_layers=16, context=500, text_card=8000, n_q=32, dep_q=32,
+                   delays=[0, 0] + [2] * 31, depformer_dim=1024, depformer_num_heads=16, depformer_num_layers=4,
+                   depformer_dim_feedforward=3072, depformer_low_rank_embeddings=128,
+                   depformer_weights_per_step_schedule=[0, 1, 2, 3, 4, 5, 6, 7] + [8] * 8 + [9] * 16,
+                   demux_second_text_stream=True, cross_attention=True,
+                   conditioners={"control": lut, "cfg": cfg_lut,
+                                 "speaker_wavs": {"type": "tensor", "tensor": {"dim": 512}}},
+                   fuser={"sum": ["control", "cfg"], "cross": ["speaker_wavs"], "cross_attention_pos_emb": True,
+                          "cross_attention_pos_emb_scale": 1.0},
+                   model_type="tts", tokenizer_name="tokenizer_spm_8k_en_fr_audio.model",
+                   tts_config={"audio_delay": 1.28, "second_stream_ahead": 2}, model_id={"sig": "tiny", "epoch": 0},
+                   lm_gen_config={"temp": 0.6, "temp_text": 0.6, "top_k": 250, "top_k_text": 50})
+
+    @classmethod
+    def tiny_tts(cls) -> LMConfig:
+        """tts-1.6b's structure at toy size (8 codebooks, 4 shared depth weight sets, voices of width 32)."""
+        base = cls.tts_1_6b()
+        conditioners = dict(base.conditioners, speaker_wavs={"type": "tensor", "tensor": {"dim": 32}})
+        return base.replace(dim=64, num_heads=4, num_layers=2, context=250, text_card=1000, n_q=8, dep_q=8,
+                            delays=[0, 0] + [2] * 7, depformer_dim=32, depformer_num_heads=2,
+                            depformer_num_layers=1, depformer_dim_feedforward=int(4.125 * 32),
+                            depformer_low_rank_embeddings=16,
+                            depformer_weights_per_step_schedule=[0, 1, 2, 2, 3, 3, 3, 3], conditioners=conditioners,
+                            tokenizer_name="tokenizer_tiny.model",
+                            tts_config={"audio_delay": 0.32, "second_stream_ahead": 2})
+
+    @classmethod
+    def tiny_hibiki(cls) -> LMConfig:
+        """Hibiki's structure (Moshi's streams, a `description` condition fused by sum) at toy size."""
+        lut = {"type": "lut", "lut": {"n_bins": 4, "dim": 16, "tokenizer": "noop",
+                                      "possible_values": ["very_bad", "bad", "good", "very_good"]}}
+        return cls.tiny().replace(model_type="hibiki", conditioners={"description": lut},
+                                  fuser={"sum": ["description"]},
+                                  lm_gen_config={"temp": 0.8, "temp_text": 0.8, "top_k": 250, "top_k_text": 50})
+
     def replace(self, **changes: Any) -> LMConfig:
         return dataclasses.replace(self, **changes)
 
@@ -215,7 +287,8 @@ class LMConfig:
                 continue
             if f.name in ("lm_gen_config", "tts_config", "stt_config", "model_id") and not value:
                 continue
-            if f.name in ("gradient_checkpointing", "quantize", "quantization") and not value:
+            if f.name in ("gradient_checkpointing", "quantize", "quantization", "demux_second_text_stream",
+                          "conditioners", "fuser", "cross_attention") and not value:
                 continue
             out[f.name] = list(value) if isinstance(value, list) else value
         return out
@@ -274,15 +347,10 @@ class LMConfig:
 
 # Optional fields left out of config.json when unset.
 _OPTIONAL_OUT = {"text_card_out", "depformer_weights_per_step_schedule", "depformer_norm", "mimi_config_name",
-                 "lora_name", "depformer_context", "context"}
+                 "lora_name", "depformer_context", "context", "depformer_low_rank_embeddings"}
 
 # Features of Kyutai's LM that openmoshi does not implement, with the test that a value actually uses them.
 _UNSUPPORTED = {
-    "conditioners": bool,
-    "fuser": bool,
-    "cross_attention": bool,
-    "demux_second_text_stream": bool,
-    "depformer_low_rank_embeddings": lambda v: v is not None,
     "norm_emb": bool,
 }
 
@@ -309,4 +377,6 @@ def tiny() -> LMConfig:
     return LMConfig.tiny()
 
 
-PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny}
+PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny, "stt_1b": LMConfig.stt_1b,
+           "tiny_stt": LMConfig.tiny_stt, "tts_1_6b": LMConfig.tts_1_6b, "tiny_tts": LMConfig.tiny_tts,
+           "tiny_hibiki": LMConfig.tiny_hibiki}

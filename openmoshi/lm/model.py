@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from ..nn import fast
 from ..nn.streaming import StreamingModule
 from ..nn.transformer import Transformer, make_norm
+from .conditioners import Condition, ConditionFuser, ConditionProvider
 from .config import LMConfig
 from .delays import delay_codes, undelay
 
@@ -39,11 +40,36 @@ class LMOutput:
 
 
 class TokenEmbedding(nn.Embedding):
-    """Embedding of tokens [...] -> [..., dim] where the token -1 means "no token" (a zero vector)."""
+    """Embedding of tokens [...] -> [..., dim] where the token -1 means "no token" (a zero vector).
+
+    low_rank: rows of that width, projected to dim by `low_rank` (Kyutai's depformer_low_rank_embeddings).
+    demux: a token muxes two streams as (second + 1) * num_embeddings + first (second = -1: none); each is
+    looked up in the same table and projected by its own matrix (`out1`, `out2`), then summed (the TTS models'
+    second text stream).
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, low_rank: int | None = None, demux: bool = False) -> None:
+        super().__init__(num_embeddings, low_rank or dim)
+        self.low_rank = nn.Linear(low_rank, dim, bias=False) if low_rank else None
+        self.demux = demux
+        if demux:
+            self.out1 = nn.Linear(low_rank or dim, dim, bias=False)
+            self.out2 = nn.Linear(low_rank or dim, dim, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(tokens.clamp(min=0), self.weight)
-        return out.masked_fill((tokens == NO_TOKEN).unsqueeze(-1), 0.0)
+        absent = (tokens == NO_TOKEN).unsqueeze(-1)
+        tokens = tokens.clamp(min=0)
+        if self.demux:
+            n = self.num_embeddings
+            first, second = tokens % n, tokens // n - 1
+            out = fast.linear_module(self.out1, F.embedding(first, self.weight))
+            other = fast.linear_module(self.out2, F.embedding(second.clamp(min=0), self.weight))
+            out = out + other.masked_fill((second < 0).unsqueeze(-1), 0.0)
+            return out.masked_fill(absent, 0.0)
+        out = F.embedding(tokens, self.weight).masked_fill(absent, 0.0)
+        if self.low_rank is not None:
+            out = fast.linear_module(self.low_rank, out)
+        return out
 
 
 class LMModel(StreamingModule):
@@ -58,15 +84,17 @@ class LMModel(StreamingModule):
         dim, ddim = cfg.dim, cfg.depformer_dim
         self.emb = nn.ModuleList([TokenEmbedding(cfg.card + 1, dim) for _ in range(cfg.n_q)])
         # Text may also take its initial token as input, hence text_card + 1 rows.
-        self.text_emb = TokenEmbedding(cfg.text_card + 1, dim)
+        self.text_emb = TokenEmbedding(cfg.text_card + 1, dim, demux=cfg.demux_second_text_stream)
         self.text_linear = nn.Linear(dim, cfg.text_out, bias=cfg.bias_proj)
         self.transformer = Transformer(cfg.temporal_config())
         self.out_norm = make_norm(cfg.norm, dim)
         self.depformer_in = nn.ModuleList([nn.Linear(dim, ddim, bias=False) for _ in range(cfg.depformer_in_count)])
         if cfg.dep_q > 0:
             # The last codebook is never an input of the depth transformer: dep_q - 1 tables.
-            self.depformer_emb = nn.ModuleList([TokenEmbedding(cfg.card + 1, ddim) for _ in range(cfg.dep_q - 1)])
-            self.depformer_text_emb = TokenEmbedding(cfg.text_card + 1, ddim)
+            rank = cfg.depformer_low_rank_embeddings
+            self.depformer_emb = nn.ModuleList([TokenEmbedding(cfg.card + 1, ddim, rank)
+                                                for _ in range(cfg.dep_q - 1)])
+            self.depformer_text_emb = TokenEmbedding(cfg.text_card + 1, ddim, rank, cfg.demux_second_text_stream)
             self.depformer_norms = (nn.ModuleList([make_norm(cfg.depformer_norm, ddim) for _ in range(cfg.dep_q)])
                                     if cfg.depformer_norm else None)
             self.depformer = Transformer(cfg.depth_config())
@@ -79,6 +107,9 @@ class LMModel(StreamingModule):
         self.extra_heads = nn.ModuleList(
             [nn.Linear(dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)])
         self.linears = nn.ModuleList([nn.Linear(ddim, cfg.card, bias=cfg.bias_proj) for _ in range(cfg.dep_q)])
+        # conditioning (TTS): conditioners embed named conditions, the fuser says how they enter the model
+        self.condition_provider = ConditionProvider(cfg.conditioners, dim) if cfg.conditioners else None
+        self.fuser = ConditionFuser(cfg.fuser) if cfg.fuser else None
         if not self.text_emb.weight.is_meta:
             self.init_weights()
 
@@ -129,10 +160,29 @@ class LMModel(StreamingModule):
             x = x + emb(tokens[:, k + 1])
         return x
 
-    def forward_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, K, T] -> (hidden [B, T, dim] after out_norm, text logits [B, 1, T, text_card_out])."""
-        hidden = self.out_norm(self.transformer(self.embed(tokens)))
+    def forward_text(self, tokens: torch.Tensor, sum_condition: torch.Tensor | None = None,
+                     cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, K, T] -> (hidden [B, T, dim] after out_norm, text logits [B, 1, T, text_card_out]).
+
+        sum_condition [B, 1, dim] is added to every step's input; cross [B, S, dim] is the cross-attention
+        source (see `fused_conditions`).
+        """
+        x = self.embed(tokens)
+        if sum_condition is not None:
+            x = x + sum_condition.to(x)
+        hidden = self.out_norm(self.transformer(x, cross))
         return hidden, fast.linear_module(self.text_linear, hidden)[:, None]
+
+    def fused_conditions(self, conditions: dict[str, Condition] | None
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(sum [B, 1, dim], cross [B, S, dim]) of embedded conditions (from `condition_provider`)."""
+        if self.fuser is None:
+            if conditions:
+                raise ValueError("this model takes no conditions")
+            return None, None
+        if conditions is None:
+            raise ValueError(f"this model needs conditions: {', '.join(self.fuser.names())}")
+        return self.fuser.sum(conditions), self.fuser.cross(conditions)
 
     def extra_head_probs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Softmax outputs of the extra heads for hidden [B, T, dim] -> list of [B, T, extra_heads_dim]."""
@@ -185,15 +235,17 @@ class LMModel(StreamingModule):
         return torch.stack([self._depth_head(k, out[:, :, k]) for k in range(cfg.dep_q)], dim=1)
 
     # ---- training
-    def forward(self, codes: torch.Tensor) -> LMOutput:
-        """Teacher-forced logits for codes [B, 1 + n_q, T] (text first, -1 = no token), aligned with codes."""
+    def forward(self, codes: torch.Tensor, conditions: dict[str, Condition] | None = None) -> LMOutput:
+        """Teacher-forced logits for codes [B, 1 + n_q, T] (text first, -1 = no token), aligned with codes.
+
+        conditions: embedded conditions (`condition_provider(...)`) for conditioned models."""
         cfg = self.cfg
         B, K, _ = codes.shape
         if K != cfg.num_codebooks:
             raise ValueError(f"codes have {K} streams, the model expects 1 + n_q = {cfg.num_codebooks}")
         initial = self.initial_tokens(B)
         delayed = torch.cat([initial, delay_codes(codes, cfg.delays, initial)], dim=2)  # [B, K, T + 1]
-        hidden, text_logits = self.forward_text(delayed[:, :, :-1])
+        hidden, text_logits = self.forward_text(delayed[:, :, :-1], *self.fused_conditions(conditions))
         audio_logits = self.forward_depth(delayed[:, :, 1:], hidden)
         audio_logits, audio_mask = undelay(audio_logits, cfg.delays[1:1 + cfg.dep_q])
         audio_mask &= codes[:, 1:1 + cfg.dep_q] != NO_TOKEN

@@ -41,6 +41,7 @@ class TransformerConfig:
     weights_per_step: int = 0  # > 0: a separate set of weights for each of the first N steps
     weights_per_step_schedule: list[int] | None = None  # step -> weight index, for shared weights
     checkpointing: bool = False  # gradient checkpointing of each layer during training
+    cross_attention: bool = False  # each layer also attends to a given source (e.g. a voice), no mask
 
     @property
     def num_weight_sets(self) -> int:
@@ -236,6 +237,25 @@ class Attention(StreamingModule):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class CrossAttention(nn.Module):
+    """Attention from x [B, T, D] to a source [B, S, D] (all of it, no positions); Kyutai's parameter names."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.d_model, cfg.d_model))
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=5 ** 0.5)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        q = fast.linear(x, self.in_proj_weight[:d]).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        kv = fast.linear(source.to(x.dtype), self.in_proj_weight[d:]).unflatten(-1, (2, self.num_heads, -1))
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return fast.linear_module(self.out_proj, out)
+
+
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -263,6 +283,12 @@ class TransformerLayer(nn.Module):
         else:
             self.layer_scale_1 = LayerScale(d, cfg.layer_scale)
             self.layer_scale_2 = LayerScale(d, cfg.layer_scale)
+        if cfg.cross_attention:
+            self.cross_attention = CrossAttention(cfg)
+            self.norm_cross = nn.LayerNorm(d, eps=1e-5)  # always a LayerNorm, as Kyutai's
+            self.layer_scale_cross = None if cfg.layer_scale is None else LayerScale(d, cfg.layer_scale)
+        else:
+            self.cross_attention = None
 
     def _mlp(self, x: torch.Tensor, weight_indices: list[int]) -> torch.Tensor:
         if self.gating is None:
@@ -277,6 +303,10 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
         weight_indices = ctx.weight_indices
         x = _residual(x, self.self_attn(self.norm1(x), ctx), self.layer_scale_1)
+        if self.cross_attention is not None:
+            if ctx.cross is None:
+                raise ValueError("this transformer has cross-attention: pass the cross-attention source")
+            x = _residual(x, self.cross_attention(self.norm_cross(x), ctx.cross), self.layer_scale_cross)
         return _residual(x, self._mlp(self.norm2(x), weight_indices), self.layer_scale_2)
 
 
@@ -296,6 +326,7 @@ class _StepContext:
     mask: torch.Tensor | None  # [B, 1, T, S] bool, True = may attend
     slots: torch.Tensor | None  # [B, T] cache slots written by this call (streaming only)
     lengths: list[int] | None = None  # per item, the cache slots worth attending to (streaming only)
+    cross: torch.Tensor | None = None  # [B, S, D] cross-attention source
 
 
 @dataclass
@@ -342,12 +373,12 @@ class Transformer(StreamingModule):
             mask = mask & (delta < self.cfg.context)
         return mask[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, cross: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; `cross` [B, S, D] is the cross-attention source (cross_attention only)."""
         state = self._streaming_state
         limit = CACHE_RESERVE if (state is not None and self.cfg.context is not None) else x.shape[1]
         if x.shape[1] > limit:  # keep each streamed chunk within the cache reserve
-            return torch.cat([self(chunk) for chunk in x.split(limit, dim=1)], dim=1)
+            return torch.cat([self(chunk, cross) for chunk in x.split(limit, dim=1)], dim=1)
         B, T, _ = x.shape
         steps = torch.arange(T, device=x.device)
         if state is None:
@@ -373,7 +404,7 @@ class Transformer(StreamingModule):
             cos, sin = rope_tables(positions, self.cfg.d_model // self.cfg.num_heads, self.cfg.max_period)
             rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # [B, T, 1, D / 2], for [B, T, heads, D]
         ctx = _StepContext([self.cfg.weight_index(first_step + t) for t in range(T)], rope,
-                           self._mask(positions, key_positions), slots, lengths)
+                           self._mask(positions, key_positions), slots, lengths, cross)
         dtype = x.dtype
         for layer in self.layers:
             if self.cfg.checkpointing and self.training and torch.is_grad_enabled():

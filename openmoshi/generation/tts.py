@@ -1,0 +1,419 @@
+"""Text to speech with Kyutai's `tts` models (delayed streams): the text is forced word by word when the model
+asks for it, the audio follows `tts_config.audio_delay` seconds behind.
+
+The model writes one text token per 80 ms step. It only chooses between PAD ("keep speaking the current word")
+and WORD ("the next word starts now"); the `TextForcer` answers WORD by feeding the next word's pieces over the
+following steps, and bounds the padding (`max_padding` in a row, `initial_padding` at the start, a word's
+`padding` after it). Models with a second text stream (`second_stream_ahead` = N) also see, muxed into the same
+token, the pieces of the word N ahead, and the WORD marker there:
+
+    step         0    1    2     3     4    5     6    ...
+    model says   -    -    WORD  PAD   PAD  WORD  PAD
+    fed (main)   PAD  PAD  ▁hel  lo    PAD  ▁you  PAD        the word's pieces, then padding
+    audio        -1 for the first `delay_steps` steps, then the sampled codes
+
+Voices are conditioning embeddings (`speaker_wavs`, cross-attention; Kyutai's tts-voices files) or, for models
+without them, an audio prompt whose codes are forced at the start. Classifier-free guidance runs a null branch
+without the voice and the text (or, for models distilled for a fixed guidance, the coefficient is a condition).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import typing as tp
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..bundle import MoshiBundle
+from ..errors import ConfigError
+from ..lm.conditioners import LUTConditioner, TensorInput
+from .generator import Generator
+
+logger = logging.getLogger(__name__)
+
+MAX_SPEAKERS = 5  # voice slots of the cross-attention source
+
+
+@dataclass(frozen=True)
+class TtsTokens:
+    """Special text tokens of the TTS models; `card` (text_card + 1) multiplexes the second stream."""
+
+    card: int
+    new_word: int = 0
+    pad: int = 3
+    main: int = 1  # start of the main speaker's turn
+    other: int = 2  # start of the other speaker's turn
+
+
+@dataclass
+class Word:
+    """One word to say: its text pieces, and steps of forced padding after it (a pause when `tokens` is empty)."""
+
+    tokens: list[int]
+    text: str
+    padding: int = 0
+
+
+@dataclass
+class ForcingState:
+    """Where the forcing of one item stands."""
+
+    words: deque[Word]
+    remaining_padding: int  # PADs the model may still choose before a word is due
+    forced_padding: int  # PADs it must still take
+    queued: deque[int] = field(default_factory=deque)  # pieces of the current word not fed yet
+    lookahead: deque[int] = field(default_factory=deque)  # pieces for the second stream
+    end_step: int | None = None  # the step the model asked for a word past the last one
+    transcript: list[tuple[str, int]] = field(default_factory=list)  # (word, step it started)
+
+    def pieces_ahead(self, ahead: int) -> list[int]:
+        for word in self.words:
+            if word.tokens:
+                ahead -= 1
+                if ahead == 0:
+                    return word.tokens
+        return []
+
+
+@dataclass
+class TextForcer:
+    """The text-forcing state machine (same decisions as Kyutai's TTS StateMachine)."""
+
+    tokens: TtsTokens
+    second_stream_ahead: int = 0
+    max_padding: int = 8
+    initial_padding: int = 2
+
+    def start(self, words: tp.Sequence[Word]) -> ForcingState:
+        return ForcingState(deque(words), self.initial_padding, self.initial_padding)
+
+    def _decide(self, state: ForcingState, sampled: int) -> int:
+        """PAD or WORD, from the model's choice and the padding bounds."""
+        t = self.tokens
+        choice = sampled if sampled in (t.new_word, t.pad) else t.pad
+        if state.queued or state.forced_padding > 0:
+            return t.pad
+        if state.remaining_padding <= 0:
+            return t.new_word
+        return choice
+
+    def step(self, step: int, state: ForcingState, sampled: int) -> int:
+        """The text token to feed after the model sampled `sampled` at `step`."""
+        t = self.tokens
+        choice = self._decide(state, sampled)
+        if choice == t.new_word:
+            if state.words:
+                word = state.words.popleft()
+                if word.tokens:
+                    state.transcript.append((word.text, step))
+                    state.queued.extend(word.tokens)
+                    if self.second_stream_ahead:
+                        state.lookahead.extend(state.pieces_ahead(self.second_stream_ahead))
+                    state.remaining_padding = self.max_padding
+                else:  # a pause: counts as padding
+                    choice = t.pad
+                state.forced_padding = word.padding
+            else:  # asked for a word past the last one: the end
+                choice = t.new_word if self.second_stream_ahead and state.end_step is None else t.pad
+                if state.end_step is None:
+                    state.end_step = step
+        if choice == t.pad:
+            state.remaining_padding = max(state.remaining_padding - 1, 0)
+            state.forced_padding = max(state.forced_padding - 1, 0)
+            main = state.queued.popleft() if state.queued else t.pad
+        else:
+            main = t.new_word
+        if not self.second_stream_ahead:
+            return main
+        second = -1  # -1: nothing on the second stream (muxed as 0)
+        if main == t.new_word:  # the WORD marker goes on the second stream, the main one moves on
+            second = t.new_word
+            main = state.queued.popleft() if state.queued else t.pad
+        elif state.lookahead:
+            second = state.lookahead.popleft()
+        return (second + 1) * t.card + main
+
+
+_BREAK_OR_SPACE = re.compile(r"(?:<break\s+time=\"([0-9]+(?:.[0-9]*)?)s\"\s*/?>)|(?:\s+)")
+
+
+def script_to_words(tokenizer, tokens: TtsTokens, frame_rate: float, turns: tp.Sequence[str],
+                    multi_speaker: bool = True, padding_between: int = 0) -> list[Word]:
+    """Words of a script (one string per speaker turn, the main speaker first). `<break time="0.5s"/>` inserts a
+    pause; a turn's first word carries its speaker's token on multi-speaker models; `padding_between` forces
+    that many pads after each word (clearer articulation)."""
+    words: list[Word] = []
+    last_speaker = None
+    for index, line in enumerate(turns):
+        first = True
+        line = line.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
+
+        def add(text: str) -> None:
+            nonlocal first, last_speaker
+            pieces = list(tokenizer.encode(text))
+            if first:
+                speaker = index % 2
+                if multi_speaker and last_speaker != speaker:
+                    last_speaker = speaker
+                    pieces.insert(0, (tokens.main, tokens.other)[speaker])
+                first = False
+            padding = max(0, padding_between + len(pieces) - 1) if padding_between > 0 else 0
+            words.append(Word(pieces, text, padding))
+
+        while line:
+            match = _BREAK_OR_SPACE.search(line)
+            if match is None:
+                break
+            text, line = line[:match.start()], line[match.end():]
+            if text:
+                add(text)
+            if match.group(1):
+                words.append(Word([], "", int(round(float(match.group(1)) * frame_rate))))
+        if line:
+            add(line)
+    return words
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    """Kyutai's `tts_config`: the audio delay behind the text, the second stream's lookahead."""
+
+    delay_steps: int
+    second_stream_ahead: int = 0
+    multistream: bool = False
+
+    @classmethod
+    def from_bundle(cls, bundle: MoshiBundle) -> TtsSettings:
+        raw = bundle.config.tts_config or {}
+        delay = raw.get("audio_delay")
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
+            raise ConfigError(f"tts_config.audio_delay must be a number of seconds >= 0, got {delay!r}")
+        ahead = raw.get("second_stream_ahead", 0)
+        if not isinstance(ahead, int) or ahead < 0:
+            raise ConfigError(f"tts_config.second_stream_ahead must be an integer >= 0, got {ahead!r}")
+        if ahead and not bundle.config.demux_second_text_stream:
+            raise ConfigError("tts_config.second_stream_ahead needs demux_second_text_stream")
+        if raw.get("multistream"):
+            raise ConfigError("multistream TTS models are not supported yet")
+        return cls(int(delay * bundle.mimi.frame_rate), ahead)
+
+
+@dataclass
+class SpokenWord:
+    word: str
+    start: float  # seconds in the output audio
+    end: float
+
+
+@dataclass
+class Speech:
+    audio: torch.Tensor  # float [1, T] at 24 kHz
+    words: list[SpokenWord]
+    finished: bool  # False when the step budget ran out before the last word
+
+
+@dataclass
+class TtsRun:
+    """Raw result of `generate`: frames [B, 1 + dep_q, steps] (delays undone), end steps, word steps."""
+
+    frames: torch.Tensor
+    end_steps: list[int | None]
+    transcripts: list[list[tuple[str, int]]]
+
+
+def voice_condition(path_or_tensor: str | torch.Tensor, max_speakers: int = MAX_SPEAKERS) -> TensorInput:
+    """A voice embedding file (Kyutai's tts-voices `*.safetensors`, key `speaker_wavs` [1, D, T]) as the
+    cross-attention input [1, max_speakers * T, D] with the first speaker slot filled."""
+    if isinstance(path_or_tensor, torch.Tensor):
+        emb = path_or_tensor
+    else:
+        from ..checkpoint import read_safetensors
+        state = read_safetensors(path_or_tensor)
+        if "speaker_wavs" not in state:
+            raise ConfigError(f"{path_or_tensor} is not a voice embedding (no 'speaker_wavs' tensor)")
+        emb = state["speaker_wavs"]
+    if emb.dim() != 3 or emb.shape[0] != 1:
+        raise ConfigError(f"a voice embedding must have shape [1, dim, frames], got {tuple(emb.shape)}")
+    _, dim, frames = emb.shape
+    tensor = torch.zeros(1, max_speakers, frames, dim)
+    mask = torch.zeros(1, max_speakers, frames, dtype=torch.bool)
+    tensor[0, 0] = emb[0].t().float()
+    mask[0, 0] = True
+    return TensorInput(tensor.view(1, -1, dim), mask.view(1, -1))
+
+
+class Synthesizer:
+    """TTS over a `tts` bundle: scripts in, frames (and audio) out, batched."""
+
+    def __init__(self, bundle: MoshiBundle, temp: float = 0.6, cfg_coef: float = 1.0, padding_bonus: float = 0.0,
+                 max_padding: int = 8, initial_padding: int = 2, final_padding: int = 4,
+                 max_steps: int = 30_000, seed: int | None = None) -> None:
+        if bundle.config.model_type != "tts":
+            raise ConfigError(f"speech synthesis needs a 'tts' model, this one is {bundle.config.model_type!r}")
+        if bundle.lm.condition_provider is None:
+            raise ConfigError("this tts model has no conditioners (config.json `conditioners`)")
+        self.bundle = bundle
+        self.settings = TtsSettings.from_bundle(bundle)
+        self.tokens = TtsTokens(bundle.config.text_card + 1)
+        self.forcer = TextForcer(self.tokens, self.settings.second_stream_ahead, max_padding, initial_padding)
+        self.temp, self.cfg_coef, self.padding_bonus = temp, cfg_coef, padding_bonus
+        self.final_padding, self.max_steps, self.seed = final_padding, max_steps, seed
+        conditioners = bundle.lm.condition_provider.conditioners
+        self.multi_speaker = "speaker_wavs" in conditioners
+        cfg_lut = conditioners["cfg"] if "cfg" in conditioners else None
+        self.distilled_cfg = sorted(float(v) for v in cfg_lut.possible_values or []) \
+            if isinstance(cfg_lut, LUTConditioner) else []
+
+    def words(self, text: str | tp.Sequence[str], padding_between: int = 1) -> list[Word]:
+        turns = [text] if isinstance(text, str) else list(text)
+        return script_to_words(self.bundle.tokenizer, self.tokens, self.bundle.mimi.frame_rate, turns,
+                               self.multi_speaker, padding_between)
+
+    def conditions(self, voices: list[TensorInput | None]) -> tuple[dict, float]:
+        """Embedded conditions for a batch (with CFG's null rows when guidance runs) and the guidance to run."""
+        provider = self.bundle.lm.condition_provider
+        names = provider.conditioners
+        batch = len(voices)
+        guidance = self.cfg_coef
+        text: dict[str, list] = {}
+        if "control" in names:
+            text["control"] = ["ok"] * batch
+        if "cfg" in names:
+            if self.distilled_cfg:
+                if self.cfg_coef not in self.distilled_cfg:
+                    raise ConfigError(f"this model was distilled for guidance values {self.distilled_cfg}; "
+                                      f"got --cfg-coef {self.cfg_coef}")
+                text["cfg"] = [format(self.cfg_coef, ".1f")] * batch
+                guidance = 1.0  # the model applies it itself
+            else:
+                text["cfg"] = [None] * batch
+        tensors = {}
+        if self.multi_speaker:
+            if any(v is None for v in voices):
+                raise ConfigError("this model needs a voice (--voice FILE.safetensors, a voice embedding)")
+            width = max(v.tensor.shape[1] for v in voices)
+            dim = voices[0].tensor.shape[2]
+            tensor = torch.zeros(batch, width, dim)
+            mask = torch.zeros(batch, width, dtype=torch.bool)
+            for i, v in enumerate(voices):
+                tensor[i, :v.tensor.shape[1]] = v.tensor[0]
+                mask[i, :v.mask.shape[1]] = v.mask[0]
+            tensors["speaker_wavs"] = TensorInput(tensor, mask)
+        if guidance != 1.0:  # null rows: every condition absent
+            text = {k: v + [None] * batch for k, v in text.items()}
+            tensors = {k: TensorInput(torch.cat([v.tensor, torch.zeros_like(v.tensor)]),
+                                      torch.cat([v.mask, torch.zeros_like(v.mask)])) for k, v in tensors.items()}
+        for name, module in names.items():
+            if name not in text and isinstance(module, LUTConditioner):
+                text[name] = [None] * (batch * (2 if guidance != 1.0 else 1))
+        with torch.no_grad():
+            return provider(text=text, tensors=tensors), guidance
+
+    @torch.no_grad()
+    def generate(self, scripts: list[list[Word]], voices: list[TensorInput | None] | None = None,
+                 prefixes: list[torch.Tensor] | None = None,
+                 on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
+        """Run the model over a batch of scripts. prefixes: per item, codes [1 + n_q, T] of an audio prompt
+        (text row -1) forced at the start."""
+        bundle, lm, cfg = self.bundle, self.bundle.lm, self.bundle.config
+        batch = len(scripts)
+        voices = voices or [None] * batch
+        conditions, guidance = self.conditions(voices)
+        states = [self.forcer.start(words) for words in scripts]
+        delay = self.settings.delay_steps
+        t = self.tokens
+        text_prefix: list[deque] = [deque() for _ in range(batch)]
+        audio_prefix: list[deque] = [deque() for _ in range(batch)]
+        masked_until = None
+        if prefixes is not None:
+            masked_until = []
+            for i, prefix in enumerate(prefixes):
+                if prefix.shape[0] != cfg.num_codebooks:
+                    raise ConfigError(f"an audio prompt needs {cfg.num_codebooks} streams, got {prefix.shape[0]}")
+                masked_until.append(prefix.shape[-1] + delay)
+                text_prefix[i].extend(prefix[0].tolist())
+                delays = [d + delay for d in cfg.delays[1:]]
+                grid = torch.full((cfg.n_q, prefix.shape[-1] + max(delays)), -2, dtype=torch.long)
+                for k, d in enumerate(delays):
+                    grid[k, d:d + prefix.shape[-1]] = prefix[1 + k]
+                audio_prefix[i].extend(grid.t().to(lm.device))
+        step = 0
+
+        def on_logits(logits: torch.Tensor) -> torch.Tensor | None:
+            if not self.padding_bonus:
+                return None
+            logits = logits.clone()
+            logits[:, t.pad] += self.padding_bonus
+            return logits
+
+        def on_text(sampled: torch.Tensor) -> torch.Tensor:
+            out = []
+            for i, token in enumerate(sampled.tolist()):
+                out.append(text_prefix[i].popleft() if text_prefix[i] else self.forcer.step(step, states[i], token))
+            return torch.tensor(out, dtype=torch.long, device=sampled.device)
+
+        def on_audio(audio: torch.Tensor) -> torch.Tensor:
+            audio = audio.clone()
+            for q in range(audio.shape[1]):
+                if step < cfg.delays[1 + q] + delay:
+                    audio[:, q] = -1
+            for i, queue in enumerate(audio_prefix):
+                if queue:
+                    forced = queue.popleft()
+                    audio[i] = torch.where(forced != -2, forced, audio[i])
+            return audio
+
+        gen = Generator(lm, temp=self.temp, temp_text=self.temp, top_k=250, top_k_text=25, seed=self.seed,
+                        text_logits_hook=on_logits, text_hook=on_text, audio_hook=on_audio, conditions=conditions,
+                        cfg_coef=guidance, cfg_null_text=True, cfg_masked_until=masked_until)
+        silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
+        frames = []
+        with gen.streaming(batch):
+            for step in range(self.max_steps):
+                if all(s.end_step is not None for s in states):
+                    if step >= max(s.end_step for s in states) + delay + self.final_padding:
+                        break
+                user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
+                    if cfg.n_user else None
+                frame = gen.step(user, replace_audio=silent if step < delay else None)
+                if frame is not None:
+                    frames.append(frame)
+                if on_step is not None:
+                    on_step(step + 1)
+        out = torch.cat(frames, dim=2) if frames else torch.zeros(batch, 1 + cfg.dep_q, 0, dtype=torch.long)
+        return TtsRun(out, [s.end_step for s in states], [s.transcript for s in states])
+
+    def speak(self, texts: list[str | tp.Sequence[str]], voices: list[TensorInput | None] | None = None,
+              prefixes: list[torch.Tensor] | None = None,
+              on_step: tp.Callable[[int], None] | None = None) -> list[Speech]:
+        """Synthesize a batch of texts to audio with word timings."""
+        run = self.generate([self.words(text) for text in texts], voices, prefixes, on_step)
+        mimi = self.bundle.mimi
+        rate = mimi.frame_rate
+        delay = self.settings.delay_steps
+        # The audio of text step s is frame s + delay; as Kyutai, the first two decoded frames are dropped
+        # (a click at the start), so text step s sounds at output frame s - 2.
+        codes = run.frames[:, 1:, delay:].clamp(min=0)
+        pcm = []
+        with torch.no_grad(), mimi.streaming(codes.shape[0]):
+            for i in range(codes.shape[-1]):
+                pcm.append(mimi.decode(codes[..., i:i + 1]).clamp(-1, 1).cpu())
+        frame = mimi.frame_size
+        audio = torch.cat(pcm, dim=-1)[..., 2 * frame:] if pcm else torch.zeros(codes.shape[0], 1, 0)
+        out = []
+        for i, end in enumerate(run.end_steps):
+            start = 0 if prefixes is None else prefixes[i].shape[-1]
+            stop = min(end if end is not None else run.frames.shape[-1], audio.shape[-1] // frame)
+            wav = audio[i, :, start * frame:max(stop, start) * frame]
+            steps = run.transcripts[i]
+            words = []
+            for j, (word, s) in enumerate(steps):
+                begin = max((s - 2 - start) / rate, 0.0)
+                finish = ((steps[j + 1][1] - 2) if j + 1 < len(steps) else stop) - start
+                finish = min(finish, max(stop - start, 0)) / rate
+                words.append(SpokenWord(word, round(begin, 3), round(max(finish, begin), 3)))
+            out.append(Speech(wav, words, end is not None))
+        return out
