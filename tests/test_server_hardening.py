@@ -1,0 +1,140 @@
+"""Hostile and careless clients: one session's abuse costs only that session; memory, idle slots, tokens,
+shutdown. The attacks of issue #18 are regression tests here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+from conftest import read_speech
+from openmoshi.audio.opus import OpusDecoderStream, OpusEncoderStream
+from openmoshi.bundle import init_model
+from openmoshi.client import converse
+from openmoshi.server.background import RunningServer
+from openmoshi.server.limits import InputBudget, SessionLimits
+
+GREEDY = {"text_temperature": 0, "audio_temperature": 0}
+CRAFTED = b"OggS\x00\x00" + b"\xff" * 22  # a page header claiming a 64 KiB page, every 28 bytes
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return init_model("tiny", tmp_path_factory.mktemp("model") / "tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def speech(speech_files) -> np.ndarray:
+    return read_speech(speech_files[0], 3.0)[0].numpy()
+
+
+# ---- 1. bounded work per byte
+
+
+def test_crafted_ogg_costs_bounded_checksum_work():
+    decoder = OpusDecoderStream()
+    crafted = CRAFTED * ((1 << 20) // len(CRAFTED))
+    for _ in range(3):
+        with pytest.raises(Exception, match="invalid Ogg-Opus"):
+            decoder.push(crafted)
+    # Unbounded, every 28-byte step checksummed a ~65 KB candidate: 37k * 65 KB = 2.4 GB per message.
+    assert decoder.checksummed_bytes <= 4 * OpusDecoderStream.MAX_PAGE_BYTES * 3
+    # The decoder still reads a valid stream afterwards, split anywhere.
+    pcm = (np.sin(np.arange(24_000) / 10) * 0.3).astype(np.float32)
+    ogg = OpusEncoderStream().push(pcm)
+    fresh = OpusDecoderStream()
+    out = np.concatenate([fresh.feed(ogg[i:i + 37]) for i in range(0, len(ogg), 37)])
+    assert len(out) == 24_000 // 960 * 960 and fresh.errors == 0
+    assert fresh.checksummed_bytes == len(ogg)  # each byte of a valid stream is checksummed once
+
+
+def test_decode_sample_limit_drops_the_rest():
+    ogg = OpusEncoderStream().push(np.zeros(24_000 * 5, np.float32))
+    decoder = OpusDecoderStream()
+    with pytest.raises(Exception, match="more audio than allowed"):
+        decoder.push(ogg, sample_limit=24_000)
+    got = len(decoder.read())
+    assert 24_000 <= got < 24_000 + 2 * 960 and decoder.pending_bytes == 0
+
+
+def test_input_budget_refills_at_its_rate():
+    now = [0.0]
+    budget = InputBudget(rate=2.0, burst=10.0, clock=lambda: now[0])
+    budget.spend(10.0)
+    assert budget.available() == 0.0
+    now[0] = 1.5
+    assert budget.available() == pytest.approx(3.0)
+    now[0] = 100.0
+    assert budget.available() == 10.0  # never more than the burst
+
+
+async def _victim(url: str, pcm: np.ndarray) -> tuple[list[float], object]:
+    arrivals: list[float] = []
+    conv = await converse(url, pcm, params=GREEDY, on_audio=lambda _: arrivals.append(time.monotonic()))
+    return arrivals, conv
+
+
+async def _crafted_attack(url: str) -> tuple[list[str], int | None]:
+    """Crafted-Ogg messages just under the size limit, then 1 MB ones (over it)."""
+    errors = []
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+        assert (await ws.receive(timeout=30)).data[0] == 0
+        small = b"\x01" + CRAFTED * (60_000 // len(CRAFTED))
+        for _ in range(40):
+            await ws.send_bytes(small)
+        for _ in range(8):
+            try:
+                await ws.send_bytes(b"\x01" + CRAFTED * ((1 << 20) // len(CRAFTED)))
+            except ConnectionError:
+                break
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.BINARY and message.data[0] == 5:
+                errors.append(message.data[1:].decode())
+        return errors, ws.close_code
+
+
+@pytest.fixture(scope="module")
+def opus_flood() -> bytes:
+    """Ten ~60 KB messages of valid Opus (tens of seconds of audio each), encoded before the clock runs."""
+    noise = np.random.default_rng(0).standard_normal(24_000 * 200).astype(np.float32) * 0.1
+    return OpusEncoderStream().push(noise)[:10 * 60_000]
+
+
+async def _opus_flood(url: str, stream: bytes) -> tuple[list[str], int | None]:
+    """Valid Opus as fast as the socket takes it."""
+    errors = []
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+        assert (await ws.receive(timeout=30)).data[0] == 0
+        for i in range(0, len(stream), 60_000):
+            try:
+                await ws.send_bytes(b"\x01" + stream[i:i + 60_000])
+            except ConnectionError:
+                break
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.BINARY and message.data[0] == 5:
+                errors.append(message.data[1:].decode())
+        return errors, ws.close_code
+
+
+def test_abusive_clients_do_not_stall_another_session(tiny_model, speech, opus_flood):
+    with RunningServer(tiny_model, max_sessions=3) as srv:
+        async def scenario():
+            victim = asyncio.create_task(_victim(srv.url, speech))
+            await asyncio.sleep(0.8)
+            crafted, flood = await asyncio.gather(_crafted_attack(srv.url), _opus_flood(srv.url, opus_flood))
+            return await victim, crafted, flood
+
+        (arrivals, conv), (crafted_errors, crafted_code), (flood_errors, _) = asyncio.run(scenario())
+        # (An idle close may end the victim once its audio ended, if its answer was cut short waiting.)
+        assert all("idle" in e for e in conv.errors), conv.errors
+        assert len(conv.pcm) >= len(speech) - 4 * 1920
+        gaps = np.diff(arrivals[3:])  # from a few frames in: the model's startup delay is not a stall
+        assert gaps.max() < 0.3, f"longest gap {gaps.max():.3f} s"
+        # The crafted messages got errors, and the 1 MB one closed its session (1009: message too big).
+        assert any("invalid Ogg-Opus" in e for e in crafted_errors) and crafted_code == 1009
+        # The flood was cut at the input budget: a message saying so, then the close.
+        assert any("faster than real time" in e for e in flood_errors)
+        assert srv.engine.active_sessions == 0
