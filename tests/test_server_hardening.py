@@ -138,3 +138,107 @@ def test_abusive_clients_do_not_stall_another_session(tiny_model, speech, opus_f
         # The flood was cut at the input budget: a message saying so, then the close.
         assert any("faster than real time" in e for e in flood_errors)
         assert srv.engine.active_sessions == 0
+
+
+# ---- 2. bounded memory per session
+
+
+def test_outbox_keeps_the_newest_frames_and_their_text():
+    from openmoshi.server.session import Outbox
+
+    async def scenario():
+        outbox = Outbox(limit=3)
+        batch = np.zeros((4, 1, 1920), np.float32)
+        for i in range(6):
+            batch[:] = i
+            outbox.put(batch[1, 0], f"w{i} ")
+        items = [await outbox.get() for _ in range(len(outbox))]
+        return outbox, batch, items
+
+    outbox, batch, items = asyncio.run(scenario())
+    assert outbox.dropped == 3 and len(items) == 3
+    assert [float(pcm[0]) for pcm, _ in items] == [3.0, 4.0, 5.0]  # the newest audio, each its own copy
+    assert not any(np.shares_memory(pcm, batch) for pcm, _ in items)  # nothing pins the batch array
+    assert items[0][1] == "w0 w1 w2 w3 "  # the dropped frames' words still reach the client
+    assert [text for _, text in items[1:]] == ["w4 ", "w5 "]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class RawWebSocket:
+    """A websocket client on a plain socket with a tiny receive buffer that never reads: a stuck reader."""
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        import base64
+        import os
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        self.sock.connect((host, port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                          .encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += self.sock.recv(1)  # the upgrade reply only; the rest is left unread
+        assert reply.startswith(b"HTTP/1.1 101"), reply
+
+    def send_binary(self, payload: bytes) -> None:
+        import os
+        import struct
+
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_client_that_never_reads_keeps_memory_flat_then_is_dropped(tiny_model):
+    """A client streams audio and reads nothing. The server's send socket buffers are shrunk so that the
+    backlog of a minutes-long run (Moshi's ~3.5 KB/s of Opus filling the kernel's buffers) builds in seconds."""
+    import socket
+
+    from openmoshi.server.app import SESSIONS_KEY
+
+    limits = SessionLimits(send_stall_s=8.0, outbox_frames=25, send_buffer_bytes=4096)
+    with RunningServer(tiny_model, max_sessions=2, limits=limits) as srv:
+        client = RawWebSocket(srv.host, srv.port, "/api/chat")
+        deadline = time.monotonic() + 10
+        while not srv.app[SESSIONS_KEY] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (session,) = srv.app[SESSIONS_KEY]
+        transport = session.request.transport
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        srv.loop.call_soon_threadsafe(transport.set_write_buffer_limits, 4096)
+        encoder = OpusEncoderStream()
+        rng = np.random.default_rng(0)
+        samples: list[tuple[float, float, int]] = []  # (time, rss, outbox length)
+        start, i = time.monotonic(), 0
+        try:
+            while time.monotonic() - start < 30 and srv.engine.active_sessions:
+                data = encoder.push((rng.standard_normal(1920) * 0.1).astype(np.float32))
+                if data:
+                    client.send_binary(b"\x01" + data)
+                i += 1
+                time.sleep(max(0.0, start + i * 0.08 / 1.5 - time.monotonic()))  # 1.5x real time
+                samples.append((time.monotonic() - start, _rss_mb(), len(session.outbox)))
+        except OSError:
+            pass  # the server disconnected us
+        ended = time.monotonic() - start
+        client.close()
+        assert max(n for _, _, n in samples) <= limits.outbox_frames
+        assert session.outbox.dropped > 0  # the reader was stuck long enough to drop the oldest audio
+        assert session.closed_because and "read nothing" in session.closed_because
+        assert ended < 28 and srv.engine.active_sessions == 0  # disconnected, slot freed
+        stuck = [rss for t, rss, n in samples if n == limits.outbox_frames]
+        assert len(stuck) > 30
+        assert max(stuck) - min(stuck) < 8.0, f"RSS moved {max(stuck) - min(stuck):.1f} MB while stuck"

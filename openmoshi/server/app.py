@@ -119,7 +119,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     limits = request.app[LIMITS_KEY]
     ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
-                               timeout=limits.close_timeout_s)
+                               timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
     await ws.prepare(request)
     try:
         settings = SessionSettings.from_query(dict(request.query), engine.defaults)

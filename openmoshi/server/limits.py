@@ -19,6 +19,7 @@ class SessionLimits:
     idle_timeout_s: float = 20.0  # no audio for this long: the session is closed, its slot freed
     outbox_frames: int = 25  # Moshi's frames (80 ms) waiting for a slow reader; older ones are dropped
     send_stall_s: float = 10.0  # a client that reads nothing for this long is disconnected
+    send_buffer_bytes: int = 32 * 1024  # output written before waiting for the socket to drain
     close_timeout_s: float = 1.0  # how long a close waits for the client's close frame
 
     def __post_init__(self) -> None:
