@@ -242,3 +242,41 @@ def test_client_that_never_reads_keeps_memory_flat_then_is_dropped(tiny_model):
         stuck = [rss for t, rss, n in samples if n == limits.outbox_frames]
         assert len(stuck) > 30
         assert max(stuck) - min(stuck) < 8.0, f"RSS moved {max(stuck) - min(stuck):.1f} MB while stuck"
+
+
+# ---- 3. idle timeout
+
+
+async def _idle_client(url: str, send_pings: bool) -> tuple[list[str], float, int | None]:
+    errors = []
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        assert (await ws.receive(timeout=30)).data[0] == 0
+        await ws.send_bytes(b"\x01" + OpusEncoderStream().push(np.zeros(3840, np.float32)))
+        start = time.monotonic()
+        while True:
+            if send_pings:
+                await ws.send_bytes(b"\x06")  # pings are not audio: they do not keep a slot
+            message = await ws.receive(timeout=10)
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            if message.data[0] == 5:
+                errors.append(message.data[1:].decode())
+            if not send_pings:
+                continue
+            await asyncio.sleep(0.2)
+        return errors, time.monotonic() - start, ws.close_code
+
+
+@pytest.mark.parametrize("send_pings", [False, True])
+def test_idle_session_is_closed_and_frees_its_slot(tiny_model, send_pings):
+    with RunningServer(tiny_model, max_sessions=1, limits=SessionLimits(idle_timeout_s=1.5)) as srv:
+        errors, waited, code = asyncio.run(_idle_client(srv.url, send_pings))
+        assert any("no audio received for 1.5 s" in e for e in errors), errors
+        assert 1.0 < waited < 5.0 and code is not None
+        deadline = time.monotonic() + 5
+        while srv.engine.active_sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.engine.active_sessions == 0
+        # The freed slot takes the next conversation.
+        conv = asyncio.run(converse(srv.url, np.zeros(9600, np.float32), params=GREEDY))
+        assert conv.errors == [] and len(conv.pcm) > 0
