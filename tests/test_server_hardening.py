@@ -280,3 +280,47 @@ def test_idle_session_is_closed_and_frees_its_slot(tiny_model, send_pings):
         # The freed slot takes the next conversation.
         conv = asyncio.run(converse(srv.url, np.zeros(9600, np.float32), params=GREEDY))
         assert conv.errors == [] and len(conv.pcm) > 0
+
+
+# ---- 4. token
+
+
+TOKEN = "s3cret&x=1#frag+plus é"  # characters a URL must encode
+
+
+def test_token_page_assets_websocket_and_logs(tiny_model, caplog):
+    import logging
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote
+
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    with RunningServer(tiny_model, max_sessions=1, token=TOKEN) as srv:
+        def get(path: str, cookie: str | None = None) -> tuple[int, str, str]:
+            request = urllib.request.Request(srv.http + path, headers={"Cookie": cookie} if cookie else {})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.read().decode(), response.headers.get("Set-Cookie", "")
+            except urllib.error.HTTPError as exc:
+                return exc.code, "", ""
+
+        status, html, set_cookie = get("/?token=" + quote(TOKEN, safe=""))
+        assert status == 200 and "<html" in html.lower()
+        assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+        cookie = set_cookie.split(";")[0]
+        # The page's style sheet, scripts and vendored decoder come with the cookie the page URL set.
+        for asset in ("/style.css", "/js/app.js", "/js/protocol.js", "/vendor/opus-recorder/decoderWorker.min.js"):
+            assert get(asset, cookie)[0] == 200, asset
+            assert get(asset)[0] == 401, asset
+        assert get("/", "openmoshi_token=wrong")[0] == 401
+        # /health answers everyone, without paths.
+        status, body, _ = get("/health")
+        assert status == 200 and "/" not in body and "tiny" not in body
+        # Our client encodes the token; a wrong one is refused.
+        conv = asyncio.run(converse(srv.url, np.zeros(9600, np.float32), params={"token": TOKEN}))
+        assert conv.errors == [] and len(conv.pcm) > 0
+        with pytest.raises(Exception, match="401|cannot connect"):
+            asyncio.run(converse(srv.url, np.zeros(9600, np.float32), params={"token": "s3cret"}))
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "GET /style.css" in logged and "/api/chat" in logged  # the access log is on ...
+    assert "s3cret" not in logged and "token" not in logged  # ... and never shows a query string
