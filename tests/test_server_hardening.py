@@ -324,3 +324,90 @@ def test_token_page_assets_websocket_and_logs(tiny_model, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "GET /style.css" in logged and "/api/chat" in logged  # the access log is on ...
     assert "s3cret" not in logged and "token" not in logged  # ... and never shows a query string
+
+
+# ---- 5. graceful shutdown, option checks, bind failures (the real `serve` command in a subprocess)
+
+
+def _serve(model, *extra: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "openmoshi", "serve", "--model", str(model), "--device", "cpu",
+                             "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=repo)
+
+
+def _wait_for_port(proc) -> int:
+    import re
+
+    line = proc.stdout.readline()
+    match = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)/", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_closes_open_sessions_and_exits_fast(tiny_model, sig):
+    import signal
+
+    proc = _serve(tiny_model, "--port", "0")
+    try:
+        port = _wait_for_port(proc)
+
+        async def session():
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"ws://127.0.0.1:{port}/api/chat") as ws:
+                assert (await ws.receive(timeout=30)).data[0] == 0
+                await ws.send_bytes(b"\x01" + OpusEncoderStream().push(np.zeros(3840, np.float32)))
+                await asyncio.sleep(0.3)
+                sent = time.monotonic()
+                proc.send_signal(getattr(signal, sig))
+                errors = []
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.BINARY and message.data[0] == 5:
+                        errors.append(message.data[1:].decode())
+                return errors, ws.close_code, time.monotonic() - sent, sent
+
+        errors, code, closed_after, sent = asyncio.run(session())
+        proc.wait(timeout=10)
+        exited_after = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert errors == ["server shutting down"]
+    assert code == 1001  # going away
+    assert closed_after < 1.0 and exited_after < 2.0, (closed_after, exited_after)
+    assert proc.returncode == 0
+
+
+def test_serve_refuses_bad_options_before_loading(tmp_path, capsys):
+    from openmoshi.cli.main import main
+
+    for option, value in (("--max-backlog", "nan"), ("--max-backlog", "-5"), ("--idle-timeout", "0"),
+                          ("--input-rate", "inf"), ("--max-sessions", "0"), ("--port", "70000"),
+                          ("--max-message-kb", "0.5"), ("--token", " ")):
+        # The model does not exist: an option error shows that options are checked before any loading.
+        code = main(["serve", "--model", str(tmp_path / "no-such-model"), option, value])
+        out, err = capsys.readouterr()
+        assert code == 1, (option, value, err)
+        assert err.startswith("error: ") and option in err and "Traceback" not in err, err
+        assert "serving" not in out
+
+
+def test_serve_bind_failure_is_a_clear_error(tiny_model):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        proc = _serve(tiny_model, "--port", str(taken.getsockname()[1]))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        taken.close()
+    assert proc.returncode == 1
+    assert "serving" not in out  # announced only once bound
+    assert "cannot listen on 127.0.0.1" in err and "--port" in err and "Traceback" not in err

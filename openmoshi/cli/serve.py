@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
+import sys
 
 from ..server.limits import SessionLimits
 from .common import add_device_arguments, resolve_device
@@ -79,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("listening on %s without --token: anyone who can reach it can use it", args.host)
 
     asyncio.run(serve_until_signal(app, args.host, args.port, announce))
-    return 0
+    # Every session is closed and the socket released: exit now. The interpreter's teardown of torch alone
+    # takes seconds on a busy machine and has nothing left to clean up.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def check_options(args: argparse.Namespace) -> SessionLimits:
