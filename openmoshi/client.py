@@ -8,6 +8,7 @@ import logging
 import time
 import typing as tp
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 import aiohttp
 import numpy as np
@@ -70,7 +71,7 @@ async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], rea
     conv = Conversation()
     if params:
         sep = "&" if "?" in url else "?"
-        url = url + sep + "&".join(f"{k}={v}" for k, v in params.items())
+        url = url + sep + urlencode(params)  # encoded: a token may hold '&', '#', '+', ...
     encoder = OpusEncoderStream()
     decoder = OpusDecoderStream(SAMPLE_RATE)
     if isinstance(pcm, np.ndarray):

@@ -221,3 +221,25 @@ def test_busy_server_in_browser(chromium, tiny_model, tmp_path):
         assert _debug(chromium)["received"]["error"]["messages"] == 0  # counters restart each conversation
         chromium.find_element("id", "stop").click()
         wait_for(chromium, "window.moshiDebug.state === 'closed'", 10, "the conversation to stop")
+
+
+def test_conversation_in_browser_behind_token(chromium, tiny_model):
+    """With --token the page URL carries it: the page, its assets (a cookie) and its websocket all work."""
+    from urllib.parse import quote
+
+    token = "tok&en#1 +é"
+    with RunningServer(tiny_model, max_sessions=1, token=token) as srv:
+        chromium.get(srv.http + "/")  # without the token: refused
+        assert "token" in chromium.find_element("tag name", "body").text
+        assert all("401" in e for e in console_errors(chromium))  # the refusal, and nothing else
+        _open_page(chromium, srv.http + "/?token=" + quote(token, safe=""))
+        chromium.find_element("id", "start").click()
+        wait_for(chromium, "window.moshiDebug.state === 'connected' && "
+                 "window.moshiDebug.detail.startsWith('live')", 20, "the conversation to go live")
+        wait_for(chromium, "window.moshiDebug.audio.secondsPlayed >= 2", 30, "2 s of played audio")
+        d = _debug(chromium)
+        assert d["lastError"] is None and d["received"]["audio"]["messages"] >= 10
+        assert d["sent"]["audio"]["messages"] >= 10 and srv.engine.metrics.frames_in >= 10
+        assert console_errors(chromium) == []
+        chromium.find_element("id", "stop").click()
+        wait_for(chromium, "window.moshiDebug.state === 'closed'", 10, "the conversation to stop")

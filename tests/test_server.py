@@ -18,6 +18,7 @@ from openmoshi.audio.opus import OpusEncoderStream, decode_ogg_opus
 from openmoshi.bundle import init_model
 from openmoshi.client import ServerBusy, converse
 from openmoshi.server.background import RunningServer
+from openmoshi.server.limits import SessionLimits
 
 GREEDY = {"text_temperature": 0, "audio_temperature": 0}
 
@@ -163,22 +164,26 @@ async def _fuzz(url: str, messages: list) -> tuple[int, bool]:
         return errors, ws.closed
 
 
-def test_malformed_input_never_disturbs_other_sessions(server, user_audio):
+def test_malformed_input_never_disturbs_other_sessions(tiny_model, user_audio):
     ogg = OpusEncoderStream().push(user_audio[2][:24_000])
     messages = _garbage_messages(random.Random(0), ogg)
-    alone = asyncio.run(converse(server.url, user_audio[3], params=GREEDY))
+    # The valid pieces of the fuzz stream are far faster than real time: a budget that lets them through,
+    # so that every malformed message reaches the parser (the default budget closes such a client).
+    with RunningServer(tiny_model, max_sessions=4, limits=SessionLimits(input_rate=1e6, input_burst_s=1e6)) as server:
+        alone = asyncio.run(converse(server.url, user_audio[3], params=GREEDY))
 
-    async def both():
-        return await asyncio.gather(_fuzz(server.url, messages), converse(server.url, user_audio[3], params=GREEDY))
+        async def both():
+            return await asyncio.gather(_fuzz(server.url, messages),
+                                        converse(server.url, user_audio[3], params=GREEDY))
 
-    (errors, _), during = asyncio.run(both())
+        (errors, _), during = asyncio.run(both())
+        status, body = _get(server.http + "/health")
     # Unknown kinds, empty, text and server-only messages (601) always get an error reply; garbage audio
     # mostly does too (a truncated stream can still hold whole valid pages, which are simply decoded).
     assert errors >= 900
     assert [p for _, p in during.pieces] == [p for _, p in alone.pieces]
     n = min(len(alone.pcm), len(during.pcm))
     assert np.array_equal(alone.pcm[:n], during.pcm[:n])
-    status, body = _get(server.http + "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
@@ -186,6 +191,7 @@ def test_health_and_metrics(server):
     status, body = _get(server.http + "/health")
     health = json.loads(body)
     assert health["max_sessions"] == 4 and health["sessions"] == 0
+    assert set(health) == {"status", "sessions", "max_sessions"}  # no paths for anyone who asks
     status, text = _get(server.http + "/metrics")
     assert status == 200
     assert "openmoshi_sessions_active 0" in text

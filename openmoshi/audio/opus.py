@@ -108,14 +108,24 @@ class OpusEncoderStream:
         return self.push(np.zeros(missing, dtype=np.float32))
 
 
+class DecodeLimitReached(ProtocolError):
+    """A push held more audio than the caller allowed (`sample_limit`); the rest of it was dropped."""
+
+
 class OpusDecoderStream:
     """Ogg-Opus bytes in (split anywhere), float32 pcm out.
 
     `push` raises `ProtocolError` for bytes that are not a valid Ogg-Opus stream; the bad bytes are dropped,
     pages decoded before them stay readable, and later pushes continue at the next valid page.
+
+    The work per pushed byte is bounded: a valid stream has each byte checksummed once, so checksum work is
+    paid from an allowance of two bytes per byte pushed (capped). Bytes crafted so that a candidate page
+    starts every few bytes (each claiming a 64 KiB page) exhaust it, and the rest of the buffer is dropped
+    instead of being checksummed again at every offset.
     """
 
     MAX_PAGE_BYTES = _HEADER_SIZE + 255 + 255 * 255  # the largest page Ogg can describe
+    _CRC_ALLOWANCE_CAP = 4 * MAX_PAGE_BYTES
 
     def __init__(self, sample_rate: int = 24000, verify_crc: bool = True) -> None:
         _check_rate(sample_rate)
@@ -125,6 +135,8 @@ class OpusDecoderStream:
         self._buffer = bytearray()
         self._pos = 0  # start of the unparsed bytes in _buffer; compacted once per push
         self._pcm: list[np.ndarray] = []
+        self._crc_allowance = 0  # bytes that may still be checksummed (see the class docstring)
+        self.checksummed_bytes = 0
         self.pages_decoded = 0
         self.errors = 0
 
@@ -133,20 +145,34 @@ class OpusDecoderStream:
         """Bytes of an incomplete page waiting for the rest of it."""
         return len(self._buffer) - self._pos
 
-    def push(self, data: bytes | bytearray | memoryview) -> None:
-        """Feeds a chunk of the stream. Raises `ProtocolError` if it holds bytes that are not Ogg-Opus."""
+    def push(self, data: bytes | bytearray | memoryview, sample_limit: int | None = None) -> None:
+        """Feeds a chunk of the stream. Raises `ProtocolError` if it holds bytes that are not Ogg-Opus.
+
+        With `sample_limit`, decoding stops once this push produced that many samples (a page may overshoot
+        it): the undecoded rest is dropped and `DecodeLimitReached` raised (the pcm decoded so far stays
+        readable).
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"Opus stream data must be bytes, got {type(data).__name__}.")
         self._buffer += data
+        self._crc_allowance = min(self._crc_allowance + 2 * len(data), self._CRC_ALLOWANCE_CAP)
         problems: list[str] = []
+        decoded = 0
         while True:
+            if sample_limit is not None and decoded >= sample_limit and self.pending_bytes:
+                dropped = self.pending_bytes
+                self._buffer.clear()
+                self._pos = 0
+                self.errors += 1
+                raise DecodeLimitReached(f"more audio than allowed ({sample_limit} samples) in one push; "
+                                         f"dropped the remaining {dropped} bytes")
             page, problem = self._next_page()
             if problem:
                 problems.append(problem)
                 continue
             if page is None:
                 break
-            self._decode_page(page, problems)
+            decoded += self._decode_page(page, problems)
         del self._buffer[: self._pos]
         self._pos = 0
         if problems:
@@ -162,9 +188,9 @@ class OpusDecoderStream:
         self._pcm = []
         return out
 
-    def feed(self, data: bytes) -> np.ndarray:
+    def feed(self, data: bytes, sample_limit: int | None = None) -> np.ndarray:
         """`push(data)` then `read()`: the pcm (float32 [T]) completed by this chunk."""
-        self.push(data)
+        self.push(data, sample_limit)
         return self.read()
 
     def finish(self) -> None:
@@ -204,14 +230,22 @@ class OpusDecoderStream:
         size = _HEADER_SIZE + n_segments + sum(buf[table : table + n_segments])
         if available < size:
             return None, None
+        if self.verify_crc and size > self._crc_allowance:
+            dropped = available
+            self._pos = len(buf)
+            return None, f"too many invalid Ogg pages, dropped the rest ({dropped} bytes)"
         page = bytes(buf[pos : pos + size])
         stored = int.from_bytes(page[22:26], "little")
-        if self.verify_crc and ogg_crc(page[:22] + b"\0\0\0\0" + page[26:]) != stored:
-            return self._resync("Ogg page checksum mismatch")
+        if self.verify_crc:
+            self._crc_allowance -= size
+            self.checksummed_bytes += size
+            if ogg_crc(page[:22] + b"\0\0\0\0" + page[26:]) != stored:
+                return self._resync("Ogg page checksum mismatch")
         self._pos += size
         return page, None
 
-    def _decode_page(self, page: bytes, problems: list[str]) -> None:
+    def _decode_page(self, page: bytes, problems: list[str]) -> int:
+        """Decodes one page; returns the number of samples it gave."""
         try:
             pcm = self._reader.append_bytes(page)
         except BaseException as exc:  # any codec failure means a bad page from the client
@@ -220,10 +254,12 @@ class OpusDecoderStream:
             # The reader may keep half-parsed state after a failure; a fresh one resumes at the next page.
             self._reader = sphn.OpusStreamReader(self.sample_rate)
             problems.append(f"Opus packet rejected by the decoder: {exc}")
-            return
+            return 0
         self.pages_decoded += 1
         if pcm is not None and pcm.size:
             self._pcm.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
+            return int(pcm.size)
+        return 0
 
 
 def encode_ogg_opus(pcm: np.ndarray | torch.Tensor, sample_rate: int = 24000) -> bytes:

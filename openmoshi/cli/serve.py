@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
+import sys
 
+from ..server.limits import SessionLimits
 from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -31,23 +34,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static", default=None, help="serve another web page folder at / instead of ours")
     parser.add_argument("--max-backlog", type=float, default=1.0,
                         help="seconds of user audio a session may queue before old audio is dropped")
+    defaults = SessionLimits()
+    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                        help="seconds without audio from a client before its session is closed and its slot "
+                             f"freed (default {defaults.idle_timeout_s:g})")
+    parser.add_argument("--max-message-kb", type=float, default=defaults.max_message_bytes / 1024,
+                        help="largest websocket message accepted, in KiB (a 20 ms Opus page is ~0.1 KiB; "
+                             f"default {defaults.max_message_bytes // 1024})")
+    parser.add_argument("--input-rate", type=float, default=defaults.input_rate,
+                        help="seconds of audio a client may send per second, on average; faster clients are "
+                             f"closed (default {defaults.input_rate:g})")
+    parser.add_argument("--input-burst", type=float, default=defaults.input_burst_s,
+                        help=f"seconds of audio a client may send ahead at once (default {defaults.input_burst_s:g})")
     add_device_arguments(parser)
     add_quantize_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
     from pathlib import Path
-
-    from aiohttp import web
+    from urllib.parse import quote
 
     from ..bundle import load_model
-    from ..errors import ConfigError
     from ..server.app import STATIC_DIR, create_app
     from ..server.engine import Engine
     from ..server.protocol import SessionSettings
+    from ..server.runner import serve_until_signal
 
-    if args.max_sessions < 1:
-        raise ConfigError("--max-sessions must be at least 1")
+    limits = check_options(args)
     device, dtype = resolve_device(args)
     logger.info("loading %s on %s (%s)", args.model, device, dtype)
     bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
@@ -58,11 +72,52 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(bundle, args.max_sessions, defaults, max_backlog_frames=frames)
     token = secrets.token_urlsafe(16) if args.token == "auto" else args.token
     static = Path(args.static) if args.static else STATIC_DIR
-    app = create_app(engine, token=token, static_dir=static)
-    suffix = f"/?token={token}" if token else "/"
-    print(f"openmoshi: serving {args.model} with {args.max_sessions} slot(s) on http://{args.host}:{args.port}{suffix}",
-          flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        logger.warning("listening on %s without --token: anyone who can reach it can use it", args.host)
-    web.run_app(app, host=args.host, port=args.port, print=None)
-    return 0
+    app = create_app(engine, token=token, static_dir=static, limits=limits)
+
+    def announce(port: int) -> None:
+        suffix = f"/?token={quote(token, safe='')}" if token else "/"
+        print(f"openmoshi: serving {args.model} with {args.max_sessions} slot(s) on "
+              f"http://{args.host}:{port}{suffix}", flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+            logger.warning("listening on %s without --token: anyone who can reach it can use it", args.host)
+
+    asyncio.run(serve_until_signal(app, args.host, args.port, announce))
+    # Every session is closed and the socket released: exit now. The interpreter's teardown of torch alone
+    # takes seconds on a busy machine and has nothing left to clean up.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def check_options(args: argparse.Namespace) -> SessionLimits:
+    """Every numeric option in range (before the model loads); the session limits they describe."""
+    import math
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    def positive(name: str, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        return value
+
+    if args.max_sessions < 1:
+        raise ConfigError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    positive("--max-backlog", args.max_backlog)
+    if args.max_backlog > 60:
+        raise ConfigError(f"--max-backlog of {args.max_backlog:g} s would let a session lag a minute behind; "
+                          "use at most 60")
+    if args.static is not None and not Path(args.static).is_dir():
+        raise ConfigError(f"--static {args.static}: no such folder")
+    if args.token is not None and not args.token.strip():
+        raise ConfigError("--token is empty: give a secret, or 'auto' to generate one")
+    kib = positive("--max-message-kb", args.max_message_kb)
+    if kib < 1:
+        raise ConfigError(f"--max-message-kb must be at least 1 (one Opus page), got {kib:g}")
+    return SessionLimits(max_message_bytes=int(kib * 1024),
+                         input_rate=positive("--input-rate", args.input_rate),
+                         input_burst_s=positive("--input-burst", args.input_burst),
+                         idle_timeout_s=positive("--idle-timeout", args.idle_timeout))

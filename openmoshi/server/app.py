@@ -3,40 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import logging
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, web
+from aiohttp.abc import AbstractAccessLogger
 
 from .. import __version__
-from ..audio.opus import OpusDecoderStream, OpusEncoderStream
 from ..errors import ProtocolError
 from . import protocol
 from .engine import Engine, Slot
-from .protocol import Kind, SessionSettings
+from .limits import SessionLimits
+from .protocol import SessionSettings
+from .session import ChatSession, Outbox
 
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+TOKEN_COOKIE = "openmoshi_token"
 ENGINE_KEY = web.AppKey("engine", Engine)
 TOKEN_KEY = web.AppKey("token", str)
+LIMITS_KEY = web.AppKey("limits", SessionLimits)
 TASK_KEY = web.AppKey("engine_task", asyncio.Task)
+POOL_KEY = web.AppKey("decode_pool", concurrent.futures.ThreadPoolExecutor)
+SESSIONS_KEY = web.AppKey("sessions", set)
 
 
-def create_app(engine: Engine, token: str | None = None, static_dir: Path = STATIC_DIR) -> web.Application:
+def create_app(engine: Engine, token: str | None = None, static_dir: Path = STATIC_DIR,
+               limits: SessionLimits | None = None) -> web.Application:
     app = web.Application(middlewares=[_auth_middleware])
     app[ENGINE_KEY] = engine
     app[TOKEN_KEY] = token or ""
+    app[LIMITS_KEY] = limits or SessionLimits()
+    app[SESSIONS_KEY] = set()
+    # User audio is decoded here, one message at a time per session: a session never waits for another's.
+    app[POOL_KEY] = concurrent.futures.ThreadPoolExecutor(max_workers=engine.max_sessions,
+                                                          thread_name_prefix="moshi-decode")
     app.router.add_get("/api/chat", handle_chat)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/", lambda _: web.FileResponse(static_dir / "index.html"))
     app.router.add_static("/", static_dir)
     app.on_startup.append(_start_engine)
+    app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_stop_engine)
     return app
 
@@ -45,29 +58,54 @@ async def _start_engine(app: web.Application) -> None:
     app[TASK_KEY] = asyncio.create_task(app[ENGINE_KEY].run())
 
 
+async def _close_sessions(app: web.Application) -> None:
+    """At shutdown every open conversation hears why (kind 5) and gets a close frame, all at once."""
+    sessions = list(app[SESSIONS_KEY])
+    if sessions:
+        logger.info("shutting down: closing %d session(s)", len(sessions))
+    await asyncio.gather(*(s.end("server shutting down", code=WSCloseCode.GOING_AWAY) for s in sessions),
+                         return_exceptions=True)
+
+
 async def _stop_engine(app: web.Application) -> None:
     app[ENGINE_KEY].stop()
     await app[TASK_KEY]
+    app[POOL_KEY].shutdown(wait=False, cancel_futures=True)
 
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler):
-    """With --token, every route but /health needs it (query `token=`, `Authorization: Bearer`, or X-Moshi-Token)."""
+    """With --token, every route but /health needs it: query `token=`, `Authorization: Bearer`, X-Moshi-Token,
+    or the cookie set when the page was opened with `?token=` (so its style sheet, scripts, workers and
+    websocket are allowed too)."""
     expected = request.app[TOKEN_KEY]
-    if expected and request.path != "/health":
-        given = request.query.get("token") or request.headers.get("X-Moshi-Token", "")
-        auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
-            given = auth[len("Bearer "):]
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise web.HTTPUnauthorized(text="a valid token is needed: add ?token=... to the URL\n")
-    return await handler(request)
+    if not expected or request.path == "/health":
+        return await handler(request)
+    from_query = request.query.get("token")
+    given = from_query or request.headers.get("X-Moshi-Token") or request.cookies.get(TOKEN_COOKIE, "")
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        given = auth[len("Bearer "):]
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise web.HTTPUnauthorized(text="a valid token is needed: add ?token=... to the URL\n")
+    response = await handler(request)
+    if from_query and isinstance(response, web.StreamResponse) and not response.prepared:
+        response.set_cookie(TOKEN_COOKIE, expected, httponly=True, samesite="Strict", path="/")
+    return response
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request without its query string: tokens and settings never reach the logs."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info('%s "%s %s" %s %.3fs', request.remote, request.method, request.path, response.status,
+                         time)
 
 
 async def handle_health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     return web.json_response({"status": "ok", "sessions": engine.active_sessions,
-                              "max_sessions": engine.max_sessions, "model": engine.bundle.source})
+                              "max_sessions": engine.max_sessions})
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -79,7 +117,9 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
-    ws = web.WebSocketResponse(max_msg_size=protocol.MAX_MESSAGE_BYTES + 1, heartbeat=30)
+    limits = request.app[LIMITS_KEY]
+    ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
+                               timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
     await ws.prepare(request)
     try:
         settings = SessionSettings.from_query(dict(request.query), engine.defaults)
@@ -88,8 +128,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         await ws.close()
         return ws
 
-    outbox: asyncio.Queue = asyncio.Queue()
-    slot = engine.acquire(settings, lambda pcm, text: outbox.put_nowait((pcm, text)))
+    outbox = Outbox(limits.outbox_frames)
+    slot = engine.acquire(settings, outbox.put)
     if slot is None:
         logger.info("refused a session: all %d slots busy", engine.max_sessions)
         await ws.send_bytes(protocol.error(f"server busy: every conversation slot ({engine.max_sessions}) "
@@ -97,16 +137,18 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         await ws.close()
         return ws
     logger.info("session in slot %d from %s", slot.index, request.remote)
-    sender = asyncio.create_task(_send_loop(ws, outbox))
+    session = ChatSession(request, ws, engine, slot, outbox, limits, request.app[POOL_KEY])
+    request.app[SESSIONS_KEY].add(session)
     try:
         await ws.send_bytes(protocol.handshake())
         await ws.send_bytes(protocol.metadata(_session_info(engine, slot, settings)))
-        await _receive_loop(ws, engine, slot)
+        await session.run()
     finally:
+        request.app[SESSIONS_KEY].discard(session)
         engine.release(slot)
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
-        logger.info("session in slot %d ended after %d steps", slot.index, slot.steps)
+        logger.info("session in slot %d ended after %d steps%s%s", slot.index, slot.steps,
+                    f", {outbox.dropped} unsent frame(s) dropped" if outbox.dropped else "",
+                    f" ({session.closed_because})" if session.closed_because else "")
     return ws
 
 
@@ -129,36 +171,3 @@ def _session_info(engine: Engine, slot: Slot, settings: SessionSettings) -> dict
     return {"slot": slot.index, "max_sessions": engine.max_sessions, "sample_rate": engine.bundle.sample_rate,
             "model": model, "lm_model_file": model, "instance_name": "openmoshi", "build_info": BUILD_INFO,
             **settings.describe()}
-
-
-async def _receive_loop(ws: web.WebSocketResponse, engine: Engine, slot: Slot) -> None:
-    decoder = OpusDecoderStream(engine.bundle.sample_rate)
-    async for message in ws:
-        if message.type == WSMsgType.BINARY:
-            try:
-                kind, payload = protocol.parse_client_message(message.data)
-                if kind == Kind.AUDIO:
-                    pcm = decoder.feed(payload)
-                    engine.push_audio(slot, pcm)
-            except ProtocolError as exc:
-                engine.metrics.protocol_errors += 1
-                decoder = OpusDecoderStream(engine.bundle.sample_rate)  # a bad stream restarts cleanly
-                await ws.send_bytes(protocol.error(f"bad message: {exc}"))
-        elif message.type == WSMsgType.TEXT:
-            engine.metrics.protocol_errors += 1
-            await ws.send_bytes(protocol.error("bad message: this protocol uses binary frames only"))
-        elif message.type == WSMsgType.ERROR:
-            logger.info("websocket error in slot %d: %s", slot.index, ws.exception())
-            break
-
-
-async def _send_loop(ws: web.WebSocketResponse, outbox: asyncio.Queue) -> None:
-    encoder = OpusEncoderStream()
-    while True:
-        pcm, text = await outbox.get()
-        if pcm is not None:
-            data = encoder.push(np.asarray(pcm, dtype=np.float32))
-            if data:
-                await ws.send_bytes(protocol.encode(Kind.AUDIO, data))
-        if text:
-            await ws.send_bytes(protocol.text_piece(text))

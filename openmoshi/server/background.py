@@ -5,25 +5,25 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from aiohttp import web
-
 from ..bundle import load_model
 from .app import create_app
 from .engine import Engine
+from .limits import SessionLimits
 from .protocol import SessionSettings
+from .runner import start
 
 
 class RunningServer:
     """`with RunningServer(model) as srv:` serves on 127.0.0.1 at a free port (`srv.url`, `srv.http`)."""
 
     def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
-                 max_backlog_frames: int = 12, host: str = "127.0.0.1") -> None:
+                 max_backlog_frames: int = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None) -> None:
         self.bundle = load_model(model_folder)
         gen = self.bundle.generation
         defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
                                    audio_temperature=gen["temp"], audio_topk=gen["top_k"])
         self.engine = Engine(self.bundle, max_sessions, defaults, max_backlog_frames=max_backlog_frames)
-        self.app = create_app(self.engine, token=token)
+        self.app = create_app(self.engine, token=token, limits=limits)
         self.loop = asyncio.new_event_loop()
         self.host = host
         self.port = 0
@@ -32,11 +32,7 @@ class RunningServer:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.runner = web.AppRunner(self.app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, self.host, 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.runner, self.port = self.loop.run_until_complete(start(self.app, self.host, 0))
         self._ready.set()
         self.loop.run_forever()
         self.loop.run_until_complete(self.runner.cleanup())

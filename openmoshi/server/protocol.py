@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from ..errors import ProtocolError
 
-MAX_MESSAGE_BYTES = 1 << 20  # a 20 ms Opus page is ~100 bytes; anything near this is abuse
+MAX_MESSAGE_BYTES = 64 * 1024  # default limit: a 20 ms Opus page is ~100 bytes; anything near this is abuse
 
 
 class Kind(enum.IntEnum):
@@ -47,12 +47,12 @@ def text_piece(piece: str) -> bytes:
     return encode(Kind.TEXT, piece.replace("\u2581", " "))
 
 
-def parse_client_message(data: bytes) -> tuple[Kind, bytes]:
+def parse_client_message(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[Kind, bytes]:
     """(kind, payload) of a client message; ProtocolError for anything a client may not send."""
     if not data:
         raise ProtocolError("empty message: expected a kind byte")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {max_bytes}-byte limit")
     try:
         kind = Kind(data[0])
     except ValueError:
