@@ -163,3 +163,25 @@ def test_weight_norm_training_model_exports_a_plain_mimi(tmp_path, speech_batch)
     loaded = load_mimi(tmp_path, num_codebooks=mimi.total_codebooks)
     assert torch.equal(loaded.encode(wav), codes)
     assert set(loaded.state_dict()) == set(Mimi(loaded.cfg).state_dict())
+
+
+@pytest.mark.slow  # two official-size Mimis
+def test_official_shape_export_loads_in_reference_with_identical_codes(tmp_path, speech_batch):
+    loaders = pytest.importorskip("moshi.models.loaders")
+    torch.manual_seed(0)
+    mimi = Mimi(CodecModelConfig(shapes="mimi", n_q=32, bins=2048).mimi_config())
+    apply_weight_norm(mimi)
+    wav = speech_batch[:, :, :38_400]
+    fill_codebooks(mimi, wav)
+    with torch.no_grad():
+        for name, p in mimi.named_parameters():
+            if name.endswith("original0"):
+                p.mul_(1.2)
+    path = export_mimi(mimi, tmp_path, mimi.cfg)
+    ours = load_mimi(tmp_path, num_codebooks=8)
+    ref = loaders.get_mimi(path, num_codebooks=8)
+    with torch.no_grad():
+        expected = ref.encode(wav)
+        got = ours.encode(wav)
+    assert torch.equal(got, expected)
+    assert len(torch.unique(expected)) > 10
