@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-
 from dialogue_utils import make_dialogue
+
 from openmoshi.bundle import init_model, load_codec, load_tokenizer
 from openmoshi.cli.main import main
 from openmoshi.data.codes import CodeShards, codec_key, encode_channels

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bundle import load_codec
     from ..data.codes import write_shards
     from ..data.sources import read_manifest
-    from ..bundle import load_codec
 
     device, _ = resolve_device(args)
     items = read_manifest(args.data)

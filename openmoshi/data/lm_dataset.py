@@ -20,7 +20,7 @@ order; the training core draws the order (openmoshi.train.data: seeded, sharded,
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -91,8 +91,8 @@ def read_channels(path: Path, start: float = 0.0, duration: float | None = None,
     resampled to `sample_rate` -> float [C, samples]."""
     try:
         info = soundfile.info(str(path))
-        first = int(round(start * info.samplerate))
-        count = -1 if duration is None else int(round(duration * info.samplerate))
+        first = round(start * info.samplerate)
+        count = -1 if duration is None else round(duration * info.samplerate)
         data, rate = soundfile.read(str(path), start=first, frames=count, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as exc:
         raise DataError(f"cannot read audio {path}: {exc}") from exc
@@ -100,7 +100,7 @@ def read_channels(path: Path, start: float = 0.0, duration: float | None = None,
     if rate != sample_rate:
         wav = resample(wav, rate, sample_rate)
     if duration is not None:
-        wanted = int(round(duration * sample_rate))
+        wanted = round(duration * sample_rate)
         wav = torch.nn.functional.pad(wav[:, :wanted], (0, max(0, wanted - wav.shape[1])))
     return wav
 

@@ -8,7 +8,7 @@ their UTF-8 bytes (a piece's U+2581 counts as a space): comparable across tokeni
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
