@@ -134,6 +134,8 @@ def test_missing_festival_degrades_to_espeak(monkeypatch):
     try:
         pool = voices.user_voice_pool(30, seed=0)
         assert len(pool) == 30 and all(v.engine == "espeak" for v in pool)
+        french = voices.user_voice_pool(10, seed=0, accents=("fr",))
+        assert all(v.name.startswith("fr+") for v in french)
     finally:
         monkeypatch.undo()
         engines.festival_available.cache_clear()
