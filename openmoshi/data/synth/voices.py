@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import ConfigError
 from .engines import Voice, festival_voices
 
-MOSHI_VOICE = "espeak:en-us+f3:p55:r170:g55"
+MOSHI_VOICE = "espeak:en-us+f3:p55:r160:g55"
 
 # English accents of espeak-ng (`en` is British) and its voice variants (m = male, f = female).
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
@@ -39,10 +39,10 @@ def user_voice_pool(count: int, seed: int, engines: tuple[str, ...] = ("espeak",
     while len(pool) < count and attempts < count * 50:
         attempts += 1
         if festival and rng.random() < 0.2:
-            voice = Voice("festival", str(rng.choice(festival)), rate=int(rng.integers(145, 200)))
+            voice = Voice("festival", str(rng.choice(festival)), rate=int(rng.integers(140, 195)))
         elif "espeak" in engines:
             name = f"{rng.choice(accents)}+{rng.choice(ESPEAK_VARIANTS)}"
-            voice = Voice("espeak", name, pitch=int(rng.integers(25, 80)), rate=int(rng.integers(140, 200)),
+            voice = Voice("espeak", name, pitch=int(rng.integers(25, 80)), rate=int(rng.integers(130, 190)),
                           range=int(rng.integers(30, 85)))
             if exclude is not None and name == exclude.name:
                 continue
