@@ -188,6 +188,8 @@ def synthesize_dataset(out_dir: Path, cfg: SynthConfig, workers: int = 1,
                               "use the same settings to resume or extend it, or another --out folder")
     else:
         atomic_write_json(config_path, cfg.identity())
+    for stale in out_dir.rglob(".*.tmp*"):  # half-written files of a killed run
+        stale.unlink(missing_ok=True)
     maker = DialogueMaker(cfg)  # validates voices and scripts before any worker starts
     splits = {i: maker.script(i)[0] for i in range(cfg.dialogues)}
     todo = [i for i in range(cfg.dialogues) if not _done(out_dir, cfg, i, splits[i])]
