@@ -126,6 +126,14 @@ def test_espeak_is_deterministic_and_words_follow_the_text():
         assert x.words[-1][2] == pytest.approx(x.duration, abs=1e-6)
 
 
+def test_espeak_words_in_other_languages():
+    words = ["économie", "très", "bien", "été"]
+    speech = synthesize([(words, Voice.parse("espeak:fr+m2"))])[0]
+    assert [w[0] for w in speech.words] == words  # character positions, not bytes, map events to words
+    starts = [w[1] for w in speech.words]
+    assert starts == sorted(starts) and len(set(starts)) == 4
+
+
 def test_missing_festival_degrades_to_espeak(monkeypatch):
     from openmoshi.data.synth import engines, voices
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -134,6 +142,8 @@ def test_missing_festival_degrades_to_espeak(monkeypatch):
     try:
         pool = voices.user_voice_pool(30, seed=0)
         assert len(pool) == 30 and all(v.engine == "espeak" for v in pool)
+        french = voices.user_voice_pool(10, seed=0, accents=("fr",))
+        assert all(v.name.startswith("fr+") for v in french)
     finally:
         monkeypatch.undo()
         engines.festival_available.cache_clear()
@@ -170,8 +180,14 @@ def test_killed_run_resumes_to_the_same_bytes(synth_set, tmp_path):
     assert 2 <= made < 8, made
     assert not (out / "train.jsonl").exists()  # manifests come at the end
     subprocess.run(cmd, env=env, check=True, capture_output=True)
-    got = {k: v for k, v in _files(out).items() if not Path(k).name.startswith(".")}
-    assert got == _files(synth_set)
+    assert _files(out) == _files(synth_set)  # half-written temporary files are gone too
+
+
+def test_data_command_lists_its_subcommands(capsys):
+    from openmoshi.cli.main import main
+    assert main(["data"]) == 2
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("synth", "align", "stats", "tokenizer"))
 
 
 def test_resume_with_other_settings_is_refused(synth_set):

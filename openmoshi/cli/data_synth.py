@@ -20,7 +20,7 @@ from pathlib import Path
 from ..data.synth.pipeline import SynthConfig, default_workers, synthesize_dataset
 from ..data.synth.scripts import TOPICS
 from ..data.synth.turns import TurnTaking
-from ..data.synth.voices import MOSHI_VOICE
+from ..data.synth.voices import ESPEAK_ACCENTS, MOSHI_VOICE
 from ..errors import ConfigError
 
 
@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Moshi's one voice, ENGINE:NAME[:pPITCH][:rRATE][:gRANGE]")
     parser.add_argument("--engines", default="espeak,festival",
                         help="synthesizers for user voices (festival is skipped when not installed)")
+    parser.add_argument("--accents", default=",".join(ESPEAK_ACCENTS),
+                        help="espeak-ng voices user voices are drawn from (English accents by default; give "
+                             "other languages, e.g. fr,de, for --script-file dialogues in those languages)")
     parser.add_argument("--valid-fraction", type=float, default=0.05, help="share of dialogues held out for valid")
     parser.add_argument("--test-fraction", type=float, default=0.05, help="share of dialogues held out for test")
     parser.add_argument("--level-db", type=float, default=-20.0, help="speech loudness of each channel (dBFS RMS)")
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
                       script_file=str(args.script_file.resolve()) if args.script_file else None,
                       user_voices=args.user_voices, moshi_voice=args.moshi_voice,
                       engines=tuple(e.strip() for e in args.engines.split(",") if e.strip()),
+                      accents=tuple(a.strip() for a in args.accents.split(",") if a.strip()),
                       valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
                       level_db=args.level_db, turn_taking=turn_taking)
     bar = tqdm(total=dialogues, unit="dialogue", desc="synth")

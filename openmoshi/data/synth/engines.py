@@ -138,9 +138,9 @@ def espeak_available() -> bool:
 
 def _espeak_spans(words: list[str], text: str, events: list[list[int]], total: int) -> list[tuple[str, int, int]]:
     """Each word's sample span: from its word event to the next word's (the last runs to the end)."""
-    offsets, pos = [], 0  # 1-based character positions of each word, as espeak-ng reports them
+    offsets, pos = [], 0  # 1-based character (not byte) positions of each word, as espeak-ng reports them
     for w in words:
-        offsets.append(len(text[:pos].encode()) + 1)
+        offsets.append(pos + 1)
         pos += len(w) + 1
     starts: list[int | None] = []
     for k, off in enumerate(offsets):

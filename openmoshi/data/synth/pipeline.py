@@ -24,7 +24,7 @@ from .engines import Speech, Voice, synthesize
 from .mixing import render, wav_bytes, words_of
 from .scripts import MOSHI, TOPICS, USER, Dialogue, chunk_text, generate_dialogue, load_jsonl_dialogues
 from .turns import PlannedTurn, TurnTaking, plan
-from .voices import MOSHI_VOICE, SPLITS, VoiceBank, make_voice_bank
+from .voices import ESPEAK_ACCENTS, MOSHI_VOICE, SPLITS, VoiceBank, make_voice_bank
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class SynthConfig:
     user_voices: int = 48
     moshi_voice: str = MOSHI_VOICE
     engines: tuple[str, ...] = ("espeak", "festival")
+    accents: tuple[str, ...] = ESPEAK_ACCENTS  # espeak-ng voices (languages/accents) user voices come from
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
     level_db: float = -20.0
@@ -57,6 +58,8 @@ class SynthConfig:
         if not (0 <= self.valid_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.valid_fraction + self.test_fraction < 1):
             raise ConfigError("valid and test fractions must be in [0, 1) and leave room for training")
+        if not self.accents:
+            raise ConfigError("give at least one espeak-ng accent or language for user voices")
         if not self.engines or set(self.engines) - {"espeak", "festival"}:
             raise ConfigError(f"engines must be espeak and/or festival, not {self.engines}")
         Voice.parse(self.moshi_voice)
@@ -99,7 +102,7 @@ class DialogueMaker:
     def __init__(self, cfg: SynthConfig) -> None:
         self.cfg = cfg
         self.bank: VoiceBank = make_voice_bank(cfg.user_voices, cfg.seed, cfg.fractions, cfg.moshi_voice,
-                                               cfg.engines)
+                                               cfg.engines, cfg.accents)
         self.scripts = load_jsonl_dialogues(Path(cfg.script_file)) if cfg.script_file else None
         try:
             import scipy.signal  # noqa: F401  (slow first import: once here, before workers fork)
@@ -185,6 +188,8 @@ def synthesize_dataset(out_dir: Path, cfg: SynthConfig, workers: int = 1,
                               "use the same settings to resume or extend it, or another --out folder")
     else:
         atomic_write_json(config_path, cfg.identity())
+    for stale in out_dir.rglob(".*.tmp*"):  # half-written files of a killed run
+        stale.unlink(missing_ok=True)
     maker = DialogueMaker(cfg)  # validates voices and scripts before any worker starts
     splits = {i: maker.script(i)[0] for i in range(cfg.dialogues)}
     todo = [i for i in range(cfg.dialogues) if not _done(out_dir, cfg, i, splits[i])]

@@ -9,7 +9,7 @@ import numpy as np
 from ...errors import ConfigError
 from .engines import Voice, festival_voices
 
-MOSHI_VOICE = "espeak:en-us+f3:p55:r170:g55"
+MOSHI_VOICE = "espeak:en-us+f3:p55:r160:g55"
 
 # English accents of espeak-ng (`en` is British) and its voice variants (m = male, f = female).
 ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
@@ -28,9 +28,9 @@ class VoiceBank:
 
 
 def user_voice_pool(count: int, seed: int, engines: tuple[str, ...] = ("espeak", "festival"),
-                    exclude: Voice | None = None) -> list[Voice]:
-    """`count` distinct user voices drawn from `seed`: espeak-ng accents x variants x pitch/rate/range, and the
-    installed festival voices x rate. Festival voices are skipped when festival is not installed."""
+                    exclude: Voice | None = None, accents: tuple[str, ...] = ESPEAK_ACCENTS) -> list[Voice]:
+    """`count` distinct user voices drawn from `seed`: espeak-ng accents (or languages) x variants x
+    pitch/rate/range, and the installed festival voices x rate (skipped when festival is not installed)."""
     rng = np.random.default_rng([seed, 7001])
     festival = [name for name in festival_voices() if "festival" in engines]
     pool: list[Voice] = []
@@ -39,10 +39,10 @@ def user_voice_pool(count: int, seed: int, engines: tuple[str, ...] = ("espeak",
     while len(pool) < count and attempts < count * 50:
         attempts += 1
         if festival and rng.random() < 0.2:
-            voice = Voice("festival", str(rng.choice(festival)), rate=int(rng.integers(145, 200)))
+            voice = Voice("festival", str(rng.choice(festival)), rate=int(rng.integers(140, 195)))
         elif "espeak" in engines:
-            name = f"{rng.choice(ESPEAK_ACCENTS)}+{rng.choice(ESPEAK_VARIANTS)}"
-            voice = Voice("espeak", name, pitch=int(rng.integers(25, 80)), rate=int(rng.integers(140, 200)),
+            name = f"{rng.choice(accents)}+{rng.choice(ESPEAK_VARIANTS)}"
+            voice = Voice("espeak", name, pitch=int(rng.integers(25, 80)), rate=int(rng.integers(130, 190)),
                           range=int(rng.integers(30, 85)))
             if exclude is not None and name == exclude.name:
                 continue
@@ -58,11 +58,12 @@ def user_voice_pool(count: int, seed: int, engines: tuple[str, ...] = ("espeak",
 
 
 def make_voice_bank(num_users: int, seed: int, fractions: dict[str, float], moshi: str = MOSHI_VOICE,
-                    engines: tuple[str, ...] = ("espeak", "festival")) -> VoiceBank:
+                    engines: tuple[str, ...] = ("espeak", "festival"),
+                    accents: tuple[str, ...] = ESPEAK_ACCENTS) -> VoiceBank:
     """Split `num_users` voices between train/valid/test in proportion to the dialogue split fractions, at least
     one per split that has a positive fraction, so held-out dialogues are spoken by held-out voices."""
     moshi_voice = Voice.parse(moshi)
-    pool = user_voice_pool(num_users, seed, engines, exclude=moshi_voice)
+    pool = user_voice_pool(num_users, seed, engines, exclude=moshi_voice, accents=accents)
     held = {s: (max(1, round(num_users * fractions[s])) if fractions[s] > 0 else 0) for s in ("valid", "test")}
     if held["valid"] + held["test"] >= num_users:
         raise ConfigError(f"{num_users} user voices cannot be split into train/valid/test; use --user-voices of "
