@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lm import _Session, build_models  # noqa: E402
+from bench_lm import _Session, build_models
 
-from openmoshi.generation.generator import Generator  # noqa: E402
-from openmoshi.lm.config import PRESETS  # noqa: E402
-from openmoshi.lm.delays import delay_codes  # noqa: E402
-from openmoshi.lm.model import LMModel  # noqa: E402
-from openmoshi.lm.quantized import quantize_lm_  # noqa: E402
+from openmoshi.generation.generator import Generator
+from openmoshi.lm.config import PRESETS
+from openmoshi.lm.delays import delay_codes
+from openmoshi.lm.model import LMModel
+from openmoshi.lm.quantized import quantize_lm_
 
 SPEECH = Path("/work/shared/data/speech/utt1.wav")
 
@@ -124,7 +124,10 @@ def _speech(seconds: float) -> torch.Tensor:
         data, sr = soundfile.read(str(SPEECH), dtype="float32")
         if data.ndim > 1:
             data = data.mean(1)
-        wav = torch.from_numpy(data)[: int(24000 * seconds)]
+        wav = torch.from_numpy(data)
+        if sr != 24000:
+            wav = torch.nn.functional.interpolate(wav[None, None], scale_factor=24000 / sr, mode="linear")[0, 0]
+        wav = wav[: int(24000 * seconds)]
     else:
         wav = torch.randn(int(24000 * seconds)) * 0.1
     return wav[: wav.numel() // 1920 * 1920][None, None]
@@ -143,6 +146,7 @@ def log_mel(wav: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def mimi_bench(threads: int, frames: int, warmup: int) -> dict:
     from bench_mimi import build_models as build_mimi
+
     from openmoshi.bundle import quantize_mimi_
     fp32, _ = build_mimi(reference=False)
     int8 = copy.deepcopy(fp32)

@@ -23,7 +23,7 @@ from .checkpoint import ModelSource
 from .codec import Mimi, MimiConfig, load_mimi, mimi_official, mimi_tiny, save_mimi
 from .errors import CheckpointError, ConfigError
 from .lm.config import LMConfig
-from .lm.loading import load_lm, read_config, save_lm
+from .lm.loading import read_config, save_lm
 from .lm.model import LMModel
 from .lm.quantized import load_quantized_lm, stored_bits
 from .nn.quant import quantize_modules_

@@ -199,3 +199,15 @@ def test_wrong_bit_width_and_corrupt_files_are_clear_errors(tiny_folder, tmp_pat
 def test_save_needs_a_quantized_model(tmp_path):
     with pytest.raises(ConfigError, match="quantize it first"):
         save_quantized_lm(sharp_model(small_config()), tmp_path)
+
+
+def test_float_loaders_and_savers_follow_the_quantized_format(tmp_path):
+    import openmoshi
+    lm = sharp_model(small_config())
+    quantize_lm_(lm, 8)
+    openmoshi.save_lm(lm, tmp_path)  # the plain saver writes the quantized layout
+    assert (tmp_path / "model.q8.safetensors").is_file()
+    loaded = openmoshi.load_lm(tmp_path)  # and the plain loader reads it
+    assert isinstance(loaded.transformer.layers[0].self_attn.in_proj, QuantizedLinear)
+    assert torch.equal(loaded.transformer.layers[0].self_attn.in_proj.weight,
+                       lm.transformer.layers[0].self_attn.in_proj.weight)

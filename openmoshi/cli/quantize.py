@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..lm.loading import read_config
     from ..lm.quantized import copy_model_files, load_quantized_lm, save_quantized_lm
-    from ..nn.quant import check_bits, QuantizedLinear
+    from ..nn.quant import QuantizedLinear, check_bits
 
     check_bits(args.bits)
     if args.bits == 4 and (args.group_size <= 0 or args.group_size % 2):

@@ -101,6 +101,9 @@ def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch
     here) are fused into the base weights: W += lora_scaling * B @ A.
     """
     cfg, _ = read_config(source)
+    if cfg.quantize or cfg.quantization:  # int8 / int4 weights (a folder from `openmoshi quantize`, Kyutai's q8)
+        from .quantized import load_quantized_lm
+        return load_quantized_lm(source, device=device, dtype=dtype)
     weights = _weights_path(source, cfg)
     with torch.device("meta"):  # built without memory, then the checkpoint tensors become the parameters
         lm = LMModel(cfg)
@@ -186,6 +189,9 @@ def save_lm(lm: LMModel, folder: str | Path, dtype: torch.dtype | None = None,
 
     `config` replaces `lm.cfg` in config.json (same architecture; e.g. other file names).
     """
+    if lm.cfg.quantize or lm.cfg.quantization:
+        from .quantized import save_quantized_lm
+        return save_quantized_lm(lm, folder, config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = (config or lm.cfg).replace(lora=False, lora_name=None)
