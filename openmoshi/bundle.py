@@ -94,9 +94,13 @@ def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMCo
     if cfg.mimi_config_name:
         path = model.require(cfg.mimi_config_name, "Mimi config")
         try:
-            mimi_cfg = MimiConfig.from_kyutai(json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
         except ValueError as exc:
             raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+        try:
+            mimi_cfg = MimiConfig.from_kyutai(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
     mimi_path = model.require(cfg.mimi_name, "Mimi weights")
     return load_mimi(mimi_path, num_codebooks=n_codebooks, device=device, config=mimi_cfg)
 

@@ -114,6 +114,13 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str | P
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(target.shape)}")
+        if target.dtype.is_floating_point and not value.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: tensor {key} is {value.dtype}, the model expects floating-point "
+                                  "weights; the file is corrupt or not a checkpoint of this model")
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: tensor {key} holds {bad} non-finite value(s) (NaN or inf); "
+                                  "the checkpoint is corrupt (a diverged training run?)")
         if value.dtype.is_floating_point:
             value = value.to(dtype or (target.dtype if target.dtype.is_floating_point else value.dtype))
         elif target.dtype != value.dtype:

@@ -47,14 +47,19 @@ class ServerBusy(OpenMoshiError):
     """The server refused the conversation because all its slots are taken."""
 
 
+FAST_AHEAD_S = 5.0  # realtime=False: audio sent at once, then ...
+FAST_PACE = 1.5  # ... this many times real time: servers close clients far ahead of real time
+
+
 async def _file_chunks(audio: np.ndarray, realtime: bool) -> tp.AsyncIterator[np.ndarray]:
     t0 = time.monotonic()
     for i, offset in enumerate(range(0, len(audio), CHUNK)):
         yield audio[offset:offset + CHUNK]
-        if realtime:
-            delay = t0 + (i + 1) * CHUNK / SAMPLE_RATE - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        seconds = (i + 1) * CHUNK / SAMPLE_RATE
+        due = seconds if realtime else max(0.0, seconds - FAST_AHEAD_S) / FAST_PACE
+        delay = t0 + due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], realtime: bool = True,
@@ -63,8 +68,8 @@ async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], rea
                    timeout_s: float = 30.0) -> Conversation:
     """Stream user audio (float32 mono 24 kHz) to a chat server and return what came back.
 
-    `pcm` is a whole recording (sent in 80 ms chunks at real-time pace, or as fast as possible with
-    realtime=False, then `tail_s` of silence so the answer can finish) or an async iterator of live chunks
+    `pcm` is a whole recording (sent in 80 ms chunks at real-time pace, or faster with realtime=False:
+    5 s at once, then 1.5 times real time, within the server's input budget, then `tail_s` of silence so the answer can finish) or an async iterator of live chunks
     (e.g. a microphone), sent as they come until it ends. Waits for the handshake before sending, as
     Kyutai's web client does. `on_piece` / `on_audio` see text pieces and decoded audio as they arrive.
     """

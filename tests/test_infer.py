@@ -106,7 +106,7 @@ def test_broken_file_among_good_ones(tiny_model, inputs, tmp_path, capsys):
                  "--quiet"])
     printed = capsys.readouterr()
     assert code == 1
-    assert "broken.wav" in printed.out and "empty.wav" in printed.out
+    assert "broken.wav" in printed.err and "empty.wav" in printed.err  # errors go to stderr
     assert "Traceback" not in printed.out + printed.err
     assert (out / f"{inputs[0].stem}.moshi.wav").exists()
     assert not (out / "broken.moshi.wav").exists()
@@ -165,3 +165,59 @@ def test_infer_on_folder_written_by_reference(reference_folder, inputs, tmp_path
     assert main(["infer", "--model", str(reference_folder), *map(str, inputs), "--out", str(out),
                  "--batch-size", "2", "--seed", "1", "--quiet"]) == 0
     _check_outputs(out, inputs, reference_folder)
+
+
+def test_infer_streams_long_files_in_blocks_with_the_same_answers(tiny_model, inputs, tmp_path):
+    """Streaming (blocks resampled with context, frames fed as read) gives the whole-file answers."""
+    from openmoshi.audio.io import load_audio
+    from openmoshi.audio.stream import open_audio
+    from openmoshi.generation.offline import answer_recordings, stream_answers
+
+    bundle = load_model(tiny_model)
+    greedy = dict(bundle.generation, temp=0.0, temp_text=0.0)
+    streams = [open_audio(p) for p in inputs]
+    for stream, path in zip(streams, inputs):
+        whole = load_audio(path).wav
+        blocks = torch.cat(list(stream.blocks(block_seconds=0.3)), dim=-1)  # many small blocks
+        assert blocks.shape == whole.shape and torch.allclose(blocks, whole, atol=1e-6)
+    wavs = [load_audio(p).wav for p in inputs]
+    reference = answer_recordings(bundle, wavs, greedy)
+    rows: list[list] = [[], []]
+    for answer in stream_answers(bundle, [s.blocks(block_seconds=0.25) for s in streams], greedy):
+        rows[answer.row].append(answer)
+    for row, ref, wav in zip(rows, reference, wavs):
+        assert [a.index for a in row] == list(range(len(row)))
+        assert [a.token for a in row] == ref.codes[0].tolist()
+        assert torch.allclose(torch.cat([a.moshi for a in row], dim=-1), ref.audio, atol=1e-5)
+        assert torch.allclose(torch.cat([a.user for a in row], dim=-1), wav, atol=1e-6)
+
+
+def test_infer_refuses_to_overwrite_or_merge_outputs(tiny_model, inputs, tmp_path, capsys):
+    out = tmp_path / "answers"
+    args = ["infer", "--model", str(tiny_model), str(inputs[0]), "--out", str(out), "--greedy", "--quiet"]
+    assert main(args) == 0
+    before = (out / "first.moshi.wav").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "already exist" in err and "--overwrite" in err
+    assert (out / "first.moshi.wav").stat().st_mtime_ns == before
+    assert main([*args, "--overwrite"]) == 0
+    assert not list(out.glob("*.partial"))
+    # Two inputs of one name in different folders: refused before anything loads (the model does not exist).
+    other = tmp_path / "elsewhere" / "first.wav"
+    other.parent.mkdir()
+    other.write_bytes(inputs[0].read_bytes())
+    capsys.readouterr()
+    assert main(["infer", "--model", str(tmp_path / "none"), str(inputs[0]), str(other), "--out",
+                 str(tmp_path / "new")]) == 1
+    err = capsys.readouterr().err
+    assert "would both write" in err and "Traceback" not in err
+
+
+def test_infer_out_that_is_a_file_fails_before_loading(inputs, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["infer", "--model", str(tmp_path / "no-model"), str(inputs[0]), "--out", str(taken)]) == 1
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err  # not the missing model: --out was checked first

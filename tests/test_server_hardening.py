@@ -119,6 +119,7 @@ async def _opus_flood(url: str, stream: bytes) -> tuple[list[str], int | None]:
         return errors, ws.close_code
 
 
+@pytest.mark.slow
 def test_abusive_clients_do_not_stall_another_session(tiny_model, speech, opus_flood):
     with RunningServer(tiny_model, max_sessions=3) as srv:
         async def scenario():
@@ -202,6 +203,7 @@ class RawWebSocket:
         self.sock.close()
 
 
+@pytest.mark.slow
 def test_client_that_never_reads_keeps_memory_flat_then_is_dropped(tiny_model):
     """A client streams audio and reads nothing. The server's send socket buffers are shrunk so that the
     backlog of a minutes-long run (Moshi's ~3.5 KB/s of Opus filling the kernel's buffers) builds in seconds."""
@@ -351,6 +353,7 @@ def _wait_for_port(proc) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_signal_closes_open_sessions_and_exits_fast(tiny_model, sig):
     import signal
@@ -397,6 +400,7 @@ def test_serve_refuses_bad_options_before_loading(tmp_path, capsys):
         assert "serving" not in out
 
 
+@pytest.mark.slow
 def test_serve_bind_failure_is_a_clear_error(tiny_model):
     import socket
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:8998/api/chat", help="chat websocket URL")
     parser.add_argument("--input", type=Path, default=None, help="audio file to stream (default: microphone)")
     parser.add_argument("--out", type=Path, default=Path("moshi-client-out"), help="folder for what comes back")
-    parser.add_argument("--fast", action="store_true", help="send the file as fast as possible, not in real time")
+    parser.add_argument("--fast", action="store_true", help="send the file faster than real time (5 s at once, then 1.5x: "
+                             "the server closes clients that run far ahead)")
     parser.add_argument("--token", default=None, help="server token, if it was started with --token")
     for name, kind in (("text_temperature", float), ("text_topk", int), ("audio_temperature", float),
                        ("audio_topk", int), ("text_seed", int), ("audio_seed", int)):

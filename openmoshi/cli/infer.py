@@ -7,7 +7,9 @@ For each input NAME.ext, writes to --out:
   NAME.moshi.wav        Moshi's voice, 24 kHz, as long as the input
   NAME.stereo.wav       left = Moshi, right = the user, time-aligned
   NAME.transcript.json  Moshi's inner monologue: raw text, words with start/end in seconds, text tokens
-Inputs may be wav/flac/ogg/mp3 at any rate and channel count (resampled to 24 kHz mono, and said so).
+Inputs may be wav/flac/ogg/mp3 at any rate and channel count (resampled to 24 kHz mono, and said so), and of
+any length: they are streamed through the model and the answers written as they come (memory does not grow
+with the length). Existing answers are never replaced without --overwrite.
 Sampling defaults are Kyutai's (audio 0.8 / top-k 250, text 0.7 / top-k 25) overridden by the model's
 lm_gen_config, then by these options.
 """
@@ -17,12 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
-import torch
+import numpy as np
+import soundfile
 from tqdm import tqdm
 
-from ..audio.io import load_audio, save_wav
+from ..audio.stream import AudioStream, open_audio
 from ..errors import OpenMoshiError
 from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
 
@@ -43,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace answers already in --out (by default infer refuses to)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
 
@@ -60,57 +67,114 @@ def _generation(args: argparse.Namespace, defaults: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..bundle import load_model
-    from ..generation.offline import RealTimeMeter, answer_recordings
 
     if args.batch_size < 1:
         raise OpenMoshiError("--batch-size must be at least 1")
+    _check_out(args.out)
+    _check_names(args.inputs, args.out, args.overwrite)
     device, dtype = resolve_device(args)
     failed: list[str] = []
-    loaded = []
+    opened: list[AudioStream] = []
     for path in args.inputs:
         try:
-            audio = load_audio(path)
+            audio = open_audio(path)
             if audio.duration < MIN_SECONDS:
                 raise OpenMoshiError(f"{path}: {audio.duration:.3f} s of audio, need at least {MIN_SECONDS} s")
         except OpenMoshiError as exc:
-            print(f"error: {exc}")
+            print(f"error: {exc}", file=sys.stderr)
             failed.append(str(path))
             continue
         for note in audio.notes:
             print(f"{path}: {note}")
-        loaded.append((path, audio))
-    if not loaded:
-        print(f"nothing to do: {len(failed)} input(s) failed")
+        opened.append(audio)
+    if not opened:
+        print(f"nothing to do: {len(failed)} input(s) failed", file=sys.stderr)
         return 1
     bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
     generation = _generation(args, bundle.generation)
     args.out.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(loaded), args.batch_size):
-        group = loaded[start:start + args.batch_size]
-        seconds = max(a.duration for _, a in group)
-        meter = RealTimeMeter(len(group) / bundle.mimi.frame_rate)
-        with tqdm(total=None, unit="frame", desc=", ".join(p.name for p, _ in group)[:40],
-                  disable=args.quiet) as bar:
-            def on_step(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-                bar.set_postfix_str(f"{meter.factor(done):.2f}x real time")
-
-            answers = answer_recordings(bundle, [a.wav for _, a in group], generation, args.seed, on_step)
-        for (path, audio), answer in zip(group, answers):
-            _write(args.out, path, audio.wav, answer, bundle.sample_rate)
-            words = len(answer.transcript.words)
-            print(f"{path.name}: {audio.duration:.2f} s -> {args.out / (path.stem + '.moshi.wav')}, {words} words: "
-                  f"{answer.transcript.text[:60]!r}")
-        logger.debug("batch of %d (%.1f s) done", len(group), seconds)
+    for start in range(0, len(opened), args.batch_size):
+        group = opened[start:start + args.batch_size]
+        try:
+            _answer_group(args, bundle, generation, group)
+        except OpenMoshiError as exc:  # e.g. a file that turned out truncated while reading it
+            print(f"error: {exc}", file=sys.stderr)
+            failed.extend(str(a.path) for a in group)
     if failed:
-        print(f"{len(failed)} of {len(args.inputs)} input(s) failed: {', '.join(failed)}")
+        print(f"{len(failed)} of {len(args.inputs)} input(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _write(out: Path, path: Path, user: torch.Tensor, answer, sample_rate: int) -> None:
-    stem = path.stem
-    save_wav(out / f"{stem}.moshi.wav", answer.audio, sample_rate)
-    save_wav(out / f"{stem}.stereo.wav", torch.cat([answer.audio, user[:, : answer.audio.shape[-1]]]), sample_rate)
-    (out / f"{stem}.transcript.json").write_text(json.dumps(answer.transcript.to_json(), indent=2) + "\n")
+OUTPUT_SUFFIXES = (".moshi.wav", ".stereo.wav", ".transcript.json")
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a folder we can write (checked before the model loads)."""
+    if out.exists() and not out.is_dir():
+        raise OpenMoshiError(f"--out {out} is a file, not a folder: pass a folder for the answers")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OpenMoshiError(f"--out {out}: cannot write in {existing} (permission denied)")
+
+
+def _check_names(inputs: list[Path], out: Path, overwrite: bool) -> None:
+    """Two inputs may not write the same outputs; existing outputs are kept unless --overwrite."""
+    seen: dict[str, Path] = {}
+    for path in inputs:
+        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
+            raise OpenMoshiError(f"{seen[path.stem]} and {path} would both write {out / path.stem}.*: "
+                                 "rename one of them or run them separately with different --out folders")
+        seen[path.stem] = path
+    if overwrite:
+        return
+    clash = [out / (stem + suffix) for stem in seen for suffix in OUTPUT_SUFFIXES if (out / (stem + suffix)).exists()]
+    if clash:
+        more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
+        raise OpenMoshiError(f"{clash[0]}{more} already exist(s): pass --overwrite to replace, or another --out")
+
+
+def _answer_group(args: argparse.Namespace, bundle, generation: dict, group: list[AudioStream]) -> None:
+    """Streams one batch of recordings through the model, writing the answers as they come."""
+    from ..generation.offline import RealTimeMeter, stream_answers
+    from ..generation.transcript import transcript_from_tokens
+
+    rate = bundle.sample_rate
+    frames = max(int(a.duration * bundle.mimi.frame_rate + 0.999) for a in group)
+    meter = RealTimeMeter(len(group) / bundle.mimi.frame_rate)
+    partial = [args.out / f"{a.path.stem}.partial" for a in group]
+    writers = []
+    for audio, temp in zip(group, partial):
+        temp.mkdir(parents=True, exist_ok=True)
+        writers.append((soundfile.SoundFile(temp / "moshi.wav", "w", rate, 1, "PCM_16"),
+                        soundfile.SoundFile(temp / "stereo.wav", "w", rate, 2, "PCM_16")))
+    tokens: list[list[int]] = [[] for _ in group]
+    try:
+        with tqdm(total=frames, unit="frame", desc=", ".join(a.path.name for a in group)[:40],
+                  disable=args.quiet) as bar:
+            def on_step(done: int) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"{meter.factor(done):.2f}x real time")
+
+            for answer in stream_answers(bundle, [a.blocks() for a in group], generation, args.seed, on_step):
+                moshi = answer.moshi[0].clamp(-1, 1).numpy()
+                user = answer.user[0].clamp(-1, 1).numpy()
+                mono, stereo = writers[answer.row]
+                mono.write(moshi)
+                stereo.write(np.stack([moshi, user], axis=1))
+                tokens[answer.row].append(answer.token)
+    finally:
+        for mono, stereo in writers:
+            mono.close()
+            stereo.close()
+    pad_ids = (bundle.config.existing_text_padding_id, bundle.config.existing_text_end_padding_id)
+    for audio, temp, toks in zip(group, partial, tokens):
+        stem = audio.path.stem
+        transcript = transcript_from_tokens(toks, bundle.tokenizer, bundle.mimi.frame_rate, pad_ids)
+        (temp / "transcript.json").write_text(json.dumps(transcript.to_json(), indent=2) + "\n")
+        for name, suffix in (("moshi.wav", ".moshi.wav"), ("stereo.wav", ".stereo.wav"),
+                             ("transcript.json", ".transcript.json")):
+            os.replace(temp / name, args.out / (stem + suffix))
+        temp.rmdir()
+        print(f"{audio.path.name}: {audio.duration:.2f} s -> {args.out / (stem + '.moshi.wav')}, "
+              f"{len(transcript.words)} words: {transcript.text[:60]!r}")

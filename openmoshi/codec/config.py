@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config_checks import QUANTIZER_BOUNDS, SEANET_BOUNDS, TRANSFORMER_BOUNDS, check_fields, check_value
 from ..errors import ConfigError
 from ..nn.transformer import TransformerConfig
 from .quantizer import QuantizerConfig
@@ -63,6 +64,8 @@ class MimiConfig:
 
     @classmethod
     def from_kyutai(cls, raw: dict) -> "MimiConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a Mimi config must be a JSON object, got {type(raw).__name__}")
         try:
             seanet = dict(raw["seanet"])
             quantizer = dict(raw["quantizer"])
@@ -87,6 +90,15 @@ class MimiConfig:
         d_model = transformer.get("d_model")
         if (in_dim not in (None, d_model)) or (out_dims not in (None, [d_model], (d_model,))):
             raise ConfigError("Mimi transformers with input/output projections are not supported")
+        check_value("sample_rate", raw.get("sample_rate", 24_000), "int", (1000, 768_000))
+        check_value("channels", raw.get("channels", 1), "int", (1, 64))
+        check_value("frame_rate", raw.get("frame_rate", 12.5), "float", (0.01, 48_000))
+        check_fields(seanet, SeanetConfig, SEANET_BOUNDS, "seanet.")
+        check_fields(quantizer, QuantizerConfig, QUANTIZER_BOUNDS, "quantizer.")
+        check_fields(transformer, TransformerConfig, TRANSFORMER_BOUNDS, "transformer.")
+        for key in ("d_model", "num_heads", "num_layers"):
+            if key not in transformer:
+                raise ConfigError(f"field transformer.{key} is missing")
         try:
             return cls(
                 sample_rate=int(raw.get("sample_rate", 24_000)), channels=int(raw.get("channels", 1)),

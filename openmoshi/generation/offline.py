@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 import typing as tp
 from dataclasses import dataclass
@@ -61,6 +62,84 @@ def answer_recordings(bundle: MoshiBundle, wavs: list[torch.Tensor], generation:
         transcript = transcript_from_tokens(tokens, bundle.tokenizer, mimi.frame_rate, pad_ids)
         answers.append(Answer(audio[i, :, :n], codes[i, :, : -(-n // frame)], transcript))
     return answers
+
+
+@dataclass
+class FrameAnswer:
+    """Moshi's answer to one 80 ms frame of one recording, as `stream_answers` yields it."""
+
+    row: int  # which recording
+    index: int  # frame number in that recording
+    user: torch.Tensor  # float [1, n]: the user's audio of this frame (n < frame_size only at the end)
+    moshi: torch.Tensor  # float [1, n]: Moshi's audio for the same span
+    token: int  # Moshi's text token of this frame
+
+
+class _Framer:
+    """Cuts a stream of [1, n] blocks into [1, frame] frames; the last one is zero-padded."""
+
+    def __init__(self, blocks: tp.Iterable[torch.Tensor], frame: int) -> None:
+        self.blocks = iter(blocks)
+        self.frame = frame
+        self.buffer = torch.zeros(1, 0)
+
+    def next(self) -> tuple[torch.Tensor, int] | None:
+        """(frame [1, frame], valid samples) or None at the end."""
+        while self.buffer.shape[-1] < self.frame:
+            block = next(self.blocks, None)
+            if block is None:
+                break
+            self.buffer = torch.cat([self.buffer, block.reshape(1, -1).float()], dim=-1)
+        n = min(self.frame, self.buffer.shape[-1])
+        if n == 0:
+            return None
+        frame = torch.nn.functional.pad(self.buffer[:, :n], (0, self.frame - n))
+        self.buffer = self.buffer[:, n:]
+        return frame, n
+
+
+def stream_answers(bundle: MoshiBundle, sources: list[tp.Iterable[torch.Tensor]], generation: dict | None = None,
+                   seed: int | None = None,
+                   on_step: tp.Callable[[int], None] | None = None) -> tp.Iterator[FrameAnswer]:
+    """Moshi's answers to recordings given as streams of float [1, n] blocks (24 kHz), frame by frame.
+
+    The same numbers as `answer_recordings` (rows that end early are fed silence), but nothing grows with the
+    recordings' length: a frame is read when it is fed and its answer yielded as soon as it exists.
+    """
+    mimi, lm = bundle.mimi, bundle.lm
+    frame = mimi.frame_size
+    rows = len(sources)
+    framers = [_Framer(source, frame) for source in sources]
+    waiting: list[collections.deque] = [collections.deque() for _ in range(rows)]  # user frames awaiting answers
+    length: list[int | None] = [None] * rows  # frames per recording, known once it ended
+    gen = Generator(lm, seed=seed, **(generation if generation is not None else bundle.generation))
+    answered = steps = 0
+    with torch.inference_mode(), mimi.streaming(rows), gen.streaming(rows):
+        while True:
+            chunk = torch.zeros(rows, 1, frame)
+            for i, framer in enumerate(framers):
+                if length[i] is not None:
+                    continue
+                got = framer.next()
+                if got is None:
+                    length[i] = answered + len(waiting[i])
+                    continue
+                chunk[i] = got[0]
+                waiting[i].append(got[0][:, : got[1]])
+            if all(n is not None for n in length) and answered >= max(length):
+                break
+            out = gen.step(mimi.encode(chunk.to(lm.device))[:, : gen.n_user])
+            steps += 1
+            if out is not None:
+                audio = mimi.decode(out[:, 1:].clamp(min=0)).float().cpu()
+                tokens = out[:, 0, 0].cpu().tolist()
+                for i in range(rows):
+                    if length[i] is None or answered < length[i]:
+                        user = waiting[i].popleft()
+                        yield FrameAnswer(i, answered, user, audio[i, :, : user.shape[-1]].clone(), int(tokens[i]))
+                answered += 1
+            if on_step is not None:
+                on_step(steps)
 
 
 class RealTimeMeter:

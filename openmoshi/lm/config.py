@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config_checks import LM_BOUNDS, check_fields, check_generation
 from ..errors import ConfigError
 from ..nn.transformer import TransformerConfig
 
@@ -333,6 +334,8 @@ class LMConfig:
             values["depformer_dim_feedforward"] = int(values["hidden_scale"] * values["depformer_dim"])
         if "context" not in cfg:
             values["context"] = None
+        check_fields(values, cls, LM_BOUNDS)  # types and ranges, field by field
+        check_generation(values.get("lm_gen_config", {}))
         for name in ("delays", "depformer_weights_per_step_schedule"):
             if values.get(name) is not None:
                 values[name] = [int(v) for v in values[name]]
