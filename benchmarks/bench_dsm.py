@@ -19,7 +19,13 @@ import time
 
 import torch
 
-from openmoshi.bundle import MoshiBundle, generation_defaults, load_tokenizer, ASSETS, _fill_codebooks_randomly
+from openmoshi.bundle import (
+    ASSETS,
+    MoshiBundle,
+    _fill_codebooks_randomly,
+    generation_defaults,
+    load_tokenizer,
+)
 from openmoshi.codec import Mimi, mimi_official, mimi_tiny
 from openmoshi.generation.generator import Generator
 from openmoshi.generation.tts import Synthesizer, voice_condition

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import read_speech
 from lm_utils import FILE_KEYS
+
 from openmoshi.bundle import load_model
 from openmoshi.cli.main import main
 from openmoshi.generation.translate import translate_recordings
 
 moshi = pytest.importorskip("moshi")
-from moshi.conditioners import ConditionAttributes  # noqa: E402
-from moshi.models import loaders  # noqa: E402
-from moshi.models.lm import LMGen  # noqa: E402
+from moshi.conditioners import ConditionAttributes
+from moshi.models import loaders
+from moshi.models.lm import LMGen
 
 
 @pytest.fixture(autouse=True, scope="module")

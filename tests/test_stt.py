@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import typing as tp
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import read_speech
 from lm_utils import kyutai_kwargs, sharp_model, small_config
+
 from openmoshi.bundle import init_model, load_model
 from openmoshi.checkpoint import normalize_keys
 from openmoshi.cli.main import main
@@ -57,8 +58,9 @@ def tiny_stt(tmp_path_factory) -> Path:
 
 def stt_config(**changes) -> LMConfig:
     """stt-1b's structure (32 audio streams in, no depth transformer, 4 extra heads) at toy size."""
-    base = dict(n_q=32, dep_q=0, delays=[0] * 33, extra_heads_num_heads=4, extra_heads_dim=6, model_type="stt",
-                max_period=100_000.0, stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0})
+    base = {"n_q": 32, "dep_q": 0, "delays": [0] * 33, "extra_heads_num_heads": 4, "extra_heads_dim": 6,
+            "model_type": "stt", "max_period": 100_000.0,
+            "stt_config": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}}
     base.update(changes)
     return small_config(**base)
 
@@ -203,7 +205,6 @@ def test_any_chunking_gives_the_offline_transcript(tiny_stt, speech_files):
     assert offline[1].tokens[:n] == alone.tokens
     stt = StreamingTranscriber(bundle, batch_size=1)
     batch = wavs[0][None]
-    tokens, heads = [], []
     with stt.streaming():
         steps = stt.start()
         for start in range(0, batch.shape[-1], 777):  # chunks that straddle frames
@@ -213,15 +214,14 @@ def test_any_chunking_gives_the_offline_transcript(tiny_stt, speech_files):
     tokens = [s.text[0].item() for s in steps]
     assert tokens == offline[0].tokens
     assert all(len(s.heads) == 4 and s.heads[0].shape == (1, 6) for s in steps)
-    with pytest.raises(Exception, match="shape"):
-        with stt.streaming():
-            stt.feed(torch.zeros(2, 1, 100))
+    with pytest.raises(Exception, match="shape"), stt.streaming():
+        stt.feed(torch.zeros(2, 1, 100))
 
 
 class _Pieces:
     """A tokenizer stand-in with fixed pieces (▁ marks a word start), as SentencePiece answers."""
 
-    pieces = {0: "<epad>", 3: "<pad>", 10: "▁hel", 11: "lo", 12: "▁you", 13: "▁all", 14: "right"}
+    pieces: tp.ClassVar[dict[int, str]] = {0: "<epad>", 3: "<pad>", 10: "▁hel", 11: "lo", 12: "▁you", 13: "▁all", 14: "right"}
 
     def get_piece_size(self) -> int:
         return 20

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-
 from lm_utils import FILE_KEYS
+
 from openmoshi.bundle import load_model
 from openmoshi.checkpoint import save_safetensors
 from openmoshi.cli.main import main
@@ -26,9 +26,9 @@ from openmoshi.generation.tts import (
 )
 
 moshi = pytest.importorskip("moshi")
-from moshi.conditioners import ConditionAttributes, TensorCondition  # noqa: E402
-from moshi.models import loaders  # noqa: E402
-from moshi.models import tts as ref_tts  # noqa: E402
+from moshi.conditioners import ConditionAttributes, TensorCondition
+from moshi.models import loaders
+from moshi.models import tts as ref_tts
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from lm_utils import FILE_KEYS, sharp_model, small_config
+
 from openmoshi.checkpoint import normalize_keys
 from openmoshi.errors import ConfigError
 from openmoshi.generation.generator import Generator
@@ -16,9 +16,9 @@ from openmoshi.lm.config import LMConfig
 from openmoshi.lm.model import LMModel
 
 moshi = pytest.importorskip("moshi")
-from moshi.conditioners import ConditionAttributes, TensorCondition  # noqa: E402
-from moshi.models import loaders  # noqa: E402
-from moshi.models.lm import LMGen  # noqa: E402
+from moshi.conditioners import ConditionAttributes, TensorCondition
+from moshi.models import loaders
+from moshi.models.lm import LMGen
 
 CFG_VALUES = ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]
 VOICE_DIM = 24
@@ -43,10 +43,10 @@ def tts_config(cross: bool = True, **changes) -> LMConfig:
     if cross:
         conditioners["speaker_wavs"] = {"type": "tensor", "tensor": {"dim": VOICE_DIM}}
         fuser.update(cross=["speaker_wavs"], cross_attention_pos_emb=True, cross_attention_pos_emb_scale=1.0)
-    base = dict(n_q=8, dep_q=8, delays=[0, 0, 2, 2, 2, 2, 2, 2, 2], demux_second_text_stream=True,
-                depformer_low_rank_embeddings=16, depformer_weights_per_step_schedule=[0, 1, 2, 2, 3, 3, 3, 3],
-                conditioners=conditioners, fuser=fuser, cross_attention=cross, model_type="tts",
-                tts_config={"audio_delay": 0.32, "second_stream_ahead": 2})
+    base = {"n_q": 8, "dep_q": 8, "delays": [0, 0, 2, 2, 2, 2, 2, 2, 2], "demux_second_text_stream": True,
+            "depformer_low_rank_embeddings": 16, "depformer_weights_per_step_schedule": [0, 1, 2, 2, 3, 3, 3, 3],
+            "conditioners": conditioners, "fuser": fuser, "cross_attention": cross, "model_type": "tts",
+            "tts_config": {"audio_delay": 0.32, "second_stream_ahead": 2}}
     base.update(changes)
     return small_config(**base)
 

@@ -151,11 +151,10 @@ def script_to_words(tokenizer, tokens: TtsTokens, frame_rate: float, turns: tp.S
         first = True
         line = line.replace("\u2019", "'").replace(":", " ").replace("(", "").replace(")", "")
 
-        def add(text: str) -> None:
+        def add(text: str, speaker: int = index % 2) -> None:
             nonlocal first, last_speaker
             pieces = list(tokenizer.encode(text))
             if first:
-                speaker = index % 2
                 if multi_speaker and last_speaker != speaker:
                     last_speaker = speaker
                     pieces.insert(0, (tokens.main, tokens.other)[speaker])
@@ -171,7 +170,7 @@ def script_to_words(tokenizer, tokens: TtsTokens, frame_rate: float, turns: tp.S
             if text:
                 add(text)
             if match.group(1):
-                words.append(Word([], "", int(round(float(match.group(1)) * frame_rate))))
+                words.append(Word([], "", round(float(match.group(1)) * frame_rate)))
         if line:
             add(line)
     return words
@@ -263,7 +262,7 @@ class Synthesizer:
         self.final_padding, self.max_steps, self.seed = final_padding, max_steps, seed
         conditioners = bundle.lm.condition_provider.conditioners
         self.multi_speaker = "speaker_wavs" in conditioners
-        cfg_lut = conditioners["cfg"] if "cfg" in conditioners else None
+        cfg_lut = conditioners["cfg"] if "cfg" in conditioners else None  # noqa: SIM401 (a ModuleDict)
         self.distilled_cfg = sorted(float(v) for v in cfg_lut.possible_values or []) \
             if isinstance(cfg_lut, LUTConditioner) else []
 
@@ -318,7 +317,7 @@ class Synthesizer:
                  on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
         """Run the model over a batch of scripts. prefixes: per item, codes [1 + n_q, T] of an audio prompt
         (text row -1) forced at the start."""
-        bundle, lm, cfg = self.bundle, self.bundle.lm, self.bundle.config
+        lm, cfg = self.bundle.lm, self.bundle.config
         batch = len(scripts)
         voices = voices or [None] * batch
         conditions, guidance = self.conditions(voices)
@@ -373,9 +372,9 @@ class Synthesizer:
         frames = []
         with gen.streaming(batch):
             for step in range(self.max_steps):
-                if all(s.end_step is not None for s in states):
-                    if step >= max(s.end_step for s in states) + delay + self.final_padding:
-                        break
+                ended = [s.end_step for s in states]
+                if None not in ended and step >= max(ended) + delay + self.final_padding:
+                    break
                 user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
                     if cfg.n_user else None
                 frame = gen.step(user, replace_audio=silent if step < delay else None)
