@@ -18,8 +18,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-
 from conftest import read_speech
+
 from openmoshi.audio.opus import OpusEncoderStream
 from openmoshi.bundle import init_model
 from openmoshi.cli.common import default_threads
@@ -66,7 +66,7 @@ def test_serve_on_two_cores_uses_one_torch_thread_and_warms_up(tiny_model):
     proc = subprocess.Popen([sys.executable, "-m", "openmoshi", "serve", "--model", str(tiny_model), "--device",
                              "cpu", "--port", "0", "--max-sessions", "2"],  # no --threads: the default
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))  # noqa: PLW1509
     try:
         line = proc.stdout.readline()
         match = re.search(r"on http://127\.0\.0\.1:(\d+)/", line)
