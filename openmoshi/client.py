@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
 CHUNK = 1920  # 80 ms per message
+QUIET_END_S = 3.0  # after the input ended, this long without audio from the server ends the conversation
 
 
 @dataclass
@@ -138,10 +139,20 @@ async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], rea
                     await ws.send_bytes(bytes([Kind.AUDIO]) + data)
                 if done.is_set():
                     break
-            # Wait until the answer to the last frame arrived: it trails the input by the model's delay.
+            # Wait until the answer to the last frame arrived: it trails the input by the model's delay. A
+            # server that fell behind dropped some input (its metadata says how much): what it will still send
+            # comes within a few steps, so a long silence after the input ended means nothing more is coming.
             deadline = time.monotonic() + timeout_s
-            while sum(len(a) for a in conv.audio) < expected and time.monotonic() < deadline \
-                    and not done.is_set():
+            received, last_change = 0, time.monotonic()
+            while time.monotonic() < deadline and not done.is_set():
+                now_received = sum(len(a) for a in conv.audio)
+                missed = conv.metadata.get("stream", {}).get("missed_audio_s", 0.0)
+                if now_received >= expected - int(missed * SAMPLE_RATE):
+                    break
+                if now_received != received:
+                    received, last_change = now_received, time.monotonic()
+                elif time.monotonic() - last_change > QUIET_END_S:
+                    break
                 await asyncio.sleep(0.02)
             await ws.close()
             await asyncio.gather(receiver, return_exceptions=True)

@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { bytesEqual, fixture, randomChunks, rng, splitPagesByHeader } from "./helpers.mjs";
 import { Kind, encodeMessage } from "../openmoshi/server/static/js/protocol.js";
-import { MoshiSession, SILENCE_TIMEOUT_MS, State } from "../openmoshi/server/static/js/session.js";
+import { MoshiSession, SILENCE_TIMEOUT_MS, State, streamStats } from "../openmoshi/server/static/js/session.js";
 import { defaultSettings, resolveSeeds } from "../openmoshi/server/static/js/settings.js";
 
 class FakeSocket {
@@ -301,4 +301,29 @@ test("missing parameters are an error, not a hang", async () => {
   await session.start(params);
   assert.equal(session.state, State.ERROR);
   assert.match(session.debug.detail, /audio_topk/);
+});
+
+test("the server's stream status turns live into behind with missed audio and latency, and back", async () => {
+  const { session, socket, audio } = await startSession();
+  socket.open();
+  socket.receive(new Uint8Array([Kind.HANDSHAKE]));
+  await tick();
+  assert.equal(session.debug.detail, "live: talk to Moshi");
+  session.mergeAudioStats({ samplesDropped: 4800, bufferedMs: 120 });
+  const meta = (stream) => encodeMessage(Kind.METADATA, new TextEncoder().encode(JSON.stringify({ slot: 0, stream })));
+  socket.receive(meta({ state: "behind", missed_audio_s: 1.4, latency_s: 0.3, queued_s: 0.4 }));
+  assert.equal(session.state, State.CONNECTED); // still talking: the microphone keeps sending
+  assert.deepEqual(session.debug.stream, { state: "behind", missedAudioS: 1.4, latencyS: 0.3 });
+  const stats = streamStats(session.debug);
+  assert.equal(stats.behind, true);
+  assert.ok(Math.abs(stats.missedAudioS - 1.5) < 1e-9); // 1.4 s dropped by the server + 0.1 s at 48 kHz here
+  assert.ok(Math.abs(stats.latencyMs - 420) < 1e-9); // 300 ms at the server + 120 ms buffered here
+  assert.equal(session.debug.detail, "behind: the server is dropping audio to keep up (1.5 s missed, latency 420 ms)");
+  audio.onPage(new Uint8Array([0x4f, 0x67, 0x67, 0x53]));
+  assert.equal(socket.sent.length, 1);
+  socket.receive(meta({ state: "live", missed_audio_s: 1.4, latency_s: 0.05 }));
+  assert.equal(session.debug.detail, "live: talk to Moshi");
+  assert.equal(streamStats(session.debug).behind, false);
+  socket.receive(meta({ state: "behind", missed_audio_s: "x", latency_s: -1 })); // nonsense counts as zero
+  assert.deepEqual(session.debug.stream, { state: "behind", missedAudioS: 0, latencyS: 0 });
 });

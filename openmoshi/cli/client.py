@@ -41,6 +41,12 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .common import default_threads, usable_cores
+    # The client's work is Opus and audio; torch (resampling) must not spin up a worker per core beside the
+    # server or a browser on the same machine.
+    torch.set_num_threads(default_threads(usable_cores(), "client"))
     if args.input is None:
         return _run_microphone(args)
     from ..audio.io import load_audio, save_wav

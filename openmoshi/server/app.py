@@ -18,6 +18,7 @@ from ..errors import ProtocolError
 from . import protocol
 from .engine import Engine, Slot
 from .limits import SessionLimits
+from .metrics import Gauge
 from .protocol import SessionSettings
 from .session import ChatSession, Outbox
 
@@ -103,16 +104,45 @@ class AccessLogger(AbstractAccessLogger):
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """"ok" (200) once warmed up; "warming" with 503 before, so load balancers and probes wait for it."""
     engine = request.app[ENGINE_KEY]
-    return web.json_response({"status": "ok", "sessions": engine.active_sessions,
-                              "max_sessions": engine.max_sessions})
+    ready = engine.ready.is_set()
+    return web.json_response({"status": "ok" if ready else "warming", "sessions": engine.active_sessions,
+                              "max_sessions": engine.max_sessions}, status=200 if ready else 503)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
     live = sum(s.dropped for s in engine.slots if s is not None)
-    return web.Response(text=engine.metrics.prometheus(engine.active_sessions, engine.max_sessions, live),
-                        content_type="text/plain", charset="utf-8")
+    text = engine.metrics.prometheus(engine.active_sessions, engine.max_sessions, live, _gauges(engine))
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def _gauges(engine: Engine) -> list[Gauge]:
+    """What to alert on: real-time factor above 1, sessions behind, missed audio growing, a queue that fills."""
+    slots = [s for s in engine.slots if s is not None]
+    frame_s = engine.frame_s
+
+    def per_session(value) -> list[tuple[dict[str, str], float]]:
+        return [({"slot": str(s.index)}, value(s)) for s in slots]
+
+    return [
+        Gauge("ready", "1 once warmed up and accepting conversations, 0 while warming up.",
+              [({}, float(engine.ready.is_set()))]),
+        Gauge("torch_threads", "Torch intra-op threads of the model step.", [({}, engine.torch_threads)]),
+        Gauge("real_time_factor", "Mean step time of the last 50 steps over the 80 ms frame (> 1: behind).",
+              [({}, round(engine.metrics.real_time_factor(frame_s), 4))]),
+        Gauge("queue_frames", "User frames (80 ms) waiting for a step, over all sessions.",
+              [({}, engine.queued_frames)]),
+        Gauge("sessions_behind", "Sessions dropping input because steps are late.",
+              [({}, sum(s.behind for s in slots))]),
+        Gauge("session_missed_audio_seconds", "User audio dropped in this session because it fell behind.",
+              per_session(lambda s: round(s.dropped * frame_s, 3))),
+        Gauge("session_latency_seconds", "From a user frame's arrival to Moshi's answer to it (last frame).",
+              per_session(lambda s: round(s.latency_s, 4))),
+        Gauge("session_queue_frames", "User frames of this session waiting for a step.",
+              per_session(lambda s: len(s.frames))),
+    ]
 
 
 async def handle_chat(request: web.Request) -> web.StreamResponse:
@@ -121,6 +151,15 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
                                timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
     await ws.prepare(request)
+    if not engine.ready.is_set():
+        # Kyutai's clients wait for the handshake before they record: holding it back until the model is warm
+        # loses none of the user's words; only a warm-up that never ends gets an error.
+        try:
+            await asyncio.wait_for(engine.ready.wait(), limits.warmup_wait_s)
+        except asyncio.TimeoutError:
+            await ws.send_bytes(protocol.error("the server is still warming up; try again in a moment"))
+            await ws.close()
+            return ws
     try:
         settings = SessionSettings.from_query(dict(request.query), engine.defaults)
     except ProtocolError as exc:
@@ -138,10 +177,14 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
         return ws
     logger.info("session in slot %d from %s", slot.index, request.remote)
     session = ChatSession(request, ws, engine, slot, outbox, limits, request.app[POOL_KEY])
+    info = _session_info(engine, slot, settings)
+    # Falling behind or catching up: metadata again, the session's info with the stream's state added (Kyutai's
+    # clients keep the latest metadata as the server's info, so it stays whole).
+    slot.on_status = lambda status: outbox.put_status(protocol.metadata({**info, "stream": status}))
     request.app[SESSIONS_KEY].add(session)
     try:
         await ws.send_bytes(protocol.handshake())
-        await ws.send_bytes(protocol.metadata(_session_info(engine, slot, settings)))
+        await ws.send_bytes(protocol.metadata(info))
         await session.run()
     finally:
         request.app[SESSIONS_KEY].discard(session)

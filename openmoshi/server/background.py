@@ -17,7 +17,8 @@ class RunningServer:
     """`with RunningServer(model) as srv:` serves on 127.0.0.1 at a free port (`srv.url`, `srv.http`)."""
 
     def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
-                 max_backlog_frames: int = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None) -> None:
+                 max_backlog_frames: int = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None,
+                 wait_ready: bool = True) -> None:
         self.bundle = load_model(model_folder)
         gen = self.bundle.generation
         defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
@@ -26,6 +27,7 @@ class RunningServer:
         self.app = create_app(self.engine, token=token, limits=limits)
         self.loop = asyncio.new_event_loop()
         self.host = host
+        self.wait_ready = wait_ready  # __enter__ returns once warmed up (/health says "ok")
         self.port = 0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -42,6 +44,8 @@ class RunningServer:
         self._thread.start()
         if not self._ready.wait(60):
             raise RuntimeError("server did not start")
+        if self.wait_ready:
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(self.engine.ready.wait(), 120), self.loop).result()
         return self
 
     def __exit__(self, *exc) -> None:

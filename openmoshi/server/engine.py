@@ -28,6 +28,8 @@ from .protocol import SessionSettings
 logger = logging.getLogger(__name__)
 
 OutputCallback = tp.Callable[[np.ndarray | None, str | None], None]
+BEHIND_HOLD_S = 2.0  # a session is "behind" until this long after its last dropped frame
+STANDING_QUEUE_S = 0.5  # a queue of 3+ frames for this long means steps are not catching up: cut it
 
 
 @dataclass
@@ -39,8 +41,16 @@ class Slot:
     frames: collections.deque = field(default_factory=collections.deque)
     pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     steps: int = 0
-    dropped: int = 0
+    received: int = 0  # user frames queued: each is stepped, dropped or still waiting
+    dropped: int = 0  # user frames dropped because the session fell behind (missed audio = dropped x 80 ms)
     fresh: bool = True  # needs its batch row reset before the first step
+    latency_s: float = 0.0  # last frame's wait + step: from its arrival to Moshi's answer to it
+    behind: bool = False  # input is being dropped; back to live after a while without drops
+    last_drop: float = 0.0  # monotonic time of the last drop
+    standing_since: float | None = None  # since when 3+ frames have been waiting
+    reported: tuple = (False, 0)  # (behind, dropped) last told to the client
+    last_report: float = 0.0
+    on_status: tp.Callable[[dict], None] | None = None  # told when falling behind or catching up (event loop)
 
 
 class Engine:
@@ -64,6 +74,9 @@ class Engine:
         self._stack = None
         self._running = False
         self._input = torch.zeros(max_sessions, 1, self.frame_size)
+        self.ready = asyncio.Event()  # set once warmed up: /health says "ok" and sessions get their handshake
+        self.torch_threads = torch.get_num_threads()  # as seen by the step thread, once it has run
+        self.warmed_sizes: list[int] = []  # batch sizes whose step ran during warm-up
 
     # ---- sessions
     def acquire(self, settings: SessionSettings, on_output: OutputCallback) -> Slot | None:
@@ -92,13 +105,21 @@ class Engine:
             return
         data = np.concatenate([slot.pending, pcm.astype(np.float32, copy=False)])
         whole = len(data) // self.frame_size * self.frame_size
+        now = time.monotonic()
         for start in range(0, whole, self.frame_size):
-            slot.frames.append(data[start:start + self.frame_size])
+            slot.frames.append((now, data[start:start + self.frame_size]))
+            slot.received += 1
         slot.pending = data[whole:]
         while len(slot.frames) > slot.max_backlog:  # the machine or the client is behind: bound the latency
-            slot.frames.popleft()
+            slot.frames.popleft()  # the oldest: what is kept is the newest audio, at most max_backlog late
             slot.dropped += 1
+            slot.last_drop = now
         self._wake.set()
+
+    @property
+    def queued_frames(self) -> int:
+        """User frames waiting for a step, over all sessions."""
+        return sum(len(s.frames) for s in self.slots if s is not None)
 
     # ---- step loop
     async def run(self) -> None:
@@ -106,6 +127,11 @@ class Engine:
         self._running = True
         await self._loop.run_in_executor(self._executor, self._start_streaming)
         try:
+            start = time.perf_counter()
+            await self._loop.run_in_executor(self._executor, self._warm_up)
+            logger.info("warmed up in %.2f s (%d torch thread(s)): ready", time.perf_counter() - start,
+                        self.torch_threads)
+            self.ready.set()
             while self._running:
                 await self._wake.wait()
                 self._wake.clear()
@@ -123,7 +149,8 @@ class Engine:
                         continue
                     elapsed = time.perf_counter() - start
                     self.metrics.record_step(elapsed, len(batch))
-                    if elapsed > self.frame_size / self.bundle.sample_rate:
+                    self._track(batch)
+                    if elapsed > self.frame_s:
                         self.metrics.steps_late += 1
                         if self.metrics.steps_late % 25 == 1:
                             logger.warning("falling behind real time: a step of %d session(s) took %.0f ms "
@@ -144,12 +171,54 @@ class Engine:
                 return
             await asyncio.sleep(0.002)
 
-    def _take_frames(self) -> dict[int, tuple[Slot, np.ndarray]]:
+    def _take_frames(self) -> dict[int, tuple[Slot, np.ndarray, float]]:
+        """Each waiting session's oldest frame. A queue that stands (2+ frames behind for STANDING_QUEUE_S: late
+        steps, not a network burst) is cut to its newest frame: latency returns to one step instead of staying
+        at the backlog for the rest of the conversation when steps barely keep up."""
         batch = {}
+        now = time.monotonic()
         for slot in self.slots:
-            if slot is not None and slot.frames:
-                batch[slot.index] = (slot, slot.frames.popleft())
+            if slot is None or not slot.frames:
+                continue
+            if len(slot.frames) <= 2:
+                slot.standing_since = None
+            elif slot.standing_since is None:
+                slot.standing_since = now
+            elif now - slot.standing_since >= STANDING_QUEUE_S:
+                while len(slot.frames) > 1:
+                    slot.frames.popleft()
+                    slot.dropped += 1
+                slot.last_drop = now
+                slot.standing_since = None
+            arrived, frame = slot.frames.popleft()
+            batch[slot.index] = (slot, frame, arrived)
         return batch
+
+    def _track(self, batch: dict[int, tuple[Slot, np.ndarray, float]]) -> None:
+        """Each stepped session's latency and live/behind state; its client hears of every change (and, while
+        behind, of the audio missed so far, at most once a second)."""
+        now = time.monotonic()
+        for slot, _, arrived in batch.values():
+            slot.latency_s = now - arrived
+            behind = slot.dropped > 0 and now - slot.last_drop < BEHIND_HOLD_S
+            changed = behind != slot.behind
+            slot.behind = behind
+            if slot.on_status is None or (slot.behind, slot.dropped) == slot.reported:
+                continue
+            if changed or now - slot.last_report >= 1.0:
+                slot.reported = (slot.behind, slot.dropped)
+                slot.last_report = now
+                slot.on_status(self.status(slot))
+
+    def status(self, slot: Slot) -> dict:
+        """What a client is told about its stream (metadata): live or behind, audio missed, latency."""
+        return {"state": "behind" if slot.behind else "live",
+                "missed_audio_s": round(slot.dropped * self.frame_size / self.bundle.sample_rate, 3),
+                "latency_s": round(slot.latency_s, 3), "queued_s": round(len(slot.frames) * self.frame_s, 3)}
+
+    @property
+    def frame_s(self) -> float:
+        return self.frame_size / self.bundle.sample_rate
 
     def _deliver(self, outputs: list[tuple[Slot, np.ndarray | None, str | None]]) -> None:
         for slot, pcm, text in outputs:
@@ -163,15 +232,31 @@ class Engine:
         self._stack.enter_context(self.bundle.mimi.streaming(self.max_sessions))
         self._stack.enter_context(self.generator.streaming(self.max_sessions))
 
+    def _warm_up(self) -> None:
+        """Runs every batch size's step (1..max_sessions sessions) until it returns audio, on silence.
+
+        The first steps of a fresh process pack weights, pick kernels and size caches (0.25-2 s on a CPU): done
+        here, no user's first words are dropped. The rows used are reset when a real session takes them.
+        """
+        silence = np.zeros(self.frame_size, dtype=np.float32)
+        self.warmed_sizes = []
+        for size in range(1, self.max_sessions + 1):
+            slots = [Slot(i, self.defaults, lambda *_: None, 1) for i in range(size)]
+            for _ in range(self.generator.max_delay + 2):
+                if self._step({slot.index: (slot, silence, 0.0) for slot in slots}):
+                    break
+            self.warmed_sizes.append(size)
+        self.torch_threads = torch.get_num_threads()
+
     def _stop_streaming(self) -> None:
         if self._stack is not None:
             self._stack.close()
             self._stack = None
 
     @torch.inference_mode()
-    def _step(self, batch: dict[int, tuple[Slot, np.ndarray]]) -> list[tuple[Slot, np.ndarray | None, str | None]]:
+    def _step(self, batch: dict[int, tuple[Slot, np.ndarray, float]]) -> list[tuple[Slot, np.ndarray | None, str | None]]:
         mimi, gen = self.bundle.mimi, self.generator
-        fresh = [i for i, (slot, _) in batch.items() if slot.fresh]
+        fresh = [i for i, (slot, *_) in batch.items() if slot.fresh]
         if fresh:
             mask = self._mask(fresh)
             mimi.reset_streaming(mask)
@@ -183,7 +268,7 @@ class Engine:
                                    text_seed=slot.settings.text_seed, audio_seed=slot.settings.audio_seed)
         active = self._mask(list(batch))
         pcm = self._input  # [B, 1, frame_size], reused every step; frozen rows keep stale audio, unused
-        for i, (_, frame) in batch.items():
+        for i, (_, frame, _) in batch.items():
             pcm[i, 0] = torch.from_numpy(frame)
         mimi.set_active(active)
         codes = mimi.encode(pcm.to(self.device))
@@ -193,7 +278,7 @@ class Engine:
         gen.set_active(active)
         out = gen.step(codes[:, : gen.n_user])
         outputs: list[tuple[Slot, np.ndarray | None, str | None]] = []
-        for i, (slot, _) in batch.items():
+        for slot, *_ in batch.values():
             slot.fresh = False
             slot.steps += 1
         if out is None:
@@ -206,7 +291,7 @@ class Engine:
         mimi.set_active(None)
         gen.set_active(None)
         tokens = out[:, 0, 0].cpu().tolist()
-        for i, (slot, _) in batch.items():
+        for i, (slot, *_) in batch.items():
             if not bool(valid[i]):
                 continue
             pcm = None if pcm_out is None else pcm_out[i, 0]

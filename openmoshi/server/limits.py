@@ -21,6 +21,7 @@ class SessionLimits:
     send_stall_s: float = 10.0  # a client that reads nothing for this long is disconnected
     send_buffer_bytes: int = 32 * 1024  # output written before waiting for the socket to drain
     close_timeout_s: float = 1.0  # how long a close waits for the client's close frame
+    warmup_wait_s: float = 120.0  # a client connecting during warm-up waits this long for its handshake
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import collections
+import typing as tp
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass
+class Gauge:
+    """One gauge family: name (after `openmoshi_`), help text, and its (labels, value) samples."""
+
+    name: str
+    help: str
+    values: list[tuple[dict[str, str], float]]
 
 
 @dataclass
@@ -31,7 +41,15 @@ class Metrics:
         values = np.percentile(np.fromiter(self.step_times, float), [50, 90, 99])
         return {"0.5": float(values[0]), "0.9": float(values[1]), "0.99": float(values[2])}
 
-    def prometheus(self, active_sessions: int, max_sessions: int, dropped_live: int = 0) -> str:
+    def real_time_factor(self, frame_s: float, last: int = 50) -> float:
+        """Mean duration of the last `last` steps over the frame's duration (80 ms): above 1, not real time."""
+        if not self.step_times:
+            return 0.0
+        recent = list(self.step_times)[-last:]
+        return sum(recent) / len(recent) / frame_s
+
+    def prometheus(self, active_sessions: int, max_sessions: int, dropped_live: int = 0,
+                   gauges: tp.Sequence[Gauge] = ()) -> str:
         lines = [
             "# HELP openmoshi_sessions_active Conversations holding a batch slot.",
             "# TYPE openmoshi_sessions_active gauge",
@@ -60,4 +78,10 @@ class Metrics:
             lines.append(f'openmoshi_step_seconds{{quantile="{q}"}} {value:.6f}')
         lines.append(f"openmoshi_step_seconds_count {len(self.step_times)}")
         lines.append(f"openmoshi_step_seconds_sum {sum(self.step_times):.6f}")
+        for gauge in gauges:
+            lines += [f"# HELP openmoshi_{gauge.name} {gauge.help}", f"# TYPE openmoshi_{gauge.name} gauge"]
+            for labels, value in gauge.values:
+                label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                lines.append(f"openmoshi_{gauge.name}{{{label}}} {value:g}" if label
+                             else f"openmoshi_{gauge.name} {value:g}")
         return "\n".join(lines) + "\n"

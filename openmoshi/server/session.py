@@ -34,6 +34,7 @@ class Outbox:
         self.dropped = 0
         self._items: collections.deque[tuple[np.ndarray | None, str | None]] = collections.deque()
         self._ready = asyncio.Event()
+        self.status: bytes | None = None  # the latest stream status message (only the latest matters)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -50,8 +51,19 @@ class Outbox:
                 self._items[0] = (pcm0, old_text + (text0 or ""))
         self._ready.set()
 
+    def put_status(self, message: bytes) -> None:
+        self.status = message
+        self._ready.set()
+
+    def take_status(self) -> bytes | None:
+        message, self.status = self.status, None
+        return message
+
     async def get(self) -> tuple[np.ndarray | None, str | None]:
+        """The oldest frame; (None, None) when only a status message is waiting (`take_status`)."""
         while not self._items:
+            if self.status is not None:
+                return None, None
             self._ready.clear()
             await self._ready.wait()
         return self._items.popleft()
@@ -175,6 +187,9 @@ class ChatSession:
         while True:
             pcm, text = await self.outbox.get()
             messages = []
+            status = self.outbox.take_status()
+            if status is not None:
+                messages.append(status)
             if pcm is not None:
                 data = encoder.push(pcm)
                 if data:

@@ -1,7 +1,7 @@
 // The page: wires the DOM to a MoshiSession and exposes window.moshiDebug for tests.
 
 import { BrowserAudio, microphoneUnavailableReason } from "./audio-io.js";
-import { MoshiSession, State } from "./session.js";
+import { MoshiSession, State, streamStats } from "./session.js";
 import { SETTINGS, STORAGE_KEY, defaultSettings, initialSettings, resolveSeeds, validateSettings } from "./settings.js";
 
 const $ = (id) => document.getElementById(id);
@@ -108,6 +108,8 @@ function renderStats(dl, d) {
     ["Playback buffer", `${d.audio.bufferedMs.toFixed(0)} ms, ${d.audio.underruns} underruns, ` +
       `${d.audio.samplesDropped} samples dropped`],
     ["Recording", `${d.audio.recordedSeconds.toFixed(1)} s`],
+    ["Missed audio", `${streamStats(d).missedAudioS.toFixed(2)} s`],
+    ["Latency", `${streamStats(d).latencyMs.toFixed(0)} ms`],
   );
   if (d.metadata) rows.push(["Server metadata", JSON.stringify(d.metadata)]);
   dl.replaceChildren();
@@ -182,8 +184,9 @@ function main() {
     const d = session.debug;
     document.body.dataset.state = d.state;
     const badge = $("state-badge");
-    badge.dataset.state = d.state;
-    badge.textContent = STATE_LABELS[d.state] || d.state;
+    const behind = d.state === "connected" && streamStats(d).behind;
+    badge.dataset.state = behind ? "behind" : d.state;
+    badge.textContent = behind ? "behind" : STATE_LABELS[d.state] || d.state;
     $("state-detail").textContent = d.detail || "";
     const active = session.active;
     // A conversation that ended before Moshi said a word (busy server, error) must not keep "Listening…".

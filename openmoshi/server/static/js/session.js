@@ -53,6 +53,8 @@ export function newDebugCounters() {
     },
     transcript: "",
     metadata: null,
+    // The server's word on our stream (metadata `stream`): "live", or "behind" when it drops our audio.
+    stream: { state: "live", missedAudioS: 0, latencyS: 0 },
     lastControl: null,
     protocolErrors: 0,
     lastError: null,
@@ -60,6 +62,28 @@ export function newDebugCounters() {
     connectedAt: null,
     endedAt: null,
   };
+}
+
+/**
+ * Missed audio and latency as Kyutai's client shows them, from both ends: the server's dropped input and its
+ * step latency, plus this page's playback gaps and buffer.
+ */
+export function streamStats(d) {
+  const rate = d.audio.sampleRate || 0;
+  const playbackMissedS = rate ? d.audio.samplesDropped / rate : 0;
+  return {
+    behind: d.stream.state === "behind",
+    missedAudioS: d.stream.missedAudioS + playbackMissedS,
+    latencyMs: d.stream.latencyS * 1000 + d.audio.bufferedMs,
+  };
+}
+
+/** The detail line of a running conversation: "live", or "behind" with what was missed. */
+export function liveDetail(d) {
+  const s = streamStats(d);
+  if (!s.behind) return "live: talk to Moshi";
+  return `behind: the server is dropping audio to keep up (${s.missedAudioS.toFixed(1)} s missed, ` +
+    `latency ${s.latencyMs.toFixed(0)} ms)`;
 }
 
 export class MoshiSession {
@@ -206,6 +230,7 @@ export class MoshiSession {
         break;
       case Kind.METADATA:
         this.debug.metadata = msg.data;
+        if (msg.data && typeof msg.data.stream === "object" && msg.data.stream) this.onStreamStatus(msg.data.stream);
         break;
       case Kind.ERROR:
         this.onServerError(msg.text);
@@ -234,7 +259,18 @@ export class MoshiSession {
       this.failAndClose(err.message || String(err), 1000);
       return;
     }
-    if (this.socket === socket && this.state === State.CONNECTED) this.setState(State.CONNECTED, "live: talk to Moshi");
+    if (this.socket === socket && this.state === State.CONNECTED) this.setState(State.CONNECTED, liveDetail(this.debug));
+  }
+
+  /** The server fell behind (it drops our audio to keep up) or caught up again. */
+  onStreamStatus(stream) {
+    const num = (v) => (Number.isFinite(v) && v >= 0 ? v : 0);
+    this.debug.stream = {
+      state: stream.state === "behind" ? "behind" : "live",
+      missedAudioS: num(stream.missed_audio_s),
+      latencyS: num(stream.latency_s),
+    };
+    if (this.state === State.CONNECTED && this.debug.handshake) this.setState(State.CONNECTED, liveDetail(this.debug));
   }
 
   onAudio(payload) {

@@ -1,0 +1,195 @@
+"""Real time where users run the server (issue #17): threads that fit the machine, warm-up before ready, falling
+behind visibly and without a backlog, metrics to alert on, conversations longer than the context."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from conftest import read_speech
+
+from openmoshi.audio.opus import OpusEncoderStream
+from openmoshi.bundle import init_model
+from openmoshi.cli.common import default_threads
+from openmoshi.server.background import RunningServer
+
+REPO = Path(__file__).resolve().parents[1]
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return init_model("tiny", tmp_path_factory.mktemp("model") / "tiny", seed=5)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^openmoshi_{name}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"openmoshi_{name}{labels} not in /metrics"
+    return float(match.group(1))
+
+
+# ---- 1. threads
+
+
+def test_default_threads_fit_the_machine():
+    # serve leaves a core to Opus and the event loop and one to a browser: 1 thread on 1-3 cores.
+    assert [default_threads(n, "serve") for n in (1, 2, 3, 4, 8, 64)] == [1, 1, 1, 2, 6, 62]
+    assert [default_threads(n, "infer") for n in (1, 2, 4, 8)] == [1, 1, 3, 7]
+    assert [default_threads(n, "client") for n in (1, 2, 16)] == [1, 1, 1]
+    assert [default_threads(n, "train") for n in (1, 2, 16)] == [1, 2, 16]  # batch jobs take every core
+    assert default_threads(0, "serve") == 1
+
+
+def test_serve_on_two_cores_uses_one_torch_thread_and_warms_up(tiny_model):
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "openmoshi", "serve", "--model", str(tiny_model), "--device",
+                             "cpu", "--port", "0", "--max-sessions", "2"],  # no --threads: the default
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cores))  # noqa: PLW1509
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"on http://127\.0\.0\.1:(\d+)/", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+        http = f"http://127.0.0.1:{match.group(1)}"
+        deadline = time.monotonic() + 60
+        states = []
+        while time.monotonic() < deadline:
+            status, body = _get(http + "/health")
+            states.append((status, json.loads(body)["status"]))
+            if status == 200:
+                break
+            time.sleep(0.05)
+        metrics = _get(http + "/metrics")[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert states[-1] == (200, "ok") and set(states[:-1]) <= {(503, "warming")}, states
+    assert _metric(metrics, "torch_threads") == default_threads(len(cores), "serve") == 1
+    assert _metric(metrics, "ready") == 1
+    assert _metric(metrics, "steps_total") == 0  # warm-up steps are not the users' steps
+
+
+# ---- 2. warm-up before ready
+
+
+def test_connections_wait_for_warm_up_then_get_their_handshake(tiny_model):
+    srv = RunningServer(tiny_model, max_sessions=3, wait_ready=False)
+    gate = threading.Event()
+    srv.engine._executor.submit(gate.wait)  # the step thread is busy: warm-up cannot run yet
+    with srv:
+        async def scenario():
+            async with aiohttp.ClientSession() as http, http.ws_connect(srv.url) as ws:
+                health = _get(srv.http + "/health")
+                with pytest.raises(asyncio.TimeoutError):
+                    await ws.receive(timeout=0.5)  # no handshake while warming up
+                gate.set()
+                first = await ws.receive(timeout=60)
+                return health, first.data, _get(srv.http + "/health")
+
+        try:
+            before, first, after = asyncio.run(scenario())
+        finally:
+            gate.set()
+    assert before[0] == 503 and json.loads(before[1])["status"] == "warming"
+    assert first[0] == 0  # the handshake, once warm
+    assert after[0] == 200 and json.loads(after[1])["status"] == "ok"
+    assert srv.engine.warmed_sizes == [1, 2, 3]  # every batch size's step ran before the first session
+
+
+# ---- 3 and 4. falling behind: input dropped, never queued; the client told; metrics
+
+
+async def _stream(url: str, pcm: np.ndarray, during=None) -> list[dict]:
+    """Streams pcm at real-time pace; returns the stream states of the metadata messages received."""
+    states = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        assert (await ws.receive(timeout=30)).data[0] == 0
+
+        async def receive():
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY and message.data[0] == 4:
+                    info = json.loads(message.data[1:])
+                    if "stream" in info:
+                        states.append(info["stream"])
+
+        reader = asyncio.create_task(receive())
+        encoder = OpusEncoderStream()
+        start = time.monotonic()
+        for i in range(0, len(pcm), FRAME):
+            page = encoder.push(pcm[i:i + FRAME])
+            if page:
+                await ws.send_bytes(b"\x01" + page)
+            if during is not None:
+                await during(i // FRAME)
+            await asyncio.sleep(max(0.0, start + (i // FRAME + 1) * FRAME / 24_000 - time.monotonic()))
+        await asyncio.sleep(0.3)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    return states
+
+
+def test_late_step_drops_input_without_backlog_and_tells_the_client(tiny_model, speech_files):
+    pcm = read_speech(speech_files[0], 5.5)[0].numpy()
+    stall_s, backlog = 1.5, 5
+    with RunningServer(tiny_model, max_sessions=2, max_backlog_frames=backlog) as srv:
+        engine = srv.engine
+        seen = {"queue": [], "latency": []}
+
+        async def during(frame: int):
+            slot = next((s for s in engine.slots if s is not None), None)
+            if slot is None:
+                return
+            seen["slot"] = slot
+            seen["queue"].append(len(slot.frames))
+            seen["latency"].append(slot.latency_s)
+            if frame == 10:  # a step that takes 1.5 s: the machine is busy elsewhere
+                engine._executor.submit(time.sleep, stall_s)
+            if frame == 10 + int(stall_s / 0.08) + 3:
+                seen["metrics"] = await asyncio.to_thread(_get, srv.http + "/metrics")
+
+        states = asyncio.run(_stream(srv.url, pcm, during))
+        final = _get(srv.http + "/metrics")[1]
+        slot = seen["slot"]
+        steps = list(engine.metrics.step_times)
+    assert max(seen["queue"]) <= backlog  # never a growing backlog
+    # Every frame received was stepped, dropped, or is among the few still waiting: nothing lost unseen.
+    assert slot.received == slot.steps + slot.dropped + len(slot.frames) and len(slot.frames) <= backlog
+    # Latency stays bounded by the backlog and a step, stall or not.
+    bound = backlog * 0.08 + stall_s + max(steps) + 0.1
+    assert max(seen["latency"]) <= bound, (max(seen["latency"]), max(steps))
+    behind = [s for s in states if s["state"] == "behind"]
+    assert behind and states[0]["state"] == "behind", states  # told when it happened, not before
+    assert behind[-1]["missed_audio_s"] >= stall_s - backlog * 0.08 - 0.25, states
+    assert states[-1]["missed_audio_s"] == pytest.approx(slot.dropped * 0.08, abs=0.01) or \
+        states[-1]["missed_audio_s"] < slot.dropped * 0.08  # reported at most once a second
+    if np.median(steps) < 0.04:  # a machine with room to spare (not one that is itself too slow) recovers
+        assert states[-1]["state"] == "live" and states[-1]["latency_s"] < 0.5, states
+    metrics = seen["metrics"][1]
+    assert _metric(metrics, "sessions_behind") == 1
+    assert _metric(metrics, "session_missed_audio_seconds", '{slot="0"}') >= stall_s - backlog * 0.08 - 0.25
+    assert 0 < _metric(metrics, "session_latency_seconds", '{slot="0"}') <= bound
+    assert 0 <= _metric(metrics, "queue_frames") <= backlog
+    rtf = _metric(final, "real_time_factor")
+    assert rtf == pytest.approx(np.mean(steps[-50:]) / 0.08, rel=0.01)
+    assert _metric(final, "frames_dropped_total") == slot.dropped
