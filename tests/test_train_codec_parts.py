@@ -185,3 +185,21 @@ def test_official_shape_export_loads_in_reference_with_identical_codes(tmp_path,
         got = ours.encode(wav)
     assert torch.equal(got, expected)
     assert len(torch.unique(expected)) > 10
+
+
+def test_audio_clips_are_the_same_with_loader_workers(speech_files):
+    from torch.utils.data import DataLoader
+
+    from openmoshi.data.audio_clips import collate_clips
+    from openmoshi.train.data import ShardedBatchSampler
+    clips = AudioClips(speech_files, 3840, 1920, 24_000, seed=0)
+
+    def take(workers: int) -> list[dict]:
+        loader = DataLoader(clips, batch_sampler=ShardedBatchSampler(len(clips), 4, 0, 1, seed=0),
+                            num_workers=workers, collate_fn=collate_clips)
+        it = iter(loader)
+        return [next(it) for _ in range(3)]
+
+    for x, y in zip(take(0), take(2)):
+        assert torch.equal(x["wav"], y["wav"]) and torch.equal(x["u"], y["u"])
+        assert x["wav"].shape == (4, 1, 3840) and x["wav"].abs().sum() > 0
