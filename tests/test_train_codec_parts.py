@@ -163,3 +163,43 @@ def test_weight_norm_training_model_exports_a_plain_mimi(tmp_path, speech_batch)
     loaded = load_mimi(tmp_path, num_codebooks=mimi.total_codebooks)
     assert torch.equal(loaded.encode(wav), codes)
     assert set(loaded.state_dict()) == set(Mimi(loaded.cfg).state_dict())
+
+
+@pytest.mark.slow  # two official-size Mimis
+def test_official_shape_export_loads_in_reference_with_identical_codes(tmp_path, speech_batch):
+    loaders = pytest.importorskip("moshi.models.loaders")
+    torch.manual_seed(0)
+    mimi = Mimi(CodecModelConfig(shapes="mimi", n_q=32, bins=2048).mimi_config())
+    apply_weight_norm(mimi)
+    wav = speech_batch[:, :, :38_400]
+    fill_codebooks(mimi, wav)
+    with torch.no_grad():
+        for name, p in mimi.named_parameters():
+            if name.endswith("original0"):
+                p.mul_(1.2)
+    path = export_mimi(mimi, tmp_path, mimi.cfg)
+    ours = load_mimi(tmp_path, num_codebooks=8)
+    ref = loaders.get_mimi(path, num_codebooks=8)
+    with torch.no_grad():
+        expected = ref.encode(wav)
+        got = ours.encode(wav)
+    assert torch.equal(got, expected)
+    assert len(torch.unique(expected)) > 10
+
+
+def test_audio_clips_are_the_same_with_loader_workers(speech_files):
+    from torch.utils.data import DataLoader
+
+    from openmoshi.data.audio_clips import collate_clips
+    from openmoshi.train.data import ShardedBatchSampler
+    clips = AudioClips(speech_files, 3840, 1920, 24_000, seed=0)
+
+    def take(workers: int) -> list[dict]:
+        loader = DataLoader(clips, batch_sampler=ShardedBatchSampler(len(clips), 4, 0, 1, seed=0),
+                            num_workers=workers, collate_fn=collate_clips)
+        it = iter(loader)
+        return [next(it) for _ in range(3)]
+
+    for x, y in zip(take(0), take(2)):
+        assert torch.equal(x["wav"], y["wav"]) and torch.equal(x["u"], y["u"])
+        assert x["wav"].shape == (4, 1, 3840) and x["wav"].abs().sum() > 0

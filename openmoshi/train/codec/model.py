@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrizations, parametrize
 
 from ...codec.config import MimiConfig
@@ -76,16 +77,19 @@ class TrainableMimi(nn.Module):
 
     def forward(self, wav: torch.Tensor, unquantized: torch.Tensor | None = None, n_acoustic: int | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, QuantizedResult, torch.Tensor | None]:
-        """wav [B, 1, T] (T a multiple of the frame) -> (wav_hat [B, 1, T], quantizer result, semantic
+        """wav [B, 1, T] -> (wav_hat [B, 1, T], quantizer result, semantic
         projection [B, teacher_dim, F] or None)."""
         mimi = self.mimi
+        length = wav.shape[-1]
+        if length % mimi.frame_size:  # a partial last frame is padded, as Mimi.encode does
+            wav = F.pad(wav, (0, mimi.frame_size - length % mimi.frame_size))
         latent = mimi.encoder(wav)
         latent = mimi.encoder_transformer(latent)
         latent = mimi.downsample(latent)
         q = mimi.quantizer(latent, mimi.frame_rate, generator, unquantized=unquantized, n_acoustic=n_acoustic)
         z = mimi.upsample(q.x)
         z = mimi.decoder_transformer(z)
-        wav_hat = mimi.decoder(z)[..., :wav.shape[-1]]
+        wav_hat = mimi.decoder(z)[..., :length]
         semantic = self.distill_proj(q.semantic) if self.distill_proj is not None else None
         return wav_hat, q, semantic
 
