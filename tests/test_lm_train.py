@@ -97,6 +97,7 @@ def test_lora_export_loads_in_openmoshi_with_the_training_logits(lora_folder):
     assert _close(ours.audio_logits, trained.audio_logits) < 1e-5
 
 
+@pytest.mark.slow  # imports and builds Kyutai's model
 @torch.no_grad()
 def test_lora_export_loads_in_reference_moshi_with_our_logits(lora_folder):
     pytest.importorskip("moshi")
@@ -148,6 +149,7 @@ def _train_losses(metrics: list[dict], key: str = "loss") -> list[float]:
     return [m[key] for m in metrics if m["split"] == "train" and key in m]
 
 
+@pytest.mark.slow  # three short runs
 def test_finetune_and_multistream_losses_fall(corpus, tmp_path):
     common = ["--init", str(corpus["model"]), "--data", str(corpus["dialogue"]), "--codes", str(corpus["codes"]),
               "--duration", "1.6", "--batch-size", "2", "--max-steps", "8", "--lr", "3e-3", "--eval-every", "0"]
