@@ -109,7 +109,7 @@ class WhisperTimestampedAligner:
             logger.warning("whisper-timestamped could not align (%s); using openai-whisper's word timestamps", exc)
             import whisper
             options = {k: v for k, v in kwargs.items() if k in ("language", "temperature", "beam_size", "best_of")}
-            result = whisper.transcribe(self._model, audio.astype(np.float32), word_timestamps=True,
+            result = whisper.transcribe(self._model, audio.astype(np.float32), word_timestamps=True, fp16=False,
                                         verbose=None, **options)
         return [((w.get("text") or w.get("word") or "").strip(), float(w["start"]), float(w["end"]))
                 for seg in result.get("segments", []) for w in seg.get("words", [])
