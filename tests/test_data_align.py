@@ -38,17 +38,18 @@ def test_align_folder(tiny_whisper, speech_files, tmp_path, capsys):
     sf.write(data / "sub" / "mono.flac", a, 24_000)
     (data / "broken.wav").write_bytes(b"RIFF not really a wav")
     cmd = ["data", "align", str(data), "--model", str(tiny_whisper), "--beam-size", "1", "--temperatures", "0"]
-    assert main(cmd) == 0
+    code = main(cmd)
+    assert code == 0, [p.read_text() for p in data.rglob("*.err")]
     assert "aligned 2, skipped 0 (already done), failed 1" in capsys.readouterr().out
     stereo = json.loads((data / "stereo.json").read_text())
     mono = json.loads((data / "sub" / "mono.json").read_text())
     for obj, speakers in ((stereo, {"SPEAKER_MAIN", "SPEAKER_USER"}), (mono, {"SPEAKER_MAIN"})):
+        # random weights put nonsense words anywhere in Whisper's 30 s window: only those inside the audio stay
         assert obj["meta"]["aligner"] == "whisper-timestamped"
-        assert obj["alignments"], "the random model still emits words"
+        assert obj["meta"]["duration"] == pytest.approx(2.0)
         assert {w[2] for w in obj["alignments"]} <= speakers
         for text, (start, end), _ in obj["alignments"]:
-            assert isinstance(text, str) and text and 0 <= start <= end <= 30
-    assert {w[2] for w in stereo["alignments"]} == {"SPEAKER_MAIN", "SPEAKER_USER"}
+            assert isinstance(text, str) and text and 0 <= start <= end <= 2.0
     err = (data / "broken.json.err").read_text()
     assert "broken.wav" in err
     manifest = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]

@@ -96,12 +96,24 @@ class WhisperTimestampedAligner:
     def words(self, audio: np.ndarray) -> list[tuple[str, float, float]]:
         temps = self.temperatures if len(self.temperatures) > 1 else self.temperatures[0]
         kwargs = {"language": self.language, "vad": "auditok" if self.vad else False, "verbose": None,
-                      "temperature": temps}
+                  "temperature": temps}
         if self.beam_size > 1:
             kwargs.update(beam_size=self.beam_size, best_of=self.beam_size)
-        result = self._wt.transcribe(self._model, audio.astype(np.float32), **kwargs)
-        return [(w["text"].strip(), float(w["start"]), float(w["end"]))
-                for seg in result.get("segments", []) for w in seg.get("words", []) if w["text"].strip()]
+        try:
+            result = self._wt.transcribe(self._model, audio.astype(np.float32), **kwargs)
+        except ValueError as exc:
+            if "warping path" not in str(exc):
+                raise
+            # whisper-timestamped's constrained DTW found no path (more tokens than frames in a segment):
+            # fall back to openai-whisper's own word timestamps (unconstrained DTW) for this audio
+            logger.warning("whisper-timestamped could not align (%s); using openai-whisper's word timestamps", exc)
+            import whisper
+            options = {k: v for k, v in kwargs.items() if k in ("language", "temperature", "beam_size", "best_of")}
+            result = whisper.transcribe(self._model, audio.astype(np.float32), word_timestamps=True, fp16=False,
+                                        verbose=None, **options)
+        return [((w.get("text") or w.get("word") or "").strip(), float(w["start"]), float(w["end"]))
+                for seg in result.get("segments", []) for w in seg.get("words", [])
+                if (w.get("text") or w.get("word") or "").strip()]
 
 
 @dataclass
@@ -172,7 +184,9 @@ def align_file(path: Path, aligner: Aligner, main_only: bool = False) -> tuple[l
         audio = data[:, channel]
         if float(np.max(np.abs(audio))) < 1e-4:
             continue  # a silent channel: no words (Whisper would invent some)
-        words += [Word(t, s, e, speaker) for t, s, e in aligner.words(_to_16k(audio, rate)) if e >= s]
+        duration = data.shape[0] / rate  # Whisper works on 30 s windows: drop times past the end of the audio
+        words += [Word(t, s, min(e, duration), speaker) for t, s, e in aligner.words(_to_16k(audio, rate))
+                  if e >= s and s < duration]
     return words, data.shape[0] / rate
 
 
