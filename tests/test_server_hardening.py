@@ -279,9 +279,9 @@ def test_idle_session_is_closed_and_frees_its_slot(tiny_model, send_pings):
         while srv.engine.active_sessions and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.engine.active_sessions == 0
-        # The freed slot takes the next conversation.
+        # The freed slot takes the next conversation (which ends idle too, 1.5 s after its answer).
         conv = asyncio.run(converse(srv.url, np.zeros(9600, np.float32), params=GREEDY))
-        assert conv.errors == [] and len(conv.pcm) > 0
+        assert conv.handshake and len(conv.pcm) > 0 and all("idle" in e for e in conv.errors)
 
 
 # ---- 4. token
@@ -409,7 +409,7 @@ def test_serve_bind_failure_is_a_clear_error(tiny_model):
     taken.listen()
     try:
         proc = _serve(tiny_model, "--port", str(taken.getsockname()[1]))
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
     finally:
         taken.close()
     assert proc.returncode == 1

@@ -73,6 +73,7 @@ class ChatSession:
         self.budget = InputBudget(limits.input_rate, limits.input_burst_s)
         self.decoder = OpusDecoderStream(self.sample_rate)
         self.closed_because: str | None = None
+        self.last_output = 0.0  # loop time of the last message sent: an answer still arriving is not idleness
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -107,7 +108,7 @@ class ChatSession:
         idle = self.limits.idle_timeout_s
         last_audio = loop.time()
         while not self.ws.closed:
-            remaining = last_audio + idle - loop.time()
+            remaining = max(last_audio, self.last_output) + idle - loop.time()
             if remaining <= 0:
                 await self.end(f"closed: no audio received for {idle:g} s (idle timeout); reconnect to talk again")
                 return
@@ -184,6 +185,7 @@ class ChatSession:
             for message in messages:
                 try:
                     await asyncio.wait_for(self.ws.send_bytes(message), self.limits.send_stall_s)
+                    self.last_output = asyncio.get_running_loop().time()
                 except asyncio.TimeoutError:
                     self.closed_because = f"the client read nothing for {self.limits.send_stall_s:g} s"
                     logger.info("disconnecting slot %d: %s", self.slot.index, self.closed_because)
