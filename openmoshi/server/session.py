@@ -120,6 +120,7 @@ class ChatSession:
                 try:
                     kind, payload = protocol.parse_client_message(message.data, self.limits.max_message_bytes)
                 except ProtocolError as exc:
+                    self.decoder = OpusDecoderStream(self.sample_rate)  # as after bad audio: restart cleanly
                     await self._bad_message(exc)
                     continue
                 if kind == Kind.AUDIO:
