@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_server_hardening import RawWebSocket, _rss_mb  # noqa: E402
+from test_server_hardening import RawWebSocket, _rss_mb
 
-from openmoshi.audio.opus import OpusEncoderStream  # noqa: E402
-from openmoshi.bundle import init_model  # noqa: E402
-from openmoshi.server.app import SESSIONS_KEY  # noqa: E402
-from openmoshi.server.background import RunningServer  # noqa: E402
-from openmoshi.server.limits import SessionLimits  # noqa: E402
+from openmoshi.audio.opus import OpusEncoderStream
+from openmoshi.bundle import init_model
+from openmoshi.server.app import SESSIONS_KEY
+from openmoshi.server.background import RunningServer
+from openmoshi.server.limits import SessionLimits
 
 
 def main() -> None:

@@ -62,9 +62,8 @@ def check_value(name: str, value: Any, annotation: str, bounds: Range | None = N
                 inner = option[len("list["):-1]
                 for i, item in enumerate(value):
                     check_value(f"{name}[{i}]", item, inner, bounds)
-            elif option.startswith("dict"):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"field {name} must be an object, got {_describe(value)}")
+            elif option.startswith("dict") and not isinstance(value, dict):
+                raise ConfigError(f"field {name} must be an object, got {_describe(value)}")
             return
         except ConfigError as exc:
             problems.append(str(exc))

@@ -122,6 +122,9 @@ async def _opus_flood(url: str, stream: bytes) -> tuple[list[str], int | None]:
 @pytest.mark.slow
 def test_abusive_clients_do_not_stall_another_session(tiny_model, speech, opus_flood):
     with RunningServer(tiny_model, max_sessions=3) as srv:
+        alone, alone_conv = asyncio.run(_victim(srv.url, speech))
+        alone_gap = float(np.diff(alone[3:]).max())
+
         async def scenario():
             victim = asyncio.create_task(_victim(srv.url, speech))
             await asyncio.sleep(0.8)
@@ -131,9 +134,13 @@ def test_abusive_clients_do_not_stall_another_session(tiny_model, speech, opus_f
         (arrivals, conv), (crafted_errors, crafted_code), (flood_errors, _) = asyncio.run(scenario())
         # (An idle close may end the victim once its audio ended, if its answer was cut short waiting.)
         assert all("idle" in e for e in conv.errors), conv.errors
-        assert len(conv.pcm) >= len(speech) - 4 * 1920
+        # Its whole answer came (or, on a machine too slow for real time, as much as it got alone).
+        assert len(conv.pcm) >= min(len(speech), len(alone_conv.pcm)) - 4 * 1920
         gaps = np.diff(arrivals[3:])  # from a few frames in: the model's startup delay is not a stall
-        assert gaps.max() < 0.3, f"longest gap {gaps.max():.3f} s"
+        # Under 0.3 s (one step is 80 ms); on a machine too loaded to keep that pace even without an attack,
+        # no worse than 1.5 times the longest gap of the same conversation alone.
+        bound = max(0.3, 1.5 * alone_gap)
+        assert gaps.max() < bound, f"longest gap {gaps.max():.3f} s (alone {alone_gap:.3f} s)"
         # The crafted messages got errors, and the 1 MB one closed its session (1009: message too big).
         assert any("invalid Ogg-Opus" in e for e in crafted_errors) and crafted_code == 1009
         # The flood was cut at the input budget: a message saying so, then the close.
@@ -279,9 +286,9 @@ def test_idle_session_is_closed_and_frees_its_slot(tiny_model, send_pings):
         while srv.engine.active_sessions and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.engine.active_sessions == 0
-        # The freed slot takes the next conversation.
+        # The freed slot takes the next conversation (which ends idle too, 1.5 s after its answer).
         conv = asyncio.run(converse(srv.url, np.zeros(9600, np.float32), params=GREEDY))
-        assert conv.errors == [] and len(conv.pcm) > 0
+        assert conv.handshake and len(conv.pcm) > 0 and all("idle" in e for e in conv.errors)
 
 
 # ---- 4. token
@@ -409,7 +416,7 @@ def test_serve_bind_failure_is_a_clear_error(tiny_model):
     taken.listen()
     try:
         proc = _serve(tiny_model, "--port", str(taken.getsockname()[1]))
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
     finally:
         taken.close()
     assert proc.returncode == 1

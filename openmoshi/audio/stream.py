@@ -60,7 +60,7 @@ def open_audio(path: str | os.PathLike, sample_rate: int = MIMI_SAMPLE_RATE) -> 
     try:
         info = soundfile.info(str(path))
         usable = info.frames > 0 and _MIN_RATE <= info.samplerate <= _MAX_RATE and info.channels > 0
-    except Exception:  # libsndfile cannot read it: the whole-file decoders may
+    except (RuntimeError, OSError):  # libsndfile cannot read it: the whole-file decoders may
         usable = False
     if not usable:
         loaded = load_audio(path, sample_rate)

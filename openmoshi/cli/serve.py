@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of user audio a session may queue before old audio is dropped")
     defaults = SessionLimits()
     parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
-                        help="seconds without audio from a client before its session is closed and its slot "
-                             f"freed (default {defaults.idle_timeout_s:g})")
+                        help="seconds without audio from a client (nor answer to it) before its session is "
+                             f"closed and its slot freed (default {defaults.idle_timeout_s:g})")
     parser.add_argument("--max-message-kb", type=float, default=defaults.max_message_bytes / 1024,
                         help="largest websocket message accepted, in KiB (a 20 ms Opus page is ~0.1 KiB; "
                              f"default {defaults.max_message_bytes // 1024})")

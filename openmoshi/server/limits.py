@@ -16,7 +16,7 @@ class SessionLimits:
     max_message_bytes: int = 64 * 1024  # a websocket message; a 20 ms Opus page is ~100 bytes
     input_rate: float = 2.0  # seconds of user audio accepted per wall-clock second, on average
     input_burst_s: float = 10.0  # ... with this much allowed at once (reconnects, network hiccups)
-    idle_timeout_s: float = 20.0  # no audio for this long: the session is closed, its slot freed
+    idle_timeout_s: float = 20.0  # no audio in, no answer out for this long: the session is closed, slot freed
     outbox_frames: int = 25  # Moshi's frames (80 ms) waiting for a slow reader; older ones are dropped
     send_stall_s: float = 10.0  # a client that reads nothing for this long is disconnected
     send_buffer_bytes: int = 32 * 1024  # output written before waiting for the socket to drain

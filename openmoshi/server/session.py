@@ -85,6 +85,7 @@ class ChatSession:
         self.budget = InputBudget(limits.input_rate, limits.input_burst_s)
         self.decoder = OpusDecoderStream(self.sample_rate)
         self.closed_because: str | None = None
+        self.last_output = 0.0  # loop time of the last message sent: an answer still arriving is not idleness
 
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_loop())
@@ -119,7 +120,7 @@ class ChatSession:
         idle = self.limits.idle_timeout_s
         last_audio = loop.time()
         while not self.ws.closed:
-            remaining = last_audio + idle - loop.time()
+            remaining = max(last_audio, self.last_output) + idle - loop.time()
             if remaining <= 0:
                 await self.end(f"closed: no audio received for {idle:g} s (idle timeout); reconnect to talk again")
                 return
@@ -131,6 +132,7 @@ class ChatSession:
                 try:
                     kind, payload = protocol.parse_client_message(message.data, self.limits.max_message_bytes)
                 except ProtocolError as exc:
+                    self.decoder = OpusDecoderStream(self.sample_rate)  # as after bad audio: restart cleanly
                     await self._bad_message(exc)
                     continue
                 if kind == Kind.AUDIO:
@@ -199,6 +201,7 @@ class ChatSession:
             for message in messages:
                 try:
                     await asyncio.wait_for(self.ws.send_bytes(message), self.limits.send_stall_s)
+                    self.last_output = asyncio.get_running_loop().time()
                 except asyncio.TimeoutError:
                     self.closed_because = f"the client read nothing for {self.limits.send_stall_s:g} s"
                     logger.info("disconnecting slot %d: %s", self.slot.index, self.closed_because)
