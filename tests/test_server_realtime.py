@@ -193,3 +193,52 @@ def test_late_step_drops_input_without_backlog_and_tells_the_client(tiny_model, 
     rtf = _metric(final, "real_time_factor")
     assert rtf == pytest.approx(np.mean(steps[-50:]) / 0.08, rel=0.01)
     assert _metric(final, "frames_dropped_total") == slot.dropped
+
+
+# ---- 5. long runs
+
+
+def _short_context_model(folder: Path, context: int) -> Path:
+    """The tiny model with a `context`-step attention window in the LM and in Mimi's transformers."""
+    model = init_model("tiny", folder, seed=7)
+    lm = json.loads((model / "config.json").read_text())
+    lm["context"] = context
+    (model / "config.json").write_text(json.dumps(lm))
+    mimi = json.loads((model / "mimi_config.json").read_text())
+    mimi["transformer"]["context"] = context
+    (model / "mimi_config.json").write_text(json.dumps(mimi))
+    return model
+
+
+def test_conversation_past_the_context_keeps_going(tmp_path, speech_files):
+    import torch
+
+    from openmoshi.bundle import load_model
+    from openmoshi.client import converse
+    from openmoshi.generation.generator import Generator
+
+    context = 3
+    model = _short_context_model(tmp_path / "short", context)
+    # Through the server: a conversation many times the context long, no error, Moshi still talking at the end.
+    pcm = read_speech(speech_files[1], 3.5)[0].numpy()
+    with RunningServer(model, max_sessions=1, max_backlog_frames=25) as srv:
+        conv = asyncio.run(converse(srv.url, pcm, tail_s=0.3))
+        stepped = srv.engine.metrics.steps
+    assert conv.errors == []
+    assert stepped > 3 * context, stepped
+    tail = conv.pcm[-int(0.5 * 24_000):]
+    assert len(conv.pcm) > 3 * context * 1920 and np.abs(tail).max() > 0
+    # The step time is steady: its median at 40x the context is that of the first steps (the cache is reused).
+    bundle = load_model(model)
+    gen = Generator(bundle.lm, **bundle.generation)
+    times, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: the timing is the model's, not the contention of a shared machine
+    with torch.no_grad(), gen.streaming(1):
+        codes = torch.zeros(1, gen.n_user, 1, dtype=torch.long)
+        for _ in range(40 * context):
+            start = time.perf_counter()
+            gen.step(codes)
+            times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    first, third = np.median(times[2:4 * context]), np.median(times[-4 * context:])
+    assert third < 3 * first, (first, third)

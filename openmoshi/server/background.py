@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import torch
+
 from ..bundle import load_model
+from ..cli.common import default_threads, usable_cores
 from .app import create_app
 from .engine import Engine
 from .limits import SessionLimits
@@ -18,7 +21,12 @@ class RunningServer:
 
     def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
                  max_backlog_frames: int = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None,
-                 wait_ready: bool = True) -> None:
+                 wait_ready: bool = True, threads: int | None = 0) -> None:
+        # threads: torch's intra-op threads while serving (0 = as `openmoshi serve` picks them, None = leave
+        # them); restored on exit. Torch's default of one per core is 25x slower on a busy 2-core machine.
+        self._threads_before = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads or default_threads(usable_cores(), "serve"))
         self.bundle = load_model(model_folder)
         gen = self.bundle.generation
         defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
@@ -51,6 +59,7 @@ class RunningServer:
     def __exit__(self, *exc) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
+        torch.set_num_threads(self._threads_before)
 
     @property
     def url(self) -> str:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 OutputCallback = tp.Callable[[np.ndarray | None, str | None], None]
 BEHIND_HOLD_S = 2.0  # a session is "behind" until this long after its last dropped frame
-STANDING_QUEUE_S = 0.5  # a queue of 3+ frames for this long means steps are not catching up: cut it
+STANDING_QUEUE_S = 1.0  # a queue of 3+ frames for this long means steps are not catching up: cut it
 
 
 @dataclass
