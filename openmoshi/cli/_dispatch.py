@@ -6,9 +6,10 @@ import argparse
 import importlib
 
 
-def add_stage_parsers(parser: argparse.ArgumentParser, stages: dict[str, tuple[str, str]], dest: str) -> None:
+def add_stage_parsers(parser: argparse.ArgumentParser, stages: dict[str, tuple[str, str]], dest: str,
+                      metavar: str = "STAGE") -> None:
     """One sub-parser per stage whose module is present; each module has add_arguments(parser) and run(args)."""
-    sub = parser.add_subparsers(dest=dest, metavar="STAGE")
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
     for name, (module_name, help_text) in stages.items():
         try:
             module = importlib.import_module(module_name)

@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from ._dispatch import add_stage_parsers, run_stage
 
 # data subcommand -> module defining `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
@@ -23,25 +24,8 @@ SUBCOMMANDS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a subcommand not shipped in this build
-            raise
-        child = sub.add_parser(name, help=help_text, description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                           help="show full tracebacks and debug logs")
-        module.add_arguments(child)
-        child.set_defaults(_data_run=module.run)
-    parser.set_defaults(_data_parser=parser)
+    add_stage_parsers(parser, SUBCOMMANDS, "data_command", metavar="SUBCOMMAND")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not hasattr(args, "_data_run"):
-        args._data_parser.print_help()
-        return 2
-    return int(args._data_run(args) or 0)
+    return run_stage(args)
