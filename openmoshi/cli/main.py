@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from ..errors import OpenMoshiError
+from ._dispatch import add_module_parsers
 
 # subcommand -> module defining `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -32,20 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openmoshi",
         description="openmoshi: Moshi speech-text model and Mimi codec, compatible with Kyutai's checkpoints.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # a command not shipped in this build
-            raise
-        child = sub.add_parser(name, help=help_text, description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                           help="show full tracebacks and debug logs")
-        module.add_arguments(child)
-        child.set_defaults(_run=module.run)
+    add_module_parsers(parser.add_subparsers(dest="command", metavar="COMMAND"), COMMANDS, "_run")
     return parser
 
 
