@@ -51,7 +51,7 @@ def bench_training(shapes: str, batch: int, seconds: float, steps: int, device: 
     from openmoshi.train.distributed import DistInfo
     from openmoshi.train.loop import Trainer
     from openmoshi.train.task import TrainEnv
-    from openmoshi.train.data import ItemRequest
+    from openmoshi.data.order import ItemRequest
 
     cfg = PRESETS["tiny" if shapes == "tiny" else "mimi"]()
     with tempfile.TemporaryDirectory() as tmp:

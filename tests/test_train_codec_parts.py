@@ -16,7 +16,7 @@ from openmoshi.train.codec.losses import Balancer, feature_matching, hinge_discr
 from openmoshi.train.codec.model import TrainableMimi, apply_weight_norm, export_mimi, fold_weight_norm
 from openmoshi.train.codec.task import step_generator
 from openmoshi.train.codec.teacher import SemanticTeacher, pool_to_frames
-from openmoshi.train.data import ItemRequest
+from openmoshi.data.order import ItemRequest
 
 from mimi_utils import fill_codebooks
 
@@ -191,7 +191,7 @@ def test_audio_clips_are_the_same_with_loader_workers(speech_files):
     from torch.utils.data import DataLoader
 
     from openmoshi.data.audio_clips import collate_clips
-    from openmoshi.train.data import ShardedBatchSampler
+    from openmoshi.data.order import ShardedBatchSampler
     clips = AudioClips(speech_files, 3840, 1920, 24_000, seed=0)
 
     def take(workers: int) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 
 from ..audio.io import AUDIO_EXTENSIONS, load_audio
 from ..errors import ConfigError
-from ..train.data import ItemRequest, item_generator
+from .order import ItemRequest, item_generator
 
 
 def list_audio(sources: list[str | Path]) -> list[Path]:

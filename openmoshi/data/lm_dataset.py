@@ -14,7 +14,7 @@ step as Moshi's own tokens of frame t - 1, where a plain teacher-forced forward 
     user's tokens fed (shift 0)  init     frame 0  frame 1  frame 2     (moshi-finetune's layout)
 
 Crops are consecutive `duration`-second windows of every file (the last one zero-padded), indexed in manifest
-order; the training core draws the order (openmoshi.train.data: seeded, sharded, resumable).
+order; the training core draws the order (openmoshi.data.order: seeded, sharded, resumable).
 """
 
 from __future__ import annotations

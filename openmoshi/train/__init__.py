@@ -40,8 +40,8 @@ threads); `torchrun --nproc-per-node N -m openmoshi train ...` splits the same g
 and matches one process within float tolerance.
 """
 
+from ..data.order import ItemRequest, ShardedBatchSampler, item_generator
 from .config import TrainConfig, apply_overrides, from_dict, to_dict
-from .data import ItemRequest, ShardedBatchSampler, item_generator
 from .loop import Trainer
 from .task import Task, TrainEnv
 

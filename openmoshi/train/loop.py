@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..data.order import ShardedBatchSampler
 from ..errors import ConfigError
 from . import distributed
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import TrainConfig, diff, from_dict, save_json, to_dict
-from .data import ShardedBatchSampler
 from .ema import WeightEMA
 from .monitor import Monitor, peak_memory_mb
 from .task import Task, TrainEnv

@@ -96,7 +96,7 @@ class Task(Protocol):
         """Max gradient norm per optimizer name (missing or 0 = no clipping)."""
 
     def dataset(self) -> torch.utils.data.Dataset:
-        """Map-style dataset indexed by openmoshi.train.data.ItemRequest."""
+        """Map-style dataset indexed by openmoshi.data.order.ItemRequest."""
 
     def collate(self) -> Callable | None:
         """Collate function for the DataLoader (None = torch's default)."""

@@ -19,12 +19,12 @@ from ...codec import Mimi, load_mimi, mimi_official, mimi_tiny, save_mimi
 from ...data.codes import CodeShards, codec_key
 from ...data.interleave import NO_TOKEN, InterleaveConfig
 from ...data.lm_dataset import AudioLMDataset, TextLMDataset, UserAugment
+from ...data.order import ItemRequest, item_generator
 from ...data.sources import DataError, read_manifest
 from ...errors import ConfigError
 from ...lm.config import PRESETS, LMConfig
 from ...lm.loading import CONFIG_NAME, LORA_NAME, load_lm, read_config
 from ...lm.model import LMModel
-from ..data import ItemRequest, item_generator
 from ..task import TrainEnv
 from .config import LMTrainConfig
 from .lora import add_lora, base_state_dict, has_lora, lora_state_dict, merged_state_dict
