@@ -121,6 +121,18 @@ def _decode_any(path: Path) -> tuple[np.ndarray, int]:
     )
 
 
+def check_audio_path(path: str | os.PathLike) -> Path:
+    """The path of an existing, non-empty audio file; `AudioError` saying what is wrong otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"audio file not found: {path}")
+    if not path.is_file():
+        raise AudioError(f"{path} is not a file (a directory?); pass the path of an audio file.")
+    if path.stat().st_size == 0:
+        raise AudioError(f"audio file {path} is empty (0 bytes).")
+    return path
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int = MIMI_SAMPLE_RATE) -> LoadedAudio:
     """Reads an audio file of any common format, mixes it to mono and resamples it to `sample_rate`.
 
@@ -129,13 +141,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = MIMI_SAMPLE_RATE) -> 
     """
     if not isinstance(sample_rate, int) or sample_rate <= 0:
         raise ConfigError(f"sample_rate must be a positive integer, got {sample_rate!r}.")
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"audio file not found: {path}")
-    if not path.is_file():
-        raise AudioError(f"{path} is not a file (a directory?); pass the path of an audio file.")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file {path} is empty (0 bytes).")
+    path = check_audio_path(path)
 
     data, original_sr = _decode_any(path)
     channels = data.shape[0]

@@ -19,7 +19,7 @@ import soundfile
 import torch
 
 from ..errors import AudioError
-from .io import _MAX_RATE, _MIN_RATE, MIMI_SAMPLE_RATE, load_audio, resample
+from .io import _MAX_RATE, _MIN_RATE, MIMI_SAMPLE_RATE, check_audio_path, load_audio, resample
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,7 @@ class AudioStream:
 
 def open_audio(path: str | os.PathLike, sample_rate: int = MIMI_SAMPLE_RATE) -> AudioStream:
     """Checks an audio file and returns a stream of it; `AudioError` (naming the file) if it is unusable."""
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"audio file not found: {path}")
-    if not path.is_file():
-        raise AudioError(f"{path} is not a file (a directory?); pass the path of an audio file.")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file {path} is empty (0 bytes).")
+    path = check_audio_path(path)
     try:
         info = soundfile.info(str(path))
         usable = info.frames > 0 and _MIN_RATE <= info.samplerate <= _MAX_RATE and info.channels > 0
