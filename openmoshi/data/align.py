@@ -55,9 +55,9 @@ def _offline_hint(model: str) -> str:
 
 
 @dataclass
-class WhisperTimestampedAligner:
-    """whisper-timestamped with moshi-finetune's annotate.py settings by default (beam 5, best of 5, temperature
-    fallback 0..1)."""
+class WhisperSettings:
+    """What both Whisper aligners take; defaults are moshi-finetune's annotate.py (beam 5, best of 5,
+    temperature fallback 0..1)."""
 
     model: str = "medium"
     device: str = "cpu"
@@ -65,6 +65,12 @@ class WhisperTimestampedAligner:
     beam_size: int = 5
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     vad: bool = False
+
+
+@dataclass
+class WhisperTimestampedAligner(WhisperSettings):
+    """whisper-timestamped (moshi-finetune's aligner), on openai-whisper weights."""
+
     name: str = "whisper-timestamped"
 
     def __post_init__(self) -> None:
@@ -117,15 +123,9 @@ class WhisperTimestampedAligner:
 
 
 @dataclass
-class FasterWhisperAligner:
+class FasterWhisperAligner(WhisperSettings):
     """faster-whisper (CTranslate2), int8 on CPU; weights from a local folder or the Hugging Face cache only."""
 
-    model: str = "medium"
-    device: str = "cpu"
-    language: str | None = "en"
-    beam_size: int = 5
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    vad: bool = False
     name: str = "faster-whisper"
 
     def __post_init__(self) -> None:
