@@ -66,3 +66,19 @@ def read_speech(path: Path, seconds: float | None = None) -> torch.Tensor:
 def speech_batch(speech_files) -> torch.Tensor:
     """[2, 1, 3 s] of two different speakers."""
     return torch.stack([read_speech(speech_files[0], 3.0), read_speech(speech_files[1], 3.0)])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests (tiny models run fastest so), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def init_preset(folder: Path, preset: str, seed: int) -> Path:
+    """A fresh model folder from `openmoshi init --preset`, through the real command."""
+    from openmoshi.cli.main import main
+    assert main(["init", "--preset", preset, str(folder), "--seed", str(seed)]) == 0
+    return folder

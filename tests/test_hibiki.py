@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import read_speech
+from conftest import init_preset, read_speech
 from lm_utils import FILE_KEYS
 
 from openmoshi.bundle import load_model
@@ -23,19 +23,13 @@ from moshi.models import loaders
 from moshi.models.lm import LMGen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_hibiki(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hibiki") / "tiny-hibiki"
-    assert main(["init", "--preset", "tiny-hibiki", str(folder), "--seed", "2"]) == 0
-    return folder
+    return init_preset(tmp_path_factory.mktemp("hibiki") / "tiny-hibiki", "tiny-hibiki", 2)
 
 
 @pytest.mark.parametrize("cfg_coef", [1.0, 3.0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import read_speech
+from conftest import init_preset, read_speech
 from lm_utils import kyutai_kwargs, sharp_model, small_config
 
 from openmoshi.bundle import init_model, load_model
@@ -40,20 +40,13 @@ STT_2_6B = {"card": 2048, "n_q": 32, "dep_q": 0, "delays": [0] * 33, "dim": 2048
             "mimi_name": "mimi-pytorch-e351c8d8@125.safetensors", "tokenizer_name": "tokenizer_en_audio_4000.model"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models run fastest on one thread, and the test machine is shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_stt(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("stt") / "tiny-stt"
-    assert main(["init", "--preset", "tiny-stt", str(folder), "--seed", "3"]) == 0
-    return folder
+    return init_preset(tmp_path_factory.mktemp("stt") / "tiny-stt", "tiny-stt", 3)
 
 
 def stt_config(**changes) -> LMConfig:

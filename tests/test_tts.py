@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+from conftest import init_preset
 from lm_utils import FILE_KEYS
 
 from openmoshi.bundle import load_model
@@ -31,19 +32,13 @@ from moshi.models import loaders
 from moshi.models import tts as ref_tts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_tts(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tts") / "tiny-tts"
-    assert main(["init", "--preset", "tiny-tts", str(folder), "--seed", "5"]) == 0
-    return folder
+    return init_preset(tmp_path_factory.mktemp("tts") / "tiny-tts", "tiny-tts", 5)
 
 
 def test_forcing_golden_script():

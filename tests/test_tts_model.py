@@ -24,12 +24,8 @@ CFG_VALUES = ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]
 VOICE_DIM = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tts_config(cross: bool = True, **changes) -> LMConfig:
