@@ -103,11 +103,15 @@ def test_kill_9_at_any_point_then_resume_equals_uninterrupted(tmp_path):
     _toy(run, steps)  # the same command resumes (from step 3, ignoring the half-written file)
     # 2) killed from outside at an arbitrary moment after the first checkpoint
     run2 = tmp_path / "killed_outside"
-    proc = subprocess.Popen([sys.executable, str(TOY), str(run2), str(steps)], env=_env(),
+    # steps slowed down so the run is surely still going when the first checkpoint appears (on an idle
+    # machine the toy otherwise finishes, and prunes step 3, between two polls)
+    proc = subprocess.Popen([sys.executable, str(TOY), str(run2), str(steps)], env=_env(TOY_STEP_SLEEP="0.2"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (run2 / "checkpoints" / "step_00000003.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    while (not (run2 / "checkpoints" / "step_00000003.pt").exists() and proc.poll() is None
+           and time.time() < deadline):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the toy run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _toy(run2, steps)

@@ -5,14 +5,18 @@ Run as a script (also under torchrun): python tests/train_toy.py RUN MAX_STEPS [
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from openmoshi.train import ItemRequest, TrainConfig, Trainer, TrainEnv, item_generator
+from openmoshi.train import ItemRequest, TrainConfig, TrainEnv, Trainer, item_generator
+
+STEP_SLEEP = float(os.environ.get("TOY_STEP_SLEEP", "0"))
 
 
 @dataclass
@@ -77,6 +81,7 @@ class ToyTask:
         loss = (self.fwd(batch) - target).pow(2).mean()
         env.backward(loss)
         self.counter += 1
+        time.sleep(STEP_SLEEP)  # lets a test kill the run at a moment of its choosing
         return {"loss": loss.detach()}
 
     def evaluate(self, models, env):
