@@ -10,7 +10,7 @@ import torch
 from ..bundle import load_model
 from ..cli.common import default_threads, usable_cores
 from .app import create_app
-from .engine import Engine
+from .engine import STANDING_QUEUE_S, Engine
 from .limits import SessionLimits
 from .protocol import SessionSettings
 from .runner import start
@@ -20,8 +20,9 @@ class RunningServer:
     """`with RunningServer(model) as srv:` serves on 127.0.0.1 at a free port (`srv.url`, `srv.http`)."""
 
     def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
-                 max_backlog_frames: int = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None,
-                 wait_ready: bool = True, threads: int | None = 0) -> None:
+                 max_backlog_frames: int | None = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None,
+                 wait_ready: bool = True, threads: int | None = 0,
+                 standing_queue_s: float | None = STANDING_QUEUE_S) -> None:
         # threads: torch's intra-op threads while serving (0 = as `openmoshi serve` picks them, None = leave
         # them); restored on exit. Torch's default of one per core is 25x slower on a busy 2-core machine.
         self._threads_before = torch.get_num_threads()
@@ -31,7 +32,11 @@ class RunningServer:
         gen = self.bundle.generation
         defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
                                    audio_temperature=gen["temp"], audio_topk=gen["top_k"])
-        self.engine = Engine(self.bundle, max_sessions, defaults, max_backlog_frames=max_backlog_frames)
+        # max_backlog_frames / standing_queue_s = None: a late session's input waits instead of being dropped
+        # (for exact comparisons on a loaded machine; a real server drops so that latency stays bounded).
+        self.engine = Engine(self.bundle, max_sessions, defaults,
+                             max_backlog_frames=1 << 30 if max_backlog_frames is None else max_backlog_frames,
+                             standing_queue_s=standing_queue_s)
         self.app = create_app(self.engine, token=token, limits=limits)
         self.loop = asyncio.new_event_loop()
         self.host = host

@@ -57,12 +57,16 @@ class Engine:
     """Owns the model, the batch slots and the step loop (run `await engine.run()` on the server's loop)."""
 
     def __init__(self, bundle: MoshiBundle, max_sessions: int, defaults: SessionSettings,
-                 gather_s: float = 0.02, max_backlog_frames: int = 12) -> None:
+                 gather_s: float = 0.02, max_backlog_frames: int = 12,
+                 standing_queue_s: float | None = STANDING_QUEUE_S) -> None:
+        # max_backlog_frames and standing_queue_s (None: never cut) bound a late session's latency by dropping
+        # its oldest input; tests that compare conversations exactly turn both off.
         self.bundle = bundle
         self.max_sessions = max_sessions
         self.defaults = defaults
         self.gather_s = gather_s
         self.max_backlog_frames = max_backlog_frames
+        self.standing_queue_s = standing_queue_s
         self.metrics = Metrics()
         self.frame_size = bundle.frame_size
         self.device = bundle.lm.device
@@ -184,7 +188,7 @@ class Engine:
                 slot.standing_since = None
             elif slot.standing_since is None:
                 slot.standing_since = now
-            elif now - slot.standing_since >= STANDING_QUEUE_S:
+            elif self.standing_queue_s is not None and now - slot.standing_since >= self.standing_queue_s:
                 while len(slot.frames) > 1:
                     slot.frames.popleft()
                     slot.dropped += 1
