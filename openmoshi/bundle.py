@@ -83,13 +83,37 @@ def generation_defaults(cfg: LMConfig) -> dict:
     return out
 
 
-def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMConfig | None = None) -> Mimi:
-    """The Mimi of a model folder, using as many codebooks as the LM reads per audio stream."""
+def _codec_only_folder(source: str | Path) -> dict | None:
+    """The config.json of a folder that holds only a Mimi (as `openmoshi train codec` exports), else None."""
+    path = Path(source) / "config.json" if not str(source).startswith("hf://") else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) and "mimi_name" in raw and "dim" not in raw else None
+
+
+def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMConfig | None = None,
+               num_codebooks: int | None = None) -> Mimi:
+    """The Mimi of a model folder, using as many codebooks as the LM reads per audio stream (`num_codebooks`
+    overrides; a codec-only folder without an LM config uses all its codebooks by default)."""
     model = ModelSource(source)
+    codec_only = None if cfg is not None else _codec_only_folder(source)
+    if codec_only is not None:
+        mimi_cfg = None
+        if codec_only.get("mimi_config_name"):
+            mimi_cfg = MimiConfig.from_kyutai(json.loads(
+                model.require(codec_only["mimi_config_name"], "Mimi config").read_text()))
+        n_all = mimi_cfg.quantizer.n_q if mimi_cfg is not None else 8
+        return load_mimi(model.require(codec_only["mimi_name"], "Mimi weights"),
+                         num_codebooks=num_codebooks or n_all, device=device, config=mimi_cfg)
     cfg = cfg or read_config(source)[0]
     n_codebooks = max(cfg.dep_q, cfg.n_q - cfg.dep_q)
     if cfg.tts_config.get("multistream"):
         n_codebooks //= 2
+    n_codebooks = num_codebooks or n_codebooks
     mimi_cfg = None
     if cfg.mimi_config_name:
         path = model.require(cfg.mimi_config_name, "Mimi config")
@@ -149,6 +173,15 @@ def save_model(bundle: MoshiBundle, folder: str | Path, tokenizer_file: str | Pa
     return folder
 
 
+def package_model(source: str | Path, folder: str | Path, lm_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Copy a model folder with the LM's weights stored in `lm_dtype` (as Kyutai ships its LMs); Mimi stays
+    float32. Loads back with `load_model` (which computes in the dtype it is asked for)."""
+    bundle = load_model(source)
+    bundle.lm.to(lm_dtype)
+    return save_model(bundle, folder, tokenizer_file=ModelSource(source).require(bundle.config.tokenizer_name,
+                                                                                 "text tokenizer"))
+
+
 def _mimi_tiny_32() -> MimiConfig:
     """The tiny Mimi with all 32 codebook levels (speech-to-text models read 32)."""
     cfg = mimi_tiny()
@@ -167,10 +200,25 @@ PRESETS = {
 }
 
 
+# Trained models kept in the package: `init --preset NAME` copies them (recipes/ says how each was made).
+SHIPPED = {"tiny-talk": ASSETS / "tiny-talk"}
+
+
 def init_model(preset: str, folder: str | Path, seed: int = 0, tokenizer: str | Path | None = None) -> Path:
-    """Write a freshly initialised model folder for a preset (random weights: it babbles)."""
+    """Write a model folder for a preset: a shipped trained model, or fresh random weights (it babbles)."""
+    if preset in SHIPPED:
+        source = SHIPPED[preset]
+        if not (source / "config.json").is_file():
+            raise CheckpointError(f"the {preset} model is not in this installation ({source} is missing); "
+                                  f"reinstall openmoshi or build it with recipes/{preset.replace('-', '_')}.py")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, folder / f.name)
+        return folder
     if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join([*PRESETS, *SHIPPED])}")
     lm_preset, mimi_preset, bundled_tokenizer = PRESETS[preset]
     tokenizer = tokenizer or (ASSETS / bundled_tokenizer if bundled_tokenizer else None)
     if tokenizer is None:

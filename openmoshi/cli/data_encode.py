@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSONL manifest of {path, duration} (or a folder of them), as moshi-finetune's")
     parser.add_argument("--out", required=True, type=Path, help="codes folder (one subfolder per codec)")
     parser.add_argument("--shard-frames", type=int, default=1_000_000, help="frames of codes per shard file")
+    parser.add_argument("--codebooks", type=int,
+                        help="codebooks per channel (default: as many as the model's LM reads; all of a codec-only "
+                             "folder). Must match the LM that will read the codes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arguments(parser)
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     device, _ = resolve_device(args)
     items = read_manifest(args.data)
-    mimi = load_codec(args.model, device)
+    mimi = load_codec(args.model, device, num_codebooks=args.codebooks)
     with tqdm(total=len(items), unit="file", disable=args.quiet) as bar:
         folder = write_shards(mimi, items, args.out, args.shard_frames, bar.update)
     print(f"{len(items)} file(s) encoded -> {folder}")

@@ -1,5 +1,6 @@
-"""Write a freshly initialised model folder in Kyutai's layout.
+"""Write a model folder in Kyutai's layout: the shipped trained tiny-talk model, or fresh random weights.
 
+  openmoshi init --preset tiny-talk tiny-talk # ~5 M parameters, trained by recipes/tiny_talk.py: answers questions
   openmoshi init --preset tiny tiny-moshi     # ~0.5 M parameters, runs anywhere, babbles (random weights)
   openmoshi init --preset tiny-stt tiny-stt   # speech-to-text structure of kyutai/stt-1b-en_fr, toy size
   openmoshi init --preset tiny-tts tiny-tts   # text-to-speech structure of kyutai/tts-1.6b-en_fr, toy size
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bundle import PRESETS, init_model
+from ..bundle import PRESETS, SHIPPED, init_model
 
 
 # what to run on a fresh folder, by family (the preset's last word)
@@ -26,7 +27,9 @@ _NEXT = {"stt": "transcribe --model {0} speech.wav", "tts": "speak --model {0} '
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", type=Path, help="folder to write (created)")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default tiny)")
+    parser.add_argument("--preset", default="tiny", choices=sorted([*PRESETS, *SHIPPED]),
+                        help="model size (default tiny: random weights); tiny-talk is a small trained Moshi that "
+                             "answers simple spoken questions (recipes/tiny_talk.py)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="SentencePiece model to ship (default: the bundled 1000-piece one for tiny/bench)")
@@ -42,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} exists and is not empty; use --force to write into it")
     folder = init_model(args.preset, args.output, seed=args.seed, tokenizer=args.tokenizer)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    if args.preset in SHIPPED:
+        print(f"wrote the trained {args.preset} model to {folder} ({size:.1f} MB).")
+        print(f"next: openmoshi serve --model {folder}   (then open the page it prints and ask "
+              "\"what is the capital of France?\")")
+        return 0
     print(f"wrote a fresh {args.preset} model to {folder} ({size:.1f} MB). Random weights: it babbles.")
     next_step = _NEXT.get(args.preset.split("-")[-1], "infer --model {0} speech.wav --out answers")
     print(f"next: openmoshi {next_step.format(folder)}")

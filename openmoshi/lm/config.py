@@ -218,6 +218,16 @@ class LMConfig:
                    tokenizer_name="tokenizer_tiny.model")
 
     @classmethod
+    def tiny_talk(cls) -> LMConfig:
+        """The shipped tiny-talk Moshi (recipes/tiny_talk.py): 4 generated + 4 user codebooks of a 1024-entry tiny
+        Mimi, a 512-piece domain tokenizer, 20 s of context; about 9 M parameters."""
+        return cls(dim=192, num_heads=6, num_layers=4, context=250, text_card=512, card=1024, n_q=8, dep_q=4,
+                   delays=[0, 0, 1, 1, 1, 0, 1, 1, 1], depformer_dim=128, depformer_num_heads=4,
+                   depformer_num_layers=1, depformer_dim_feedforward=int(4.125 * 128),
+                   tokenizer_name="tokenizer_tiny_talk.model", mimi_name="tiny_talk_mimi.safetensors",
+                   lm_gen_config={"temp": 0.8, "temp_text": 0.0, "top_k": 50, "top_k_text": 25})
+
+    @classmethod
     def stt_1b(cls) -> LMConfig:
         """kyutai/stt-1b-en_fr: 32 audio streams in, text out 0.5 s behind, 4 end-of-speech heads."""
         return cls(dim=2048, num_heads=16, num_layers=16, context=750, max_period=100_000.0, text_card=8000,
@@ -382,4 +392,4 @@ def tiny() -> LMConfig:
 
 PRESETS = {"moshi_7b": moshi_7b, "bench": bench, "tiny": tiny, "stt_1b": LMConfig.stt_1b,
            "tiny_stt": LMConfig.tiny_stt, "tts_1_6b": LMConfig.tts_1_6b, "tiny_tts": LMConfig.tiny_tts,
-           "tiny_hibiki": LMConfig.tiny_hibiki}
+           "tiny_hibiki": LMConfig.tiny_hibiki, "tiny_talk": LMConfig.tiny_talk}

@@ -216,7 +216,8 @@ class LMTask:
             tokenizer_path = m.tokenizer or str(ASSETS / lm_cfg.tokenizer_name)
             lm = LMModel(lm_cfg).to(device)
             if m.codec:
-                mimi = load_codec(m.codec, device) if Path(m.codec).is_dir() or m.codec.startswith("hf://") \
+                mimi = load_codec(m.codec, device, num_codebooks=max(lm_cfg.dep_q, lm_cfg.n_user)) \
+                    if Path(m.codec).is_dir() or m.codec.startswith("hf://") \
                     else load_mimi(m.codec, num_codebooks=max(lm_cfg.dep_q, lm_cfg.n_user), device=device)
             else:
                 mimi = Mimi(mimi_tiny() if m.preset == "tiny" else mimi_official())

@@ -1,0 +1,212 @@
+"""tiny-talk: the whole training pipeline, from nothing to a small Moshi that answers spoken questions.
+
+    python recipes/tiny_talk.py                      # runs/tiny-talk, CPU: a few hours; rerun to resume
+    python recipes/tiny_talk.py --device cuda        # the same on a GPU
+    python recipes/tiny_talk.py --size toy --work /tmp/tt   # every stage at toy size (seconds each), as CI does
+
+Stages (each resumable; a finished stage is skipped on rerun, an interrupted training resumes from its last
+checkpoint):
+  scripts     dialogue scripts of the tiny-talk domain (openmoshi/data/synth/talk.py): greetings, questions
+              over a facts table and one-digit sums, goodbyes; test dialogues in held-out phrasings
+  synth       stereo dialogues (one Moshi voice, many user voices; test voices held out) + exact word timings
+  mono        each channel as mono speech with its own words (audio pretraining and codec data)
+  tokenizer   a 512-piece SentencePiece tokenizer of the domain's text
+  codec       a tiny Mimi (2.6 M parameters, 8 x 1024 codes) trained on the mono speech
+  encode      the Mimi codes of every file, once
+  audio       LM audio pretraining on mono speech (the paper's stage 2, tiny learning rates scaled up)
+  multistream LM multi-stream post-training on the dialogues (Moshi = left channel)
+  finetune    LM dialogue fine-tuning, user channel augmented
+  eval        `openmoshi eval talk` on held-out voices and phrasings, and the codec's held-out figures
+  package     WORK/model: the model folder (half precision), what `openmoshi init --preset tiny-talk` ships
+
+Every stage's wall time goes to WORK/times.json; logs to WORK/logs/STAGE.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Size:
+    dialogues: int
+    user_voices: int
+    codec_steps: int
+    codec_batch: int
+    lm_steps: tuple[int, int, int]  # audio, multistream, finetune
+    lm_batch: int
+    duration: float  # seconds per LM training item
+    eval_cases: int
+    checkpoint_every: int
+
+
+SIZES = {
+    "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
+                duration=4.0, eval_cases=2, checkpoint_every=1),
+    "full": Size(dialogues=800, user_voices=48, codec_steps=300, codec_batch=8, lm_steps=(800, 1200, 400),
+                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50),
+}
+LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/tiny-talk", help="work folder (rerun the same command to resume)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full (the shipped model) or toy")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of each stage (0 = every core)")
+    parser.add_argument("--until", help="stop after this stage")
+    parser.add_argument("--steps-scale", type=float, default=1.0,
+                        help="multiply every training stage's steps (e.g. 0.5 for a quicker, weaker model)")
+    args = parser.parse_args(argv)
+    Recipe(Path(args.work), SIZES[args.size], args).run()
+    return 0
+
+
+class Recipe:
+    def __init__(self, work: Path, size: Size, args: argparse.Namespace) -> None:
+        self.work, self.size, self.args = work, size, args
+        self.data = work / "data"
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        self.times_path = work / "times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+
+    # ---- plumbing
+    def steps(self, n: int) -> int:
+        return max(1, round(n * self.args.steps_scale))
+
+    def openmoshi(self, stage: str, *argv: str) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        cmd = [sys.executable, "-m", "openmoshi", *argv]
+        with open(self.work / "logs" / f"{stage}.log", "a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"stage {stage} failed (exit {done.returncode}); see {self.work / 'logs' / stage}.log. "
+                             "Rerun the same command to resume.")
+
+    def run(self) -> None:
+        for name in ("scripts", "synth", "mono", "tokenizer", "codec", "encode", "audio", "multistream", "finetune",
+                     "eval", "package"):
+            marker = self.work / ".done" / name
+            if marker.exists():
+                print(f"[tiny-talk] {name}: done")
+            else:
+                print(f"[tiny-talk] {name} ...", flush=True)
+                start = time.time()
+                getattr(self, "stage_" + name)()
+                elapsed = time.time() - start
+                self.times[name] = round(self.times.get(name, 0.0) + elapsed, 1)
+                self.times_path.write_text(json.dumps(self.times, indent=2) + "\n")
+                marker.parent.mkdir(exist_ok=True)
+                marker.touch()
+                print(f"[tiny-talk] {name}: {elapsed:.0f} s", flush=True)
+            if name == self.args.until:
+                break
+
+    # ---- data
+    def stage_scripts(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from openmoshi.data.synth.talk import text_corpus, write_dialogue_scripts
+        write_dialogue_scripts(self.data / "scripts.jsonl", self.size.dialogues, self.args.seed)
+        (self.data / "corpus.txt").write_text("\n".join(text_corpus()) + "\n")
+
+    def stage_synth(self) -> None:
+        self.openmoshi("synth", "data", "synth", "--out", str(self.data / "dialogues"), "--script-file",
+                       str(self.data / "scripts.jsonl"), "--user-voices", str(self.size.user_voices),
+                       "--seed", str(self.args.seed), "--workers", str(os.cpu_count() or 1))
+
+    def stage_mono(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from openmoshi.data.mono import split_dialogues
+        for split in ("train", "test"):
+            split_dialogues(self.data / "dialogues" / f"{split}.jsonl", self.data / f"mono_{split}")
+
+    def stage_tokenizer(self) -> None:
+        self.openmoshi("tokenizer", "data", "tokenizer", "--input", str(self.data / "corpus.txt"),
+                       "--out", str(self.work / "tokenizer_tiny_talk.model"), "--vocab-size", "512")
+
+    # ---- codec
+    def common(self) -> list[str]:
+        return ["--device", self.args.device, "--threads", str(self.args.threads), "--seed", str(self.args.seed)]
+
+    def stage_codec(self) -> None:
+        # Reconstruction losses (multi-scale mel + L1) first, the adversarial and feature-matching terms for the
+        # last tenth of the steps: on a CPU a step with the discriminator costs several without it.
+        s = self.size
+        steps = self.steps(s.codec_steps)
+        self.openmoshi("codec", "train", "codec", "--preset", "tiny", "--data",
+                       str(self.data / "mono_train" / "mono.jsonl"), "--eval-data",
+                       str(self.data / "mono_test" / "mono.jsonl"), "--out", str(self.work / "codec"),
+                       "--max-steps", str(steps), "--batch-size", str(s.codec_batch),
+                       "--checkpoint-every", str(s.checkpoint_every), "--eval-every", str(s.checkpoint_every * 5),
+                       "--set", "losses.preset=encodec", "--set", f"losses.adv_start={steps - steps // 10}",
+                       *self.common())
+
+    def stage_encode(self) -> None:
+        # The codes are keyed by the codec's weights and codebook count (the LM's 4 per stream); the LM stages
+        # read them instead of running Mimi.
+        for manifest in (self.data / "mono_train" / "mono.jsonl", self.data / "dialogues" / "train.jsonl"):
+            self.openmoshi("encode", "data", "encode", "--model", str(self.work / "codec" / "model"), "--codebooks",
+                           "4", "--data", str(manifest), "--out", str(self.work / "codes"), "--quiet",
+                           "--device", self.args.device)
+
+    # ---- LM stages
+    def lm_stage(self, stage: str, steps: int, data: str, init: Path | None) -> None:
+        s = self.size
+        source = ["--init", str(init / "model")] if init else [
+            "--preset", "tiny_talk", "--codec", str(self.work / "codec" / "model"),
+            "--tokenizer", str(self.work / "tokenizer_tiny_talk.model")]
+        self.openmoshi(stage, "train", "lm", "--stage", stage, *source, "--data", data,
+                       "--codes", str(self.work / "codes"), "--out", str(self.work / f"lm_{stage}"),
+                       "--max-steps", str(self.steps(steps)), "--batch-size", str(s.lm_batch),
+                       "--duration", str(s.duration), "--lr", str(LM_LR[stage]),
+                       "--warmup-steps", str(max(1, self.steps(steps) // 20)),
+                       "--checkpoint-every", str(s.checkpoint_every), "--eval-every", str(s.checkpoint_every * 5),
+                       "--set", "optim.depth_lr_scale=1.0", *self.common())
+
+    def stage_audio(self) -> None:
+        self.lm_stage("audio", self.size.lm_steps[0], str(self.data / "mono_train" / "mono.jsonl"), None)
+
+    def stage_multistream(self) -> None:
+        self.lm_stage("multistream", self.size.lm_steps[1], str(self.data / "dialogues" / "train.jsonl"),
+                      self.work / "lm_audio")
+
+    def stage_finetune(self) -> None:
+        self.lm_stage("finetune", self.size.lm_steps[2], str(self.data / "dialogues" / "train.jsonl"),
+                      self.work / "lm_multistream")
+
+    # ---- results
+    def stage_eval(self) -> None:
+        out = self.work / "eval"
+        out.mkdir(exist_ok=True)
+        model = self.work / "lm_finetune" / "model"
+        self.openmoshi("eval", "eval", "talk", "--model", str(model), "--cases", str(self.size.eval_cases),
+                       "--voices-from", str(self.data / "dialogues"), "--codec-data",
+                       str(self.data / "mono_test"), "--json", "--out", str(out / "talk.json"))
+
+    def stage_package(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from openmoshi.bundle import package_model
+        target = self.work / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        package_model(self.work / "lm_finetune" / "model", target)
+        size = sum(f.stat().st_size for f in target.iterdir()) / 1e6
+        print(f"[tiny-talk] {target}: {size:.1f} MB; ship it with: cp {target}/* openmoshi/lm/assets/tiny-talk/")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
