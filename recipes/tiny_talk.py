@@ -16,8 +16,9 @@ checkpoint):
   audio       LM audio pretraining on mono speech (the paper's stage 2, tiny learning rates scaled up)
   multistream LM multi-stream post-training on the dialogues (Moshi = left channel)
   finetune    LM dialogue fine-tuning, user channel augmented
-  eval        `openmoshi eval talk` on held-out voices and phrasings, and the codec's held-out figures
-  package     WORK/model: the model folder (half precision), what `openmoshi init --preset tiny-talk` ships
+  package     WORK/model: the model folder (LM in bfloat16), what `openmoshi init --preset tiny-talk` ships
+  eval        `openmoshi eval talk` of that folder on held-out voices and phrasings, and the codec's held-out
+              figures
 
 Every stage's wall time goes to WORK/times.json; logs to WORK/logs/STAGE.log.
 """
@@ -53,7 +54,7 @@ class Size:
 SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
                 duration=4.0, eval_cases=2, checkpoint_every=1),
-    "full": Size(dialogues=800, user_voices=48, codec_steps=300, codec_batch=8, lm_steps=(800, 1200, 400),
+    "full": Size(dialogues=800, user_voices=48, codec_steps=600, codec_batch=8, lm_steps=(1000, 1500, 500),
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
@@ -86,20 +87,26 @@ class Recipe:
     def steps(self, n: int) -> int:
         return max(1, round(n * self.args.steps_scale))
 
-    def openmoshi(self, stage: str, *argv: str) -> None:
+    def openmoshi(self, stage: str, *argv: str, stdout: Path | None = None) -> None:
+        """Run `python -m openmoshi ARGV`, logging to WORK/logs/STAGE.log (stdout to `stdout` when given)."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, "-m", "openmoshi", *argv]
         with open(self.work / "logs" / f"{stage}.log", "a") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            out = open(stdout, "w") if stdout else log
+            try:
+                done = subprocess.run(cmd, stdout=out, stderr=log if stdout else subprocess.STDOUT, env=env)
+            finally:
+                if stdout:
+                    out.close()
         if done.returncode != 0:
             raise SystemExit(f"stage {stage} failed (exit {done.returncode}); see {self.work / 'logs' / stage}.log. "
                              "Rerun the same command to resume.")
 
     def run(self) -> None:
         for name in ("scripts", "synth", "mono", "tokenizer", "codec", "encode", "audio", "multistream", "finetune",
-                     "eval", "package"):
+                     "package", "eval"):
             marker = self.work / ".done" / name
             if marker.exists():
                 print(f"[tiny-talk] {name}: done")
@@ -192,10 +199,14 @@ class Recipe:
     def stage_eval(self) -> None:
         out = self.work / "eval"
         out.mkdir(exist_ok=True)
-        model = self.work / "lm_finetune" / "model"
+        model = self.work / "model"  # the packaged model, as shipped
         self.openmoshi("eval", "eval", "talk", "--model", str(model), "--cases", str(self.size.eval_cases),
                        "--voices-from", str(self.data / "dialogues"), "--codec-data",
-                       str(self.data / "mono_test"), "--json", "--out", str(out / "talk.json"))
+                       str(self.data / "mono_test"), "--threads", str(self.args.threads),
+                       "--save-audio", str(out / "audio"))
+        self.openmoshi("eval", "eval", "talk", "--model", str(model), "--cases", str(self.size.eval_cases),
+                       "--voices-from", str(self.data / "dialogues"), "--threads", str(self.args.threads),
+                       "--json", stdout=out / "talk.json")
 
     def stage_package(self) -> None:
         sys.path.insert(0, str(ROOT))
