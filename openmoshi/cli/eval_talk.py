@@ -164,11 +164,11 @@ def format_table(report, examples: int = 8) -> str:
     for kind, acc in s["accuracy_by_kind"].items():
         lines.append(f"{'  ' + kind:<28}{_pct(acc):>9}   ({s['cases_by_kind'][kind]} cases)")
     lines += [f"{'answered early':<28}{s['answered_early']:>9}",
-              f"{'silent in user speech (text)':<28}{_pct(s['silent_share_text']):>9}   target >= 95%   "
-              f"{mark[ok['silent_share_text']]}",
+              (f"{'silent in user speech (text)':<28}{_pct(s['silent_share_text']):>9}   target >= 95%   "
+               f"{mark[ok['silent_share_text']]}"),
               f"{'silent in user speech (audio)':<28}{_pct(s['silent_share_audio']):>9}",
-              f"{'answer onset median':<28}{_sec(s['onset_median_s']):>9}   target <= 1 s   "
-              f"{mark[ok['onset_median_s']]}",
+              (f"{'answer onset median':<28}{_sec(s['onset_median_s']):>9}   target <= 1 s   "
+               f"{mark[ok['onset_median_s']]}"),
               f"{'answer onset p90':<28}{_sec(s['onset_p90_s']):>9}",
               f"{'unanswered':<28}{s['unanswered']:>9}   (of {s['cases']})"]
     if report.codec:

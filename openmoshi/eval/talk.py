@@ -165,8 +165,8 @@ def speech_frames(words: list[tuple[str, float, float]], frame_rate: float, fram
     """Frames [f / rate, (f + 1) / rate) that overlap any user word's [start, end) by a positive amount."""
     out: set[int] = set()
     for _, start, end in words:
-        first = int(math.floor(start * frame_rate + 1e-9))
-        last = int(math.ceil(end * frame_rate - 1e-9))  # exclusive
+        first = math.floor(start * frame_rate + 1e-9)
+        last = math.ceil(end * frame_rate - 1e-9)  # exclusive
         out.update(range(max(first, 0), min(last, frames)))
     return sorted(out)
 
@@ -192,8 +192,8 @@ def score_case(pieces: list[str | None], frame_rate: float, question: Question, 
                ) -> CaseScore:
     """Score Moshi's side of one case from its text pieces, one per frame (None for padding)."""
     words = words_from_pieces(pieces)
-    start_frame = int(math.floor(start * frame_rate + 1e-9))
-    end_frame = int(math.floor(end * frame_rate + 1e-9))
+    start_frame = math.floor(start * frame_rate + 1e-9)
+    end_frame = math.floor(end * frame_rate + 1e-9)
     reply = " ".join(w.text for w in words if w.frame >= start_frame)
     before_end = " ".join(w.text for w in words if start_frame <= w.frame < end_frame)
     after = [w for w in words if w.frame >= end_frame]
@@ -287,12 +287,16 @@ def run_cases(bundle, cases: list[TalkCase], generation: dict, seed: int | None 
         group = cases[i:i + batch_size]
         wavs = [torch.from_numpy(c.audio)[None] for c in group]
         batch_seed = None if seed is None else seed + i
-        step = None if progress is None else (lambda done, total, i=i, n=len(group): progress(i + n * done / total))
-        answers = answer_recordings(bundle, wavs, generation, batch_seed, step)
+        answers = answer_recordings(bundle, wavs, generation, batch_seed,
+                                    None if progress is None else _batch_progress(progress, i, len(group)))
         for answer in answers:
             pieces = [bundle.text_piece(int(t)) for t in answer.codes[0].tolist()]
             runs.append(CaseRun(pieces, answer.audio[0].clamp(-1, 1).numpy()))
     return runs
+
+
+def _batch_progress(progress: tp.Callable[[float], None], first: int, size: int) -> tp.Callable[[int, int], None]:
+    return lambda done, total: progress(first + size * done / total)
 
 
 def score_runs(cases: list[TalkCase], runs: list[CaseRun], frame_rate: float, frame_size: int
