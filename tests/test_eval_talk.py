@@ -107,6 +107,7 @@ def test_audio_speech_frames_and_threshold():
     speaking[12] = speaking[13] = speaking[30] = True
     s = score_case(pieces_with({}), RATE, PERU, USER_WORDS, 1.0, 2.0, speaking_audio=speaking)
     assert (s.user_frames, s.silent_text, s.silent_audio) == (13, 13, 11)
+    assert s.onset_audio_s == pytest.approx(30 * 0.08 - 2.0)  # first speech frame from frame 25 on: 30
 
 
 def _score(kind: str, correct: bool, onset: float | None, user: int, silent: int, early: bool = False) -> CaseScore:
@@ -126,6 +127,7 @@ def test_summary_over_cases():
     assert s["onset_median_s"] == pytest.approx(0.4)
     assert s["onset_p90_s"] == pytest.approx(0.4 + 0.8 * (1.2 - 0.4))  # linear: position 0.9 * 2 = 1.8
     assert (s["answered"], s["unanswered"], s["answered_early"]) == (3, 1, 1)
+    assert s["onset_audio_median_s"] is None  # no case had an audio onset
     assert s["meets_targets"] == {"accuracy": False, "silent_share_text": True, "onset_median_s": True}
 
 
@@ -213,6 +215,16 @@ def test_eval_talk_table_and_codec_figures(tiny_model, speech_files, capsys):
 def test_bad_arguments_are_clear_errors(tiny_model, extra, message, capsys):
     assert main(["eval", "talk", "--model", str(tiny_model), *extra]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_only_dialogue_models_are_evaluated():
+    from types import SimpleNamespace
+
+    from openmoshi.errors import ConfigError
+    from openmoshi.eval.talk import check_dialogue_model
+
+    with pytest.raises(ConfigError, match="needs a Moshi dialogue model"):
+        check_dialogue_model(SimpleNamespace(source="tts-folder", config=SimpleNamespace(model_type="tts")))
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):

@@ -18,6 +18,7 @@ Figures (targets of the shipped tiny-talk model in brackets):
                       Moshi's level (95th percentile of its frame RMS over all cases) and above -50 dBFS
   onset median / p90  seconds from the question's last word ending to Moshi's first text word starting in
                       that frame or later (0 if within it)                                     [median <= 1 s]
+  onset (audio)       the same to Moshi's first audio speech frame after the question's end (median)
   unanswered          cases where Moshi wrote no word after the question ended
   answered early      cases where the answer word came before the question had ended
 With --codec-data: the model's Mimi (at the LM's codebook count) on held-out audio: mel distance, STFT distance,
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +105,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bundle import load_model
     from ..data.synth.talk import eval_questions
-    from ..eval.talk import build_cases, codec_figures, evaluate_talk, held_out_voices
+    from ..eval.talk import build_cases, check_dialogue_model, codec_figures, evaluate_talk, held_out_voices
 
     _check(args)
     device, dtype = resolve_device(args)
     bundle = load_model(args.model, device=device, dtype=dtype)
-    if bundle.config.model_type != "moshi":
-        raise ConfigError(f"{args.model}: eval talk needs a Moshi dialogue model, not a "
-                          f"{bundle.config.model_type!r} model")
+    check_dialogue_model(bundle)
     quiet = args.quiet or args.json
     if not quiet:
         print(f"synthesizing {args.cases} held-out questions ...")
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             stereo = np.stack([result.audio[: len(case.audio)], case.audio], axis=1)
             soundfile.write(args.save_audio / f"case_{i:03d}_{case.question.kind}.wav", stereo, 24_000,
                             subtype="PCM_16")
+        (args.save_audio / "cases.json").write_text(json.dumps(report.to_json(len(cases))["per_case"], indent=2))
     if args.json:
         print(json.dumps(report.to_json(args.examples), indent=2))
     else:
@@ -170,7 +171,12 @@ def format_table(report, examples: int = 8) -> str:
               (f"{'answer onset median':<28}{_sec(s['onset_median_s']):>9}   target <= 1 s   "
                f"{mark[ok['onset_median_s']]}"),
               f"{'answer onset p90':<28}{_sec(s['onset_p90_s']):>9}",
+              f"{'answer onset (audio) median':<28}{_sec(s['onset_audio_median_s']):>9}",
               f"{'unanswered':<28}{s['unanswered']:>9}   (of {s['cases']})"]
+    threshold = report.settings.get("audio_threshold_rms")
+    if threshold:
+        lines.append(f"(audio: a frame is speech above {20 * math.log10(threshold):.1f} dBFS RMS, 20 dB under "
+                     "Moshi's level, at least -50 dBFS)")
     if report.codec:
         lines += ["", "codec (held-out audio)"]
         for key, value in report.codec.items():

@@ -185,6 +185,7 @@ class CaseScore:
     user_frames: int  # frames overlapping the user's words
     silent_text: int  # of those, frames where Moshi's text was padding
     silent_audio: int | None  # of those, frames where Moshi's audio was quiet (None: audio not scored)
+    onset_audio_s: float | None = None  # the same onset from Moshi's audio: its first speech frame after the end
 
 
 def score_case(pieces: list[str | None], frame_rate: float, question: Question, user_words: list[tuple[str, float,
@@ -199,13 +200,15 @@ def score_case(pieces: list[str | None], frame_rate: float, question: Question, 
     after = [w for w in words if w.frame >= end_frame]
     onset = max(0.0, after[0].frame / frame_rate - end) if after else None
     user = speech_frames(user_words, frame_rate, len(pieces))
-    silent_audio = None
+    silent_audio = onset_audio = None
     if speaking_audio is not None:
         silent_audio = sum(1 for f in user if f < len(speaking_audio) and not speaking_audio[f])
+        first = next((f for f in range(end_frame, len(speaking_audio)) if speaking_audio[f]), None)
+        onset_audio = None if first is None else max(0.0, first / frame_rate - end)
     return CaseScore(question.kind, question.text, question.answer, voice, reply,
                      " ".join(w.text for w in words), contains_answer(reply, question.answer),
                      contains_answer(before_end, question.answer), onset, len(user),
-                     sum(1 for f in user if pieces[f] is None), silent_audio)
+                     sum(1 for f in user if pieces[f] is None), silent_audio, onset_audio)
 
 
 def frame_rms(audio: np.ndarray, frame_size: int) -> np.ndarray:
@@ -255,6 +258,7 @@ def summarize(scores: list[CaseScore]) -> dict:
         "onset_p90_s": _percentile(onsets, 90),
         "answered": len(onsets),
         "unanswered": len(scores) - len(onsets),
+        "onset_audio_median_s": _percentile([s.onset_audio_s for s in scores if s.onset_audio_s is not None], 50),
     }
     out["targets"] = dict(TARGETS)
     out["meets_targets"] = {
@@ -367,14 +371,18 @@ def pick_examples(scores: list[CaseScore], count: int) -> list[CaseScore]:
     return out
 
 
+def check_dialogue_model(bundle) -> None:
+    if bundle.config.model_type != "moshi":
+        raise ConfigError(f"{bundle.source}: eval talk needs a Moshi dialogue model (model_type 'moshi'), not a "
+                          f"{bundle.config.model_type!r} model")
+
+
 def evaluate_talk(bundle, count: int = 40, seed: int = 0, generation: dict | None = None,
                   voices_from: str | Path | None = None, batch_size: int = 8,
                   progress: tp.Callable[[float], None] | None = None,
                   cases: list[TalkCase] | None = None) -> tuple[TalkReport, list[TalkCase], list[CaseRun]]:
     """Build `count` held-out cases (or use `cases`), run the model over them and score them."""
-    if bundle.config.model_type != "moshi":
-        raise ConfigError(f"eval talk needs a Moshi (speech-to-speech dialogue) model, not a "
-                          f"{bundle.config.model_type!r} model")
+    check_dialogue_model(bundle)
     if cases is None:
         voices = held_out_voices(voices_from, seed=seed)
         cases = build_cases(eval_questions(count, seed), voices)
