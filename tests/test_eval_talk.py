@@ -24,6 +24,7 @@ from openmoshi.eval.talk import (
     frame_rms,
     held_out_voices,
     normalize_text,
+    piece_text,
     score_case,
     speech_frames,
     summarize,
@@ -58,6 +59,10 @@ def test_text_normalisation_and_whole_word_matching():
 def test_words_from_pieces_and_user_speech_frames():
     words = words_from_pieces(pieces_with({3: "\u2581Pe", 4: "ru", 6: "\u2581is", 7: "."}))
     assert [(w.text, w.frame) for w in words] == [("Peru", 3), ("is.", 6)]
+    # byte-fallback pieces (a tokenizer trained on a small corpus spells digits so) read as their characters
+    digits = [piece_text(p, p.startswith("<0x")) for p in ("\u2581", "<0x31>", "<0x32>", "<0xC3>", "!")]
+    assert digits == ["\u2581", "1", "2", "", "!"]
+    assert contains_answer(" ".join(w.text for w in words_from_pieces(digits)), "twelve")
     assert speech_frames(USER_WORDS, RATE, 40) == list(range(12, 25))
     assert speech_frames([("a", 0.1, 0.16)], RATE, 40) == [1]  # [0.10, 0.16) lies inside frame 1 (0.08-0.16)
     assert speech_frames([("a", 0.1, 0.17)], RATE, 2) == [1]  # frame 2 would overlap but the case has 2 frames

@@ -294,9 +294,24 @@ def run_cases(bundle, cases: list[TalkCase], generation: dict, seed: int | None 
         answers = answer_recordings(bundle, wavs, generation, batch_seed,
                                     None if progress is None else _batch_progress(progress, i, len(group)))
         for answer in answers:
-            pieces = [bundle.text_piece(int(t)) for t in answer.codes[0].tolist()]
+            pieces = [frame_piece(bundle, int(t)) for t in answer.codes[0].tolist()]
             runs.append(CaseRun(pieces, answer.audio[0].clamp(-1, 1).numpy()))
     return runs
+
+
+def piece_text(piece: str, is_byte: bool) -> str:
+    """The text of a SentencePiece piece: byte-fallback pieces (`<0x31>`) become their ASCII character (other bytes,
+    parts of multi-byte characters, are dropped: the domain is English)."""
+    if not is_byte:
+        return piece
+    value = int(piece[1:-1], 16)
+    return chr(value) if value < 0x80 else ""
+
+
+def frame_piece(bundle, token: int) -> str | None:
+    """Moshi's text in one frame: None for padding and specials, else the piece's text."""
+    piece = bundle.text_piece(token)
+    return None if piece is None else piece_text(piece, bool(bundle.tokenizer.is_byte(token)))
 
 
 def _batch_progress(progress: tp.Callable[[float], None], first: int, size: int) -> tp.Callable[[int, int], None]:
