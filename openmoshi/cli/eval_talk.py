@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     parser.add_argument("--temp", type=float, default=None, help="audio temperature (default: the model's)")
     parser.add_argument("--temp-text", type=float, default=None, help="text temperature (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="cases generated together in one batch")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="cases generated together in one batch (default 16); with sampling the draws, so the "
+                             "figures, depend on it as on --seed; with --greedy they do not")
     parser.add_argument("--codec-data", nargs="+", type=Path, default=None, metavar="DIR",
                         help="held-out audio (folders, files or manifests): also report the codec's figures")
     parser.add_argument("--codec-max-files", type=int, default=50,

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.synth.engines import Voice, synthesize
+from ..data.synth.engines import Voice, festival_available, synthesize
 from ..data.synth.mixing import PEAK
 from ..data.synth.scripts import number_words
 from ..data.synth.talk import PHRASINGS, Question, eval_questions
@@ -75,7 +75,11 @@ def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed:
             settings = {**DEFAULT_SYNTH, **json.loads(path.read_text())}
         except ValueError as exc:
             raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
+        if "festival" in settings["engines"] and not festival_available():
+            logger.warning("%s was made with festival voices available, but festival is not installed here: "
+                           "its voice bank, so its test voices, may not be rebuilt exactly", voices_from)
         voices = _bank(settings).users["test"]
+        logger.info("user voices: the %d test voice(s) of %s", len(voices), voices_from)
         if not voices:
             raise ConfigError(f"{voices_from}: the set has no test voices (test_fraction 0); evaluate without "
                               "--voices-from to draw unseen voices")
@@ -86,6 +90,7 @@ def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed:
     voices = [v for v in pool if v.key not in train and v.key != moshi.key][:count]
     if len(voices) < count:
         raise ConfigError(f"could only draw {len(voices)} unseen voices")
+    logger.info("user voices: %d espeak-ng voices unseen by a default synth set", len(voices))
     return voices
 
 
@@ -280,7 +285,7 @@ class CaseRun:
     audio: np.ndarray  # float32 [T], same length as the user's audio
 
 
-def run_cases(bundle, cases: list[TalkCase], generation: dict, seed: int | None = 0, batch_size: int = 8,
+def run_cases(bundle, cases: list[TalkCase], generation: dict, seed: int | None = 0, batch_size: int = 16,
               progress: tp.Callable[[float], None] | None = None) -> list[CaseRun]:
     """Moshi's answers to the cases, `batch_size` recordings per batch (rows are independent: with greedy
     decoding a case's answer does not depend on its batch). Calls progress(cases done, fractional) per step."""
@@ -393,7 +398,7 @@ def check_dialogue_model(bundle) -> None:
 
 
 def evaluate_talk(bundle, count: int = 40, seed: int = 0, generation: dict | None = None,
-                  voices_from: str | Path | None = None, batch_size: int = 8,
+                  voices_from: str | Path | None = None, batch_size: int = 16,
                   progress: tp.Callable[[float], None] | None = None,
                   cases: list[TalkCase] | None = None) -> tuple[TalkReport, list[TalkCase], list[CaseRun]]:
     """Build `count` held-out cases (or use `cases`), run the model over them and score them."""
