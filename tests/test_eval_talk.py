@@ -205,10 +205,11 @@ def test_eval_talk_end_to_end_on_a_tiny_model(tiny_model, tmp_path, capsys):
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
 def test_eval_talk_table_and_codec_figures(tiny_model, speech_files, capsys):
     args = ["eval", "talk", "--model", str(tiny_model), "--cases", "1", "--threads", "1", "--quiet",
-            "--codec-data", str(speech_files[0])]
+            "--codec-data", str(speech_files[0]), "--codec-codebooks", "2", "--codec-seconds", "2"]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "answers correct" in text and "silent in user speech (text)" in text and "mel_distance" in text
+    assert [line.split() for line in text.splitlines() if "codebooks" in line] == [["codebooks", "2"]]
     assert "Tell me" in text  # an example transcript
 
 
@@ -216,6 +217,8 @@ def test_eval_talk_table_and_codec_figures(tiny_model, speech_files, capsys):
     (["--cases", "0"], "--cases must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--voices-from", "/nonexistent/set"], "--voices-from"),
+    (["--codec-data", "/nonexistent/wavs"], "--codec-data"),
+    (["--codec-codebooks", "99"], "--codec-codebooks must be in 1.."),
 ])
 def test_bad_arguments_are_clear_errors(tiny_model, extra, message, capsys):
     assert main(["eval", "talk", "--model", str(tiny_model), *extra]) == 1

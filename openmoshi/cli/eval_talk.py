@@ -21,7 +21,7 @@ Figures (targets of the shipped tiny-talk model in brackets):
   onset (audio)       the same to Moshi's first audio speech frame after the question's end (median)
   unanswered          cases where Moshi wrote no word after the question ended
   answered early      cases where the answer word came before the question had ended
-With --codec-data: the model's Mimi (at the LM's codebook count) on held-out audio: mel distance, STFT distance,
+With --codec-data: the model's Mimi (at the LM's codebook count, or --codec-codebooks) on held-out audio: mel distance, STFT distance,
 SI-SDR, PESQ and STOI (when `pesq` / `pystoi` are installed).
 
 User voices: with --voices-from, the *test* voices of that synth set (rebuilt from its synth_config.json), i.e.
@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "figures, depend on it as on --seed; with --greedy they do not")
     parser.add_argument("--codec-data", nargs="+", type=Path, default=None, metavar="DIR",
                         help="held-out audio (folders, files or manifests): also report the codec's figures")
+    parser.add_argument("--codec-codebooks", type=int, default=None, metavar="K",
+                        help="RVQ levels for the codec figures (default: as many as the LM reads)")
+    parser.add_argument("--codec-seconds", type=float, default=10.0,
+                        help="use the first S seconds of each --codec-data file (0 = all; default 10)")
     parser.add_argument("--codec-max-files", type=int, default=50,
                         help="at most this many --codec-data files (0 = all; default 50)")
     parser.add_argument("--save-audio", type=Path, default=None, metavar="DIR",
@@ -80,6 +84,8 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if args.codec_seconds < 0 or args.codec_max_files < 0:
+        raise ConfigError("--codec-seconds and --codec-max-files must be >= 0")
     if args.save_audio is not None and args.save_audio.exists() and not args.save_audio.is_dir():
         raise ConfigError(f"--save-audio {args.save_audio} is a file: give a folder")
     if args.voices_from is not None and not args.voices_from.is_dir():
@@ -113,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args)
     bundle = load_model(args.model, device=device, dtype=dtype)
     check_dialogue_model(bundle)
+    if args.codec_codebooks is not None and not 1 <= args.codec_codebooks <= bundle.mimi.total_codebooks:
+        raise ConfigError(f"--codec-codebooks must be in 1..{bundle.mimi.total_codebooks} for this model's Mimi, "
+                          f"got {args.codec_codebooks}")
     quiet = args.quiet or args.json
     if not quiet:
         print(f"synthesizing {args.cases} held-out questions ...")
@@ -130,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     report.settings["model"] = str(args.model)
     if args.codec_data:
         with torch.inference_mode():
-            report.codec = codec_figures(bundle.mimi, args.codec_data, args.codec_max_files, progress=not quiet)
+            report.codec = codec_figures(bundle.mimi, args.codec_data, args.codec_max_files, args.codec_seconds,
+                                         args.codec_codebooks, progress=not quiet)
     if args.save_audio is not None:
         args.save_audio.mkdir(parents=True, exist_ok=True)
         for i, (case, result) in enumerate(zip(cases, runs)):

@@ -336,9 +336,10 @@ def score_runs(cases: list[TalkCase], runs: list[CaseRun], frame_rate: float, fr
 # --- the codec's held-out figures ------------------------------------------------------------------------------
 
 def codec_figures(mimi, data: list[str | Path], max_files: int = 0, seconds: float = 10.0,
-                  progress: bool = False) -> dict[str, float]:
-    """The model's Mimi (at the LM's number of codebooks) on held-out audio: mean mel distance, STFT distance,
-    SI-SDR, and PESQ / STOI when installed (openmoshi/eval/codec_metrics.py)."""
+                  num_codebooks: int | None = None, progress: bool = False) -> dict[str, float]:
+    """The model's Mimi on held-out audio: mean mel distance, STFT distance, SI-SDR, and PESQ / STOI when
+    installed (the metrics of `openmoshi eval codec`, openmoshi/eval/codec_metrics.py), at `num_codebooks`
+    levels (default: the ones it is loaded with, i.e. the LM's)."""
     from tqdm import tqdm
 
     from ..audio.io import load_audio
@@ -348,18 +349,27 @@ def codec_figures(mimi, data: list[str | Path], max_files: int = 0, seconds: flo
     files = list_audio(list(data))[: max_files or None]
     if not files:
         raise ConfigError(f"--codec-data {', '.join(map(str, data))}: no audio files found")
+    loaded = mimi.num_codebooks
+    levels = num_codebooks or loaded
+    if not 1 <= levels <= mimi.total_codebooks:
+        raise ConfigError(f"--codec-codebooks must be in 1..{mimi.total_codebooks} for this Mimi, got {levels}")
     sums: dict[str, float] = {}
     device = next(mimi.parameters()).device
-    with torch.inference_mode():
-        for path in tqdm(files, desc="codec", unit="file", disable=not progress):
-            wav = load_audio(path, mimi.sample_rate).wav
-            if seconds:
-                wav = wav[:, : int(seconds * mimi.sample_rate)]
-            wav = wav[None].to(device)  # [1, 1, T]
-            rec = mimi.decode(mimi.encode(wav))[..., : wav.shape[-1]].float()
-            for k, v in waveform_metrics(rec.cpu(), wav.float().cpu(), mimi.sample_rate).items():
-                sums[k] = sums.get(k, 0.0) + v
-    out = {k: v / len(files) for k, v in sums.items()}
+    mimi.set_num_codebooks(levels)
+    try:
+        with torch.inference_mode():
+            for path in tqdm(files, desc="codec", unit="file", disable=not progress):
+                wav = load_audio(path, mimi.sample_rate).wav
+                if seconds:
+                    wav = wav[:, : int(seconds * mimi.sample_rate)]
+                wav = wav[None].to(device)  # [1, 1, T]
+                rec = mimi.decode(mimi.encode(wav))[..., : wav.shape[-1]].float()
+                for k, v in waveform_metrics(rec.cpu(), wav.float().cpu(), mimi.sample_rate).items():
+                    sums[k] = sums.get(k, 0.0) + v
+    finally:
+        mimi.set_num_codebooks(loaded)
+    out: dict[str, float] = {k: v / len(files) for k, v in sums.items()}
+    out["codebooks"] = levels
     out["files"] = len(files)
     return out
 
