@@ -213,6 +213,22 @@ def test_eval_talk_table_and_codec_figures(tiny_model, speech_files, capsys):
     assert "Tell me" in text  # an example transcript
 
 
+def test_codec_figures_equal_eval_codec(tiny_model, speech_files):
+    from openmoshi.bundle import load_model
+    from openmoshi.eval.codec import evaluate_codec
+    from openmoshi.eval.talk import codec_figures
+
+    bundle = load_model(tiny_model)
+    mine = codec_figures(bundle.mimi, [speech_files[0]], seconds=1.5, num_codebooks=3)
+    ref = evaluate_codec(tiny_model / bundle.config.mimi_name, [speech_files[0]], num_codebooks=3, seconds=1.5,
+                         progress=False)
+    assert mine["codebooks"] == 3 and bundle.mimi.num_codebooks == 8  # restored after
+    shared = {"mel_distance", "stft_distance", "si_sdr", "l1", "stoi", "pesq_wb"} & set(ref)  # PESQ/STOI if installed
+    assert {"mel_distance", "si_sdr"} <= shared <= set(mine)
+    for key in shared:
+        assert mine[key] == pytest.approx(ref[key], rel=1e-6), key
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--cases", "0"], "--cases must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
