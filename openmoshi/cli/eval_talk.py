@@ -171,7 +171,8 @@ def format_table(report, examples: int = 8) -> str:
     s = report.summary
     ok = s["meets_targets"]
     mark = {True: "ok", False: "below target"}
-    lines = [f"eval talk: {s['cases']} held-out cases, {len(report.settings.get('voices', []))} unseen voices",
+    voices = len(report.settings.get("voices", []))
+    lines = [f"eval talk: {s['cases']} held-out cases, {voices} held-out user voice(s)",
              "",
              f"{'answers correct':<28}{_pct(s['accuracy']):>9}   target >= 80%   {mark[ok['accuracy']]}"]
     for kind, acc in s["accuracy_by_kind"].items():
