@@ -54,7 +54,7 @@ class Size:
 SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
                 duration=4.0, eval_cases=2, checkpoint_every=1),
-    "full": Size(dialogues=800, user_voices=48, codec_steps=600, codec_batch=8, lm_steps=(1000, 1500, 500),
+    "full": Size(dialogues=800, user_voices=48, codec_steps=400, codec_batch=8, lm_steps=(800, 1200, 400),
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
@@ -201,12 +201,12 @@ class Recipe:
         out.mkdir(exist_ok=True)
         model = self.work / "model"  # the packaged model, as shipped
         self.openmoshi("eval", "eval", "talk", "--model", str(model), "--cases", str(self.size.eval_cases),
-                       "--voices-from", str(self.data / "dialogues"), "--codec-data",
-                       str(self.data / "mono_test"), "--threads", str(self.args.threads),
-                       "--save-audio", str(out / "audio"))
-        self.openmoshi("eval", "eval", "talk", "--model", str(model), "--cases", str(self.size.eval_cases),
-                       "--voices-from", str(self.data / "dialogues"), "--threads", str(self.args.threads),
-                       "--json", stdout=out / "talk.json")
+                       "--voices-from", str(self.data / "dialogues"), "--codec-data", str(self.data / "mono_test"),
+                       "--codec-max-files", "40", "--save-audio", str(out / "audio"), "--threads",
+                       str(self.args.threads), "--json", "--quiet", stdout=out / "talk.json")
+        report = json.loads((out / "talk.json").read_text())
+        print(f"[tiny-talk] held-out accuracy {report['accuracy']:.0%}; full report: {out / 'talk.json'} "
+              f"(table: openmoshi eval talk --model {model} --voices-from {self.data / 'dialogues'})")
 
     def stage_package(self) -> None:
         sys.path.insert(0, str(ROOT))
