@@ -62,9 +62,8 @@ class Metrics:
         counters = {
             "sessions_started_total": (self.sessions_started, "Conversations accepted."),
             "sessions_rejected_total": (self.sessions_rejected, "Conversations refused because all slots were busy."),
-            "sessions_sent_elsewhere_total": (self.sessions_sent_elsewhere,
-                                              "Upgrades answered with HTTP 503 so the load balancer tries another "
-                                              "backend (full or warming up)."),
+            "sessions_sent_elsewhere_total": (self.sessions_sent_elsewhere, (
+                "Upgrades answered with HTTP 503 so the load balancer tries another backend (full or warming).")),
             "steps_total": (self.steps, "Batched model steps."),
             "steps_late_total": (self.steps_late, "Steps slower than real time (80 ms)."),
             "frames_total": (self.frames_in, "User frames processed."),
