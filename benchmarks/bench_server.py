@@ -126,7 +126,7 @@ def _wait_until(ready, proc: subprocess.Popen, log: Path, timeout_s: float = 180
 
 @contextlib.contextmanager
 def ours(model: Path, sessions: int, threads: int, logs: Path):
-    """`openmoshi serve` as a user starts it; yields the chat URL once /health says ok (warmed up)."""
+    """`openmoshi serve` as a user starts it; yields (chat URL, its pid) once /health says ok (warmed up)."""
     log = logs / f"ours-{sessions}.log"
     cmd = [sys.executable, "-m", "openmoshi", "serve", "--model", str(model), "--device", "cpu", "--port", "0",
            "--max-sessions", str(sessions)] + (["--threads", str(threads)] if threads else [])
@@ -143,7 +143,7 @@ def ours(model: Path, sessions: int, threads: int, logs: Path):
                 return json.loads(r.read())["status"] == "ok"
 
         _wait_until(healthy, proc, log)
-        yield f"ws://127.0.0.1:{port[0]}/api/chat"
+        yield f"ws://127.0.0.1:{port[0]}/api/chat", proc.pid
 
 
 @contextlib.contextmanager
@@ -239,7 +239,7 @@ def main() -> None:
     raw: dict[str, dict[int, list[ClientRun]]] = {"openmoshi": {}, "reference": {}}
     try:
         for n in args.sessions:
-            with ours(model, n, args.threads, logs) as url:
+            with ours(model, n, args.threads, logs) as (url, _):
                 raw["openmoshi"][n] = asyncio.run(_round(url, n, pcm, 30.0))
             print(f"  openmoshi N={n} done", flush=True)
         if args.reference:
