@@ -32,7 +32,7 @@ from openmoshi.server.background import RunningServer
 REPO = Path(__file__).resolve().parents[1]
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                        if os.access(p, os.X_OK)), None)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="the nginx binary is absent (Debian: apt-get install nginx)")
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="the nginx binary is absent (Debian: apt-get install nginx)")
 
 
 def _render_conf():
@@ -111,6 +111,40 @@ def test_render_conf_lists_every_backend():
         _render_conf()(["8001"])
 
 
+def test_full_server_sends_the_balancer_elsewhere(tiny_model, speech_files):
+    """With the balancer's header a full server answers the upgrade with 503; without it, inside the websocket."""
+    import aiohttp
+
+    from openmoshi.server.app import RETRY_HEADER
+
+    user = read_speech(speech_files[0], 2.0)[0].numpy()
+
+    async def attempt_while_full(url: str) -> tuple[int, BaseException | None]:
+        held = asyncio.create_task(converse(url, user, timeout_s=20))
+        await asyncio.sleep(0.8)  # the one slot is taken
+        async with aiohttp.ClientSession() as session:
+            try:
+                await session.ws_connect(url, headers={RETRY_HEADER: "1"})
+                status = 101
+            except aiohttp.WSServerHandshakeError as exc:
+                status = exc.status
+        try:
+            await converse(url, user[:24_000], timeout_s=10)
+            refusal = None
+        except ServerBusy as exc:
+            refusal = exc
+        conv = await held
+        assert conv.errors == [] and len(conv.pcm) > 0
+        return status, refusal
+
+    with RunningServer(tiny_model, max_sessions=1, max_backlog_frames=None, standing_queue_s=None) as srv:
+        status, refusal = asyncio.run(attempt_while_full(srv.url))
+        assert status == 503
+        assert srv.engine.metrics.sessions_sent_elsewhere == 1 and srv.engine.metrics.sessions_rejected == 1
+    assert isinstance(refusal, ServerBusy) and "every conversation slot (1)" in str(refusal)
+
+
+@needs_nginx
 def test_two_servers_behind_nginx(tiny_model, speech_files, tmp_path):
     user = [read_speech(path, 3.0)[0].numpy() for path in speech_files]
     with contextlib.ExitStack() as stack:
