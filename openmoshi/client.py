@@ -66,13 +66,15 @@ async def _file_chunks(audio: np.ndarray, realtime: bool) -> tp.AsyncIterator[np
 async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], realtime: bool = True,
                    tail_s: float = 0.5, params: dict | None = None, on_piece=None,
                    on_audio: tp.Callable[[np.ndarray], None] | None = None,
-                   timeout_s: float = 30.0) -> Conversation:
+                   timeout_s: float = 30.0,
+                   on_send: tp.Callable[[np.ndarray], None] | None = None) -> Conversation:
     """Stream user audio (float32 mono 24 kHz) to a chat server and return what came back.
 
     `pcm` is a whole recording (sent in 80 ms chunks at real-time pace, or faster with realtime=False:
     5 s at once, then 1.5 times real time, within the server's input budget, then `tail_s` of silence so the answer can finish) or an async iterator of live chunks
     (e.g. a microphone), sent as they come until it ends. Waits for the handshake before sending, as
-    Kyutai's web client does. `on_piece` / `on_audio` see text pieces and decoded audio as they arrive.
+    Kyutai's web client does. `on_piece` / `on_audio` see text pieces and decoded audio as they arrive,
+    `on_send` each chunk of user audio as it is sent (benchmarks time the answers with it).
     """
     conv = Conversation()
     if params:
@@ -134,6 +136,8 @@ async def converse(url: str, pcm: np.ndarray | tp.AsyncIterator[np.ndarray], rea
                 message = conv.errors[0]
                 raise (ServerBusy if "busy" in message else OpenMoshiError)(f"server refused: {message}")
             async for chunk in source:
+                if on_send is not None:
+                    on_send(chunk)
                 data = encoder.push(chunk)
                 if data:
                     await ws.send_bytes(bytes([Kind.AUDIO]) + data)

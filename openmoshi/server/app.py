@@ -32,6 +32,9 @@ LIMITS_KEY = web.AppKey("limits", SessionLimits)
 TASK_KEY = web.AppKey("engine_task", asyncio.Task)
 POOL_KEY = web.AppKey("decode_pool", concurrent.futures.ThreadPoolExecutor)
 SESSIONS_KEY = web.AppKey("sessions", set)
+# A load balancer that can retry another backend (nginx: proxy_next_upstream http_503) sends this header: a full
+# or warming server then answers the websocket upgrade with HTTP 503 instead of accepting it and refusing inside.
+RETRY_HEADER = "X-Moshi-Retry-Elsewhere"
 
 
 def create_app(engine: Engine, token: str | None = None, static_dir: Path = STATIC_DIR,
@@ -148,6 +151,10 @@ def _gauges(engine: Engine) -> list[Gauge]:
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     limits = request.app[LIMITS_KEY]
+    if request.headers.get(RETRY_HEADER) == "1":
+        refusal = _refusal_before_upgrade(engine)
+        if refusal is not None:
+            return refusal
     ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
                                timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
     await ws.prepare(request)
@@ -193,6 +200,19 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
                     f", {outbox.dropped} unsent frame(s) dropped" if outbox.dropped else "",
                     f" ({session.closed_because})" if session.closed_because else "")
     return ws
+
+
+def _refusal_before_upgrade(engine: Engine) -> web.Response | None:
+    """HTTP 503 for a balancer that will try another backend: this one is warming up or has no free slot."""
+    if not engine.ready.is_set():
+        reason = "the server is still warming up"
+    elif engine.active_sessions >= engine.max_sessions:
+        reason = f"server busy: every conversation slot ({engine.max_sessions}) is taken"
+    else:
+        return None
+    engine.metrics.sessions_sent_elsewhere += 1
+    logger.info("sent a session elsewhere (HTTP 503): %s", reason)
+    return web.Response(status=503, text=reason + "\n", headers={"Retry-After": "2"})
 
 
 def _build_info() -> dict:

@@ -160,6 +160,9 @@ class Engine:
                             logger.warning("falling behind real time: a step of %d session(s) took %.0f ms "
                                            "(> 80 ms)", len(batch), 1000 * elapsed)
                     self._deliver(outputs)
+                    # Not kept until the next step: a session that has ended would stay alive through them (its
+                    # slot, outbox and unsent audio) for as long as the server is idle.
+                    del batch, outputs
         finally:
             await self._loop.run_in_executor(self._executor, self._stop_streaming)
 

@@ -22,6 +22,7 @@ class Gauge:
 class Metrics:
     sessions_started: int = 0
     sessions_rejected: int = 0
+    sessions_sent_elsewhere: int = 0  # upgrades answered 503 for a balancer to retry on another backend
     steps: int = 0
     steps_late: int = 0  # steps slower than real time (80 ms)
     frames_dropped: int = 0  # user frames dropped from sessions that fell too far behind
@@ -61,6 +62,8 @@ class Metrics:
         counters = {
             "sessions_started_total": (self.sessions_started, "Conversations accepted."),
             "sessions_rejected_total": (self.sessions_rejected, "Conversations refused because all slots were busy."),
+            "sessions_sent_elsewhere_total": (self.sessions_sent_elsewhere, (
+                "Upgrades answered with HTTP 503 so the load balancer tries another backend (full or warming).")),
             "steps_total": (self.steps, "Batched model steps."),
             "steps_late_total": (self.steps_late, "Steps slower than real time (80 ms)."),
             "frames_total": (self.frames_in, "User frames processed."),
