@@ -203,3 +203,38 @@ def test_audio_clips_are_the_same_with_loader_workers(speech_files):
     for x, y in zip(take(0), take(2)):
         assert torch.equal(x["wav"], y["wav"]) and torch.equal(x["u"], y["u"])
         assert x["wav"].shape == (4, 1, 3840) and x["wav"].abs().sum() > 0
+
+
+def test_variance_preserving_init_makes_the_latent_follow_the_audio(speech_files):
+    """torch's default init leaves the tiny encoder's latent nearly constant (biases dominate), which made the
+    codebooks of CPU-sized runs collapse onto one code per level; the training init keeps the audio in it."""
+    from conftest import read_speech
+    from openmoshi.codec import mimi_tiny
+    from openmoshi.train.codec.model import variance_preserving_init_
+    wav = read_speech(speech_files[0], 2.0)[0].reshape(1, 1, -1)
+
+    def time_variation(mimi: Mimi) -> float:  # std over time of the latent, relative to its magnitude
+        with torch.no_grad():
+            latent = mimi.encode_to_latent(wav)
+        return float(latent.std(-1).mean() / latent.abs().mean())
+
+    torch.manual_seed(0)
+    default = Mimi(mimi_tiny())
+    torch.manual_seed(0)
+    fresh = variance_preserving_init_(Mimi(mimi_tiny()))
+    assert time_variation(default) < 0.3 < 1.0 < time_variation(fresh)
+    convs = [m for m in fresh.encoder.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert convs and all(c.bias is None or not c.bias.any() for c in convs)
+    first = convs[0].weight
+    assert abs(first.std().item() - (first.shape[1] * first.shape[2]) ** -0.5) < 0.5 * (first.shape[1] * first.shape[2]) ** -0.5
+
+
+def test_codec_init_scheme_is_checked(tmp_path, speech_files):
+    from openmoshi.errors import ConfigError
+    from openmoshi.train.codec.config import tiny
+    from openmoshi.train.codec.task import CodecTask
+    cfg = tiny()
+    cfg.data.paths = [str(speech_files[0])]
+    cfg.model.init_scheme = "xavier"
+    with pytest.raises(ConfigError, match="init_scheme"):
+        CodecTask(cfg, tmp_path)._build_mimi()

@@ -30,6 +30,9 @@ class CodecModelConfig:
     n_q: int = 8  # quantizer levels, semantic included
     bins: int = 2048  # codewords per level
     init: str = ""  # start from this codec (folder, .safetensors or hf://...) instead of random weights
+    # from scratch: variance_preserving (SEANet convs ~N(0, 1/fan_in), zero bias; the latent follows the audio
+    # from step 0) or torch (PyTorch's default init, as audiocraft: fine at scale, collapses at CPU scale)
+    init_scheme: str = "variance_preserving"
     weight_norm: bool = True  # weight norm on the SEANet convs while training (folded away on export)
     quantization_rate: float = 0.5  # probability that an item goes through the quantizer
     q_dropout: bool = True  # draw the number of acoustic levels uniformly in 1..n_q - 1 each step

@@ -33,6 +33,29 @@ def _seanet_convs(mimi: Mimi) -> list[nn.Module]:
     return out
 
 
+@torch.no_grad()
+def variance_preserving_init_(mimi: Mimi) -> Mimi:
+    """Re-initialises the SEANet convs (and the frame-rate resampling convs) with weights of variance 1 / fan_in
+    and zero biases. With torch's default init every conv scales its input's variance by about 1/3 while its
+    bias adds a constant, so after the encoder's ~15 convs the latent hardly depends on the audio (std over
+    time ~0.1x its mean): at CPU-sized batches and step counts the codebooks then collapse onto one code per
+    level. With this init the latent follows the input from the first step."""
+    convs = _seanet_convs(mimi)
+    for part in (mimi.downsample, mimi.upsample):
+        if part is not None:
+            convs += [m for m in part.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+    for conv in convs:
+        w = conv.weight
+        if isinstance(conv, nn.ConvTranspose1d):  # weight [in, out/groups, k]: each output sums in * k / stride
+            fan_in = w.shape[0] * w.shape[2] // max(1, conv.stride[0])
+        else:  # weight [out, in/groups, k]
+            fan_in = w.shape[1] * w.shape[2]
+        nn.init.normal_(w, 0.0, fan_in ** -0.5)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+    return mimi
+
+
 def apply_weight_norm(mimi: Mimi) -> Mimi:
     """Reparametrises every SEANet conv weight as g * v / |v| (same function, as Kyutai trains)."""
     for conv in _seanet_convs(mimi):

@@ -29,7 +29,8 @@ from ..task import TrainEnv
 from .config import CodecTrainConfig
 from .discriminator import MultiScaleSTFTDiscriminator
 from .losses import Balancer, MultiScaleMelLoss, feature_matching, hinge_discriminator, hinge_generator
-from .model import TrainableMimi, apply_weight_norm, export_mimi, fold_weight_norm
+from .model import (TrainableMimi, apply_weight_norm, export_mimi, fold_weight_norm,
+                    variance_preserving_init_)
 from .teacher import FeatureCache, SemanticTeacher
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class CodecTask:
             logger.info("initialised from %s", mcfg.init)
         else:
             mimi = Mimi(mcfg.mimi_config())
+            if mcfg.init_scheme == "variance_preserving":
+                variance_preserving_init_(mimi)
+            elif mcfg.init_scheme != "torch":
+                raise ConfigError(f"model.init_scheme must be variance_preserving or torch, got {mcfg.init_scheme!r}")
         mimi.set_num_codebooks(mimi.total_codebooks)
         if self.cfg.train.activation_checkpointing:
             mimi.cfg.transformer.checkpointing = True  # both latent transformers share this config
