@@ -209,8 +209,9 @@ def init_model(preset: str, folder: str | Path, seed: int = 0, tokenizer: str | 
     if preset in SHIPPED:
         source = SHIPPED[preset]
         if not (source / "config.json").is_file():
-            raise CheckpointError(f"the {preset} model is not in this installation ({source} is missing); "
-                                  f"reinstall openmoshi or build it with recipes/{preset.replace('-', '_')}.py")
+            raise CheckpointError(f"the trained {preset} model is not shipped in this installation ({source} "
+                                  f"has no config.json). Build it with `python recipes/{preset.replace('-', '_')}.py` "
+                                  f"and copy WORK/model/* into {source}/, or serve WORK/model directly")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for f in source.iterdir():

@@ -105,3 +105,11 @@ def test_package_model_stores_the_lm_in_bfloat16(tmp_path):
     a, b = load_model(source), load_model(packed)
     for (name, p), q in zip(a.lm.state_dict().items(), b.lm.state_dict().values()):
         assert torch.equal(p.to(torch.bfloat16).float(), q.float()), name
+
+
+def test_init_tiny_talk_says_how_to_build_it_when_not_shipped(tmp_path, monkeypatch):
+    from openmoshi import bundle
+    from openmoshi.errors import CheckpointError
+    monkeypatch.setitem(bundle.SHIPPED, "tiny-talk", tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="recipes/tiny_talk.py"):
+        init_model("tiny-talk", tmp_path / "out")

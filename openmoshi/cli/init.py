@@ -1,6 +1,6 @@
 """Write a model folder in Kyutai's layout: the shipped trained tiny-talk model, or fresh random weights.
 
-  openmoshi init --preset tiny-talk tiny-talk # ~5 M parameters, trained by recipes/tiny_talk.py: answers questions
+  openmoshi init --preset tiny-talk tiny-talk # the model recipes/tiny_talk.py trains (when shipped)
   openmoshi init --preset tiny tiny-moshi     # ~0.5 M parameters, runs anywhere, babbles (random weights)
   openmoshi init --preset tiny-stt tiny-stt   # speech-to-text structure of kyutai/stt-1b-en_fr, toy size
   openmoshi init --preset tiny-tts tiny-tts   # text-to-speech structure of kyutai/tts-1.6b-en_fr, toy size
@@ -28,8 +28,8 @@ _NEXT = {"stt": "transcribe --model {0} speech.wav", "tts": "speak --model {0} '
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", type=Path, help="folder to write (created)")
     parser.add_argument("--preset", default="tiny", choices=sorted([*PRESETS, *SHIPPED]),
-                        help="model size (default tiny: random weights); tiny-talk is a small trained Moshi that "
-                             "answers simple spoken questions (recipes/tiny_talk.py)")
+                        help="model size (default tiny: random weights); tiny-talk copies the small trained Moshi "
+                             "of recipes/tiny_talk.py when this installation ships it")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial weights")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="SentencePiece model to ship (default: the bundled 1000-piece one for tiny/bench)")
