@@ -142,14 +142,18 @@ def test_codec_two_processes_equal_one(tmp_path, speech_dir):
     ra, rb = _rows(one, "train")[0], _rows(two, "train")[0]
     for key in ("adv", "feat", "l1", "d_loss", "commit", "rvq_entropy", "quantized_share"):
         assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-9), key
+    # The sums over processes round differently from one process's: a few of the codec's weights (4 of ~2 M
+    # with the variance-preserving init) land up to ~7e-5 apart, far below one lr-sized step (8e-4).
     for key, value in a["models"]["codec"].items():
-        torch.testing.assert_close(b["models"]["codec"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(b["models"]["codec"][key], value, rtol=1e-4, atol=1e-4, msg=key)
     # The discriminator's first Adam step is lr * sign(grad) where its gradient is ~0: there float rounding of
-    # the sum over processes may flip a few signs (< 2 % of the weights, each by at most 2 lr).
+    # the sum over processes may flip a few signs (each by at most 2 lr). How many weights have such a gradient
+    # depends on the codec's first output (2-4 % here); a missing or wrong reduction would change the gradient of
+    # nearly every weight.
     lr = 8e-4
     total = flipped = 0
     for key, value in a["models"]["discriminator"].items():
         diff = (b["models"]["discriminator"][key] - value).abs()
         assert float(diff.max()) <= 2.01 * lr, key
         total, flipped = total + diff.numel(), flipped + int((diff > 1e-5).sum())
-    assert flipped < 0.02 * total
+    assert flipped < 0.08 * total
