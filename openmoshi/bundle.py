@@ -83,32 +83,19 @@ def generation_defaults(cfg: LMConfig) -> dict:
     return out
 
 
-def _codec_only_folder(source: str | Path) -> dict | None:
-    """The config.json of a folder that holds only a Mimi (as `openmoshi train codec` exports), else None."""
-    path = Path(source) / "config.json" if not str(source).startswith("hf://") else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) and "mimi_name" in raw and "dim" not in raw else None
-
-
 def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMConfig | None = None,
                num_codebooks: int | None = None) -> Mimi:
     """The Mimi of a model folder, using as many codebooks as the LM reads per audio stream (`num_codebooks`
     overrides; a codec-only folder without an LM config uses all its codebooks by default)."""
     model = ModelSource(source)
-    codec_only = None if cfg is not None else _codec_only_folder(source)
-    if codec_only is not None:
-        mimi_cfg = None
-        if codec_only.get("mimi_config_name"):
-            mimi_cfg = MimiConfig.from_kyutai(json.loads(
-                model.require(codec_only["mimi_config_name"], "Mimi config").read_text()))
-        n_all = mimi_cfg.quantizer.n_q if mimi_cfg is not None else 8
-        return load_mimi(model.require(codec_only["mimi_name"], "Mimi weights"),
-                         num_codebooks=num_codebooks or n_all, device=device, config=mimi_cfg)
+    raw = model.config() if cfg is None else None
+    if raw is not None and "mimi_name" in raw and "dim" not in raw:  # a codec-only folder (`train codec`)
+        mimi = load_mimi(source, num_codebooks=1, device=device)  # names and config from its config.json
+        try:
+            mimi.set_num_codebooks(num_codebooks or mimi.total_codebooks)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        return mimi
     cfg = cfg or read_config(source)[0]
     n_codebooks = max(cfg.dep_q, cfg.n_q - cfg.dep_q)
     if cfg.tts_config.get("multistream"):
