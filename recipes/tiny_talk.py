@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the stages that run in-process import this checkout's openmoshi
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,6 @@ class Recipe:
 
     # ---- data
     def stage_scripts(self) -> None:
-        sys.path.insert(0, str(ROOT))
         from openmoshi.data.synth.talk import text_corpus, write_dialogue_scripts
         write_dialogue_scripts(self.data / "scripts.jsonl", self.size.dialogues, self.args.seed)
         (self.data / "corpus.txt").write_text("\n".join(text_corpus()) + "\n")
@@ -138,7 +138,6 @@ class Recipe:
                        "--seed", str(self.args.seed), "--workers", str(os.cpu_count() or 1))
 
     def stage_mono(self) -> None:
-        sys.path.insert(0, str(ROOT))
         from openmoshi.data.mono import split_dialogues
         for split in ("train", "test"):
             split_dialogues(self.data / "dialogues" / f"{split}.jsonl", self.data / f"mono_{split}")
@@ -215,7 +214,6 @@ class Recipe:
               f"(table: openmoshi eval talk --model {model} --voices-from {self.data / 'dialogues'})")
 
     def stage_package(self) -> None:
-        sys.path.insert(0, str(ROOT))
         from openmoshi.bundle import package_model
         target = self.work / "model"
         if target.exists():
