@@ -26,6 +26,21 @@ _FILE_KEYS = {"model_type", "moshi_name", "mimi_name", "tokenizer_name", "mimi_c
               "lora_rank", "lora_scaling", "lm_gen_config", "tts_config", "stt_config", "model_id"}
 
 
+def time_interleaved(sessions: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Median step time of each session, stepped in 3 interleaved rounds (so load drifts hit all alike); closes
+    them."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        session.steps(warmup)
+    rounds = 3
+    for r in range(rounds):
+        for name, session in sessions.items():
+            times[name] += session.steps(steps // rounds + (r < steps % rounds))
+    for session in sessions.values():
+        session.close()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def build_models(cfg: LMConfig, reference: bool, seed: int = 0) -> tuple[LMModel, torch.nn.Module | None]:
     torch.manual_seed(seed)
     ours = LMModel(cfg).eval()
@@ -70,16 +85,7 @@ def bench(cfg: LMConfig, batches: list[int], steps: int, warmup: int, reference:
         if ref is not None:
             from moshi.models.lm import LMGen
             sessions["reference"] = _Session(LMGen(ref), batch, cfg.n_user, seed=batch)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for session in sessions.values():
-            session.steps(warmup)
-        rounds = 3
-        for r in range(rounds):
-            for name, session in sessions.items():
-                times[name] += session.steps(steps // rounds + (r < steps % rounds))
-        for session in sessions.values():
-            session.close()
-        med = {name: statistics.median(t) for name, t in times.items()}
+        med = time_interleaved(sessions, steps, warmup)
         rows.append((batch, med["openmoshi"], med.get("reference")))
     return rows
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lm import _Session, build_models
+from bench_lm import _Session, build_models, time_interleaved
 
 from openmoshi.generation.generator import Generator
 from openmoshi.lm.config import PRESETS
@@ -51,16 +51,7 @@ def bench_lm_speed(models: dict, n_user: int, batches: list[int], steps: int, wa
                 sessions[name] = _Session(LMGen(model), batch, n_user, seed=batch)
             else:
                 sessions[name] = _Session(Generator(model), batch, n_user, seed=batch)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for session in sessions.values():
-            session.steps(warmup)
-        rounds = 3
-        for r in range(rounds):
-            for name, session in sessions.items():
-                times[name] += session.steps(steps // rounds + (r < steps % rounds))
-        for session in sessions.values():
-            session.close()
-        out[batch] = {name: statistics.median(t) for name, t in times.items()}
+        out[batch] = time_interleaved(sessions, steps, warmup)
     return out
 
 
