@@ -17,7 +17,6 @@ lm_gen_config, then by these options.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -137,7 +136,7 @@ def _check_names(inputs: list[Path], out: Path, overwrite: bool) -> None:
 def _answer_group(args: argparse.Namespace, bundle, generation: dict, group: list[AudioStream]) -> None:
     """Streams one batch of recordings through the model, writing the answers as they come."""
     from ..generation.offline import RealTimeMeter, stream_answers
-    from ..generation.transcript import transcript_from_tokens
+    from ..generation.transcript import TranscriptWriter
 
     rate = bundle.sample_rate
     frames = max(int(a.duration * bundle.mimi.frame_rate + 0.999) for a in group)
@@ -148,7 +147,10 @@ def _answer_group(args: argparse.Namespace, bundle, generation: dict, group: lis
         temp.mkdir(parents=True, exist_ok=True)
         writers.append((soundfile.SoundFile(temp / "moshi.wav", "w", rate, 1, "PCM_16"),
                         soundfile.SoundFile(temp / "stereo.wav", "w", rate, 2, "PCM_16")))
-    tokens: list[list[int]] = [[] for _ in group]
+    pad_ids = (bundle.config.existing_text_padding_id, bundle.config.existing_text_end_padding_id)
+    # the transcript is written as it comes too: memory does not grow with the recording's length
+    transcripts = [TranscriptWriter(temp / "transcript.json", bundle.tokenizer, bundle.mimi.frame_rate, pad_ids)
+                   for temp in partial]
     try:
         with tqdm(total=frames, unit="frame", desc=", ".join(a.path.name for a in group)[:40],
                   disable=args.quiet) as bar:
@@ -162,19 +164,17 @@ def _answer_group(args: argparse.Namespace, bundle, generation: dict, group: lis
                 mono, stereo = writers[answer.row]
                 mono.write(moshi)
                 stereo.write(np.stack([moshi, user], axis=1))
-                tokens[answer.row].append(answer.token)
+                transcripts[answer.row].add(answer.token)
     finally:
         for mono, stereo in writers:
             mono.close()
             stereo.close()
-    pad_ids = (bundle.config.existing_text_padding_id, bundle.config.existing_text_end_padding_id)
-    for audio, temp, toks in zip(group, partial, tokens):
+    for audio, temp, transcript in zip(group, partial, transcripts):
         stem = audio.path.stem
-        transcript = transcript_from_tokens(toks, bundle.tokenizer, bundle.mimi.frame_rate, pad_ids)
-        (temp / "transcript.json").write_text(json.dumps(transcript.to_json(), indent=2) + "\n")
+        transcript.close()
         for name, suffix in (("moshi.wav", ".moshi.wav"), ("stereo.wav", ".stereo.wav"),
                              ("transcript.json", ".transcript.json")):
             os.replace(temp / name, args.out / (stem + suffix))
         temp.rmdir()
         print(f"{audio.path.name}: {audio.duration:.2f} s -> {args.out / (stem + '.moshi.wav')}, "
-              f"{len(transcript.words)} words: {transcript.text[:60]!r}")
+              f"{transcript.words} words: {transcript.text[:60]!r}")
