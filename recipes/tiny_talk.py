@@ -55,7 +55,7 @@ class Size:
 SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
                 duration=4.0, eval_cases=2, checkpoint_every=1),
-    "full": Size(dialogues=800, user_voices=48, codec_steps=400, codec_batch=8, lm_steps=(800, 1200, 400),
+    "full": Size(dialogues=4000, user_voices=160, codec_steps=400, codec_batch=8, lm_steps=(800, 2400, 2400),
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}

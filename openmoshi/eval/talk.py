@@ -49,6 +49,9 @@ WORD_START = "\u2581"
 # Synth sets written with default settings: their train voices must not be reused for evaluation.
 DEFAULT_SYNTH = {"user_voices": 48, "seed": 0, "moshi_voice": MOSHI_VOICE, "engines": ["espeak", "festival"],
                  "accents": list(ESPEAK_ACCENTS), "valid_fraction": 0.05, "test_fraction": 0.05}
+# The tiny-talk recipe's synth set (recipes/tiny_talk.py, the shipped model's data): its train voices are not
+# reused either.
+TINY_TALK_SYNTH = {**DEFAULT_SYNTH, "user_voices": 160}
 EVAL_VOICE_SEED = 90_210  # far from any synth seed a recipe would use
 TARGETS = {"accuracy": 0.80, "silent_share_text": 0.95, "onset_median_s": 1.0}
 
@@ -65,7 +68,7 @@ def _bank(settings: dict):
 def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed: int = 0) -> list[Voice]:
     """User voices nobody trained on. With `voices_from` (a synth set's folder): that set's *test* voices, rebuilt
     from its synth_config.json. Without: `count` espeak-ng voices drawn from a seed far from the synth's, none
-    equal to a train voice of a default synth set or to Moshi's voice."""
+    equal to a train voice of a default synth set, of the tiny-talk recipe's, or to Moshi's voice."""
     if voices_from is not None:
         path = Path(voices_from) / "synth_config.json"
         if not path.is_file():
@@ -84,7 +87,7 @@ def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed:
             raise ConfigError(f"{voices_from}: the set has no test voices (test_fraction 0); evaluate without "
                               "--voices-from to draw unseen voices")
         return voices
-    train = {v.key for v in _bank(DEFAULT_SYNTH).users["train"]}
+    train = {v.key for settings in (DEFAULT_SYNTH, TINY_TALK_SYNTH) for v in _bank(settings).users["train"]}
     moshi = Voice.parse(MOSHI_VOICE)
     pool = user_voice_pool(count * 4, EVAL_VOICE_SEED + seed, ("espeak",), exclude=moshi)
     voices = [v for v in pool if v.key not in train and v.key != moshi.key][:count]

@@ -28,14 +28,18 @@ NUMBERS = range(1, 10)  # "what is A plus B" for one-digit A and B
 
 # Question phrasings per kind: "train" ones are in the training dialogues, "test" ones only in the evaluation.
 PHRASINGS = {
-    "colour": {"train": ["What color is {s}?", "What is the color of {s}?", "Which color is {s}?"],
+    "colour": {"train": ["What color is {s}?", "What is the color of {s}?", "Which color is {s}?",
+                          "What's the color of {s}?", "What color would {s} be?"],
                "test": ["Tell me what color {s} is."]},
     "capital": {"train": ["What is the capital of {s}?", "Which city is the capital of {s}?",
-                          "What's the capital city of {s}?"],
+                          "What's the capital city of {s}?", "Name the capital of {s}.",
+                          "What city is the capital of {s}?"],
                 "test": ["Tell me the capital of {s}."]},
-    "sound": {"train": ["What sound does {s} make?", "What does {s} say?", "Which sound does {s} make?"],
+    "sound": {"train": ["What sound does {s} make?", "What does {s} say?", "Which sound does {s} make?",
+                        "What noise does {s} make?", "What sound do you hear from {s}?"],
               "test": ["Tell me what {s} says."]},
-    "plus": {"train": ["What is {a} plus {b}?", "How much is {a} plus {b}?", "What's {a} plus {b}?"],
+    "plus": {"train": ["What is {a} plus {b}?", "How much is {a} plus {b}?", "What's {a} plus {b}?",
+                       "What do you get for {a} plus {b}?", "Can you add {a} plus {b}?"],
              "test": ["Tell me what {a} plus {b} is."]},
 }
 REPLIES = {"colour": "{S} is {x}.", "capital": "The capital of {s} is {x}.", "sound": "{S} says {x}.",
