@@ -254,3 +254,23 @@ def test_only_dialogue_models_are_evaluated():
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "talk", "--model", str(tmp_path / "nope"), "--cases", "1"]) == 1
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_train_split_is_a_diagnostic_on_training_phrasings_and_voices(tmp_path):
+    from openmoshi.data.synth.talk import eval_questions
+    from openmoshi.data.synth.voices import make_voice_bank
+    from openmoshi.eval.talk import held_out_voices
+    def template_start(kind: str, split: str) -> set[str]:  # each phrasing's words before its first field
+        return {p.split("{")[0] for p in PHRASINGS[kind][split]}
+
+    questions = eval_questions(8, 0, "train")
+    assert {q.kind for q in questions} == set(PHRASINGS)
+    assert all(any(q.text.startswith(t) for t in template_start(q.kind, "train")) for q in questions)
+    assert not any(q.text.startswith("Tell me") for q in questions)
+    assert all(q.text.startswith("Tell me") for q in eval_questions(8, 0))
+    settings = {"user_voices": 12, "seed": 3, "valid_fraction": 0.1, "test_fraction": 0.1}
+    (tmp_path / "synth_config.json").write_text(json.dumps(settings))
+    bank = make_voice_bank(12, 3, {"train": 0.8, "valid": 0.1, "test": 0.1})
+    train = held_out_voices(tmp_path, count=3, split="train")
+    assert [v.key for v in train] == [v.key for v in bank.users["train"][:3]]
+    assert [v.key for v in held_out_voices(tmp_path)] == [v.key for v in bank.users["test"]]

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the questions, voices and sampling (default 0)")
     parser.add_argument("--voices-from", type=Path, default=None, metavar="DATA_DIR",
                         help="a synth set's folder (`openmoshi data synth --out`): use its held-out test voices")
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="test (default): held-out phrasings and voices. train: the training phrasings and, "
+                             "with --voices-from, the set's train voices; a diagnostic (does the model answer what "
+                             "it was trained on?), not the score")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     parser.add_argument("--temp", type=float, default=None, help="audio temperature (default: the model's)")
     parser.add_argument("--temp-text", type=float, default=None, help="text temperature (default: the model's)")
@@ -124,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
                           f"got {args.codec_codebooks}")
     quiet = args.quiet or args.json
     if not quiet:
-        print(f"synthesizing {args.cases} held-out questions ...")
-    cases = build_cases(eval_questions(args.cases, args.seed), held_out_voices(args.voices_from, seed=args.seed))
+        what = "held-out" if args.split == "test" else "training-phrasing (diagnostic)"
+        print(f"synthesizing {args.cases} {what} questions ...")
+    cases = build_cases(eval_questions(args.cases, args.seed, args.split),
+                        held_out_voices(args.voices_from, seed=args.seed, split=args.split))
     with tqdm(total=len(cases), unit="case", desc="talking", disable=quiet,
               bar_format="{l_bar}{bar}| {n:.1f}/{total} cases [{elapsed}<{remaining}]") as bar:
         def progress(done: float) -> None:
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
                                             cases=cases)
     report.settings["voices_from"] = str(args.voices_from) if args.voices_from else None
     report.settings["model"] = str(args.model)
+    report.settings["split"] = args.split
     if args.codec_data:
         with torch.inference_mode():
             report.codec = codec_figures(bundle.mimi, args.codec_data, args.codec_max_files, args.codec_seconds,
@@ -152,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(args.examples), indent=2))
     else:
         print(format_table(report, args.examples))
+        if args.split == "train":
+            print("\n(--split train: training phrasings and voices, a diagnostic; the score is --split test)")
         if args.save_audio is not None:
             print(f"\nwrote {len(cases)} stereo wavs (left = Moshi, right = user) to {args.save_audio}")
     return 0

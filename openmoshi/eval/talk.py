@@ -65,7 +65,8 @@ def _bank(settings: dict):
                            settings["moshi_voice"], tuple(settings["engines"]), tuple(settings["accents"]))
 
 
-def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed: int = 0) -> list[Voice]:
+def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed: int = 0,
+                    split: str = "test") -> list[Voice]:
     """User voices nobody trained on. With `voices_from` (a synth set's folder): that set's *test* voices, rebuilt
     from its synth_config.json. Without: `count` espeak-ng voices drawn from a seed far from the synth's, none
     equal to a train voice of a default synth set, of the tiny-talk recipe's, or to Moshi's voice."""
@@ -81,8 +82,10 @@ def held_out_voices(voices_from: str | Path | None = None, count: int = 8, seed:
         if "festival" in settings["engines"] and not festival_available():
             logger.warning("%s was made with festival voices available, but festival is not installed here: "
                            "its voice bank, so its test voices, may not be rebuilt exactly", voices_from)
-        voices = _bank(settings).users["test"]
-        logger.info("user voices: the %d test voice(s) of %s", len(voices), voices_from)
+        voices = _bank(settings).users[split]
+        if split == "train":  # a diagnostic: the first `count` voices the model trained on
+            voices = voices[:count]
+        logger.info("user voices: the %d %s voice(s) of %s", len(voices), split, voices_from)
         if not voices:
             raise ConfigError(f"{voices_from}: the set has no test voices (test_fraction 0); evaluate without "
                               "--voices-from to draw unseen voices")

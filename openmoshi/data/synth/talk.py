@@ -134,8 +134,9 @@ def text_corpus() -> list[str]:
     return lines
 
 
-def eval_questions(count: int, seed: int) -> list[Question]:
-    """Held-out cases: held-out phrasings, facts spread evenly over the four kinds."""
+def eval_questions(count: int, seed: int, split: str = "test") -> list[Question]:
+    """Held-out cases: held-out phrasings (split "train": the training phrasings, a diagnostic), facts spread
+    evenly over the four kinds."""
     rng = np.random.default_rng([seed, 777])
     facts = all_facts()
     by_kind = {k: [f for f in facts if f[0] == k] for k in PHRASINGS}
@@ -143,6 +144,6 @@ def eval_questions(count: int, seed: int) -> list[Question]:
     for i in range(count):
         kind = list(PHRASINGS)[i % len(PHRASINGS)]
         _, fields = by_kind[kind][int(rng.integers(len(by_kind[kind])))]
-        phrasings = PHRASINGS[kind]["test"]
+        phrasings = PHRASINGS[kind][split]
         out.append(make_question(kind, fields, phrasings[int(rng.integers(len(phrasings)))]))
     return out
