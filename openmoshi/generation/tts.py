@@ -246,7 +246,11 @@ def voice_condition(path_or_tensor: str | torch.Tensor, max_speakers: int = MAX_
 
 class TtsStepper:
     """The generation loop of `Synthesizer.generate`, one step at a time (inside `stepper.gen.streaming(B)`).
-    Words may be appended to `states[i].words` between steps (streaming text)."""
+
+    Words may be appended to `states[i].words` between steps (streaming text); `step(active)` advances only some
+    items (the others are frozen), and `restart` gives an item new words, conditions and sampling (a server
+    session): each item's tokens are those of a run of its own.
+    """
 
     def __init__(self, synth: Synthesizer, scripts: list[list[Word]], voices: list[TensorInput | None] | None = None,
                  prefixes: list[torch.Tensor] | None = None) -> None:
@@ -273,7 +277,9 @@ class TtsStepper:
                 for k, d in enumerate(delays):
                     grid[k, d:d + prefix.shape[-1]] = prefix[1 + k]
                 audio_prefix[i].extend(grid.t().to(lm.device))
-        self.step_idx = 0
+        self.steps = [0] * batch  # steps of each item since its start
+        self._active = [True] * batch
+        self._text_prefix, self._audio_prefix = text_prefix, audio_prefix
 
         def on_logits(logits: torch.Tensor) -> torch.Tensor | None:
             if not synth.padding_bonus:
@@ -285,15 +291,19 @@ class TtsStepper:
         def on_text(sampled: torch.Tensor) -> torch.Tensor:
             out = []
             for i, token in enumerate(sampled.tolist()):
+                if not self._active[i]:  # frozen: its result is dropped
+                    out.append(token)
+                    continue
                 out.append(text_prefix[i].popleft() if text_prefix[i]
-                           else synth.forcer.step(self.step_idx, states[i], token))
+                           else synth.forcer.step(self.steps[i], self.states[i], token))
             return torch.tensor(out, dtype=torch.long, device=sampled.device)
 
         def on_audio(audio: torch.Tensor) -> torch.Tensor:
             audio = audio.clone()
-            for q in range(audio.shape[1]):
-                if self.step_idx < cfg.delays[1 + q] + delay:
-                    audio[:, q] = -1
+            for i, steps in enumerate(self.steps):
+                for q in range(audio.shape[1]):
+                    if steps < cfg.delays[1 + q] + delay:
+                        audio[i, q] = -1
             for i, queue in enumerate(audio_prefix):
                 if queue:
                     forced = queue.popleft()
@@ -309,16 +319,52 @@ class TtsStepper:
             if cfg.n_user else None
 
     @property
+    def step_idx(self) -> int:
+        """Steps of the first item (the only one of a single stream)."""
+        return self.steps[0]
+
+    @property
     def finished(self) -> bool:
         """Every item asked for a word past its last one, and its audio has caught up (+ final padding)."""
-        ended = [s.end_step for s in self.states]
-        return None not in ended and self.step_idx >= max(ended) + self.delay + self.synth.final_padding
+        return all(self.item_finished(i) for i in range(len(self.states)))
+
+    def item_finished(self, i: int) -> bool:
+        end = self.states[i].end_step
+        return end is not None and self.steps[i] >= end + self.delay + self.synth.final_padding
+
+    def restart(self, i: int, conditions: dict, temp: float, seed: int | None) -> None:
+        """Item i starts anew (no words yet) with its own conditions (one item's, from `Synthesizer.conditions`),
+        temperature and seed."""
+        self.states[i] = self.synth.forcer.start([])
+        self.steps[i] = 0
+        self._text_prefix[i].clear()
+        self._audio_prefix[i].clear()
+        mask = torch.zeros(len(self.states), dtype=torch.bool)
+        mask[i] = True
+        self.gen.reset(mask)
+        self.gen.set_conditions(i, conditions)
+        self.gen.configure_slot(i, temp=temp, top_k=250, temp_text=temp, top_k_text=25, text_seed=seed,
+                                audio_seed=None if seed is None else seed + 1)
 
     @torch.no_grad()
-    def step(self) -> torch.Tensor | None:
-        """One step: None for the first steps, then long [B, 1 + dep_q, 1] (see Generator.step)."""
-        frame = self.gen.step(self._user, replace_audio=self._silent if self.step_idx < self.delay else None)
-        self.step_idx += 1
+    def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
+        """One step of the `active` items (all when None): None for the first steps, then long
+        [B, 1 + dep_q, 1] (see Generator.step; -2 for frozen items)."""
+        batch = len(self.states)
+        active = [True] * batch if active is None else list(active)
+        partial = not all(active)
+        if partial or not all(self._active):
+            self.gen.set_active(torch.tensor(active) if partial else None)
+        self._active = active
+        delayed = [a and s < self.delay for a, s in zip(active, self.steps)]
+        if not any(delayed):
+            frame = self.gen.step(self._user)
+        elif all(d or not a for d, a in zip(delayed, active)):  # every stepped item is still delayed
+            frame = self.gen.step(self._user, replace_audio=self._silent)
+        else:
+            frame = self.gen.step(self._user, replace_audio=self._silent, replace_rows=delayed)
+        for i, a in enumerate(active):
+            self.steps[i] += a
         return frame
 
 

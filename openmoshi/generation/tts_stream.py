@@ -25,6 +25,52 @@ class SpeechChunk:
     words: list[SpokenWord]
 
 
+class SpeechOutput:
+    """What one item's returned frames become: the frames to decode, the audio kept (as `speak` cuts it) and
+    the words whose timing is known. Shared by `SpeechStream` and the batched TTS server."""
+
+    def __init__(self, delay: int, frame_rate: float) -> None:
+        self.delay, self.rate = delay, frame_rate
+        self.frames = 0  # frames returned by the generator (delays undone)
+        self.said = 0  # words of the transcript already reported
+
+    @property
+    def decodes_next(self) -> bool:
+        """The next returned frame is past the audio delay: it must go through the codec's decoder."""
+        return self.frames >= self.delay
+
+    def add_frame(self, decoded: torch.Tensor | None, end_step: int | None) -> torch.Tensor:
+        """Counts a returned frame; `decoded` [N] its audio when `decodes_next` was True. Returns the audio to
+        send (empty for the two first decoded frames, as `speak`, and past the end step)."""
+        index, self.frames = self.frames - self.delay, self.frames + 1
+        if decoded is not None and index >= 2 and (end_step is None or index - 2 < end_step):
+            return decoded
+        return torch.zeros(0)
+
+    def words(self, transcript: list[tuple[str, int]], end_step: int | None, finished: bool) -> list[SpokenWord]:
+        """Words whose end is known: the next one started, or (when finished) the audio stopped."""
+        known = len(transcript) if finished else len(transcript) - 1
+        out = []
+        while self.said < known:
+            j = self.said
+            word, s = transcript[j]
+            begin = max((s - 2) / self.rate, 0.0)
+            if j + 1 < len(transcript):
+                finish = (transcript[j + 1][1] - 2) / self.rate
+            else:
+                end = end_step if end_step is not None else self.frames
+                finish = min(end, max(self.frames - self.delay - 2, 0)) / self.rate
+            out.append(SpokenWord(word, round(begin, 3), round(max(finish, begin), 3)))
+            self.said += 1
+        return out
+
+
+def words_of_text(synth: Synthesizer, text: str, first: bool) -> list:
+    """The words of one piece of streamed text; the first piece of a session carries the main speaker's token."""
+    return script_to_words(synth.bundle.tokenizer, synth.tokens, synth.bundle.mimi.frame_rate, [text],
+                           synth.multi_speaker and first, padding_between=1)
+
+
 class SpeechStream:
     """One voice, text in word by word, 80 ms of audio out per step once the audio delay has passed.
 
@@ -42,11 +88,9 @@ class SpeechStream:
         self.synth = synth
         self.stepper = TtsStepper(synth, [[]], [voice])
         self.state = self.stepper.states[0]
+        self.output = SpeechOutput(self.stepper.delay, synth.bundle.mimi.frame_rate)
         self.ended_text = False
         self.words_in = 0
-        self._frames = 0  # frames returned by the generator (delays undone)
-        self._said = 0  # words of the transcript already reported
-        self._stack: contextlib.ExitStack | None = None
 
     @contextlib.contextmanager
     def streaming(self):
@@ -63,9 +107,7 @@ class SpeechStream:
         """Queue the words of `text` (whitespace-separated); returns how many."""
         if self.ended_text:
             raise RuntimeError("add_text after end_text")
-        first = self.words_in == 0
-        words = script_to_words(self.synth.bundle.tokenizer, self.synth.tokens, self.synth.bundle.mimi.frame_rate,
-                                [text], self.synth.multi_speaker and first, padding_between=1)
+        words = words_of_text(self.synth, text, self.words_in == 0)
         self.state.words.extend(words)
         self.words_in += len(words)
         return len(words)
@@ -98,34 +140,9 @@ class SpeechStream:
         frame = self.stepper.step()
         pcm = torch.zeros(0)
         if frame is not None:
-            index, self._frames = self._frames - self.stepper.delay, self._frames + 1
-            if index >= 0:
+            decoded = None
+            if self.output.decodes_next:
                 mimi = self.synth.bundle.mimi
                 decoded = mimi.decode(frame[:, 1:].clamp(min=0)).clamp(-1, 1).cpu()[0, 0]
-                end = self.state.end_step
-                if index >= 2 and (end is None or index - 2 < end):
-                    pcm = decoded
-        return SpeechChunk(pcm, self._timed_words())
-
-    def _timed_words(self) -> list[SpokenWord]:
-        """Words whose end is known: the next one started, or (at the end) the audio stopped."""
-        rate = self.synth.bundle.mimi.frame_rate
-        said = self.state.transcript
-        known = len(said) if self.finished else len(said) - 1
-        out = []
-        while self._said < known:
-            j = self._said
-            word, s = said[j]
-            begin = max((s - 2) / rate, 0.0)
-            if j + 1 < len(said):
-                finish = (said[j + 1][1] - 2) / rate
-            else:
-                end = self.state.end_step if self.state.end_step is not None else self._frames
-                finish = min(end, self._audio_frames()) / rate
-            out.append(SpokenWord(word, round(begin, 3), round(max(finish, begin), 3)))
-            self._said += 1
-        return out
-
-    def _audio_frames(self) -> int:
-        """Output frames decoded so far (after the delay and the two dropped ones)."""
-        return max(self._frames - self.stepper.delay - 2, 0)
+            pcm = self.output.add_frame(decoded, self.state.end_step)
+        return SpeechChunk(pcm, self.output.words(self.state.transcript, self.state.end_step, self.finished))
