@@ -310,3 +310,69 @@ def test_tts_idle_client_is_closed(tiny_tts, voices):
         out = asyncio.run(_one_message(server.ws_base + "/api/tts_streaming", None,
                                        pack({"type": "Text", "text": "Hello"})))
     assert out[0]["type"] == "Ready" and "idle timeout" in out[-1]["message"]
+
+
+def test_asr_message_size_limit_and_busy(tiny_stt):
+    limits = SessionLimits(max_message_bytes=64 * 1024, idle_timeout_s=5.0)
+    with RunningServer(tiny_stt, max_sessions=1, limits=limits) as server:
+        url = server.ws_base + "/api/asr-streaming"
+
+        async def run() -> tuple[list, list]:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+                ready = msgpack.unpackb((await ws.receive()).data)
+                busy = await _one_message(url, None)  # the only slot is taken
+                # 13,104 float32 samples: 65,539 bytes, over the limit (Kyutai's file client needs the default
+                # 1 MiB of `serve` for stt models): the connection is closed with "message too big" (1009)
+                await ws.send_bytes(pack({"type": "Audio", "pcm": [0.0] * 13_104}))
+                closed = await ws.receive()
+            return ready, busy, closed
+
+        ready, busy, closed = asyncio.run(run())
+    assert ready["type"] == "Ready" and busy[0]["type"] == "Error" and "server busy" in busy[0]["message"]
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+def _serve(args: list[str]):
+    """`openmoshi serve` as a subprocess on a free port: (process, ws://host:port)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "openmoshi", "serve", "--device", "cpu", "--port", "0",
+                             "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    line = proc.stdout.readline()
+    match = re.search(r"on http://127\.0\.0\.1:(\d+)/", line)
+    if not match:
+        proc.kill()
+        raise AssertionError((line, proc.stderr.read()))
+    return proc, f"ws://127.0.0.1:{match.group(1)}"
+
+
+def test_serve_command_picks_the_endpoint_from_the_model(tiny_stt, tiny_tts, voices, speech_files):
+    # As Kyutai's scripts: the kyutai-api-key header, a second of audio per message (~120 KB), the default
+    # voice name of tts_rust_server.py (here a file of --voice-dir with Kyutai's suffix).
+    (voices / "expresso" / "ex03-ex01_happy_001_channel1_334s.wav.1e68beda@240.safetensors").write_bytes(
+        (voices / "other.safetensors").read_bytes())
+    headers = {"kyutai-api-key": "public_token"}
+    proc, base = _serve(["--model", str(tiny_stt), "--token", "public_token"])
+    try:
+        wav = read_speech(speech_files[0], 2.0)[0].numpy()
+        messages = asyncio.run(transcribe_over_ws(base + "/api/asr-streaming", wav, 1.5, chunk=SR, headers=headers))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert messages[0]["type"] == "Ready" and messages[-1]["type"] == "Marker"
+    assert any(m["type"] == "Word" for m in messages)
+    proc, base = _serve(["--model", str(tiny_tts), "--token", "public_token", "--voice-dir", str(voices)])
+    try:
+        query = "?voice=expresso%2Fex03-ex01_happy_001_channel1_334s.wav&format=PcmMessagePack"
+        pcm, words, others = asyncio.run(speak_over_ws(base + "/api/tts_streaming" + query, TEXT, headers))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [m["type"] for m in others] == ["Ready"] and [w["text"] for w in words] == TEXT.split()
+    assert len(pcm) > SR

@@ -259,7 +259,7 @@ class TtsStepper:
         batch = len(scripts)
         voices = voices or [None] * batch
         conditions, guidance = synth.conditions(voices)
-        self.states = states = [synth.forcer.start(words) for words in scripts]
+        self.states = [synth.forcer.start(words) for words in scripts]
         self.delay = delay = synth.settings.delay_steps
         t = synth.tokens
         text_prefix: list[deque] = [deque() for _ in range(batch)]

@@ -76,10 +76,13 @@ class TtsEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-tts")
         self._stack: contextlib.ExitStack | None = None
         # Every session's voice must have the length of the batch's cross-attention rows: the default voice's.
-        self._base_voice = self.voice(None) if options.default_voice else self._any_voice()
-        base, self.guidance = self.synth.conditions([self._base_voice] * max_sessions)
+        try:
+            self._base_voice = self.voice(None) if options.default_voice else self._any_voice()
+        except ProtocolError as exc:
+            raise ConfigError(f"--voice {options.default_voice}: {exc}") from None
         self.stepper = TtsStepper(self.synth, [[] for _ in range(max_sessions)],
                                   [self._base_voice] * max_sessions)
+        self.guidance = self.stepper.gen.cfg_coef  # 1 when distilled (a condition), else a second pass
         self.width = None if self._base_voice is None else self._base_voice.tensor.shape[1]
 
     # ---- sessions
