@@ -226,10 +226,13 @@ def test_chat_on_an_stt_model_says_where_to_go(asr_server):
     assert data[0] == 5 and b"/api/asr-streaming" in data
 
 
-def test_health_of_a_dsm_server(asr_server, tts_server):
+def test_health_and_metrics_of_a_dsm_server(asr_server, tts_server):
     for server in (asr_server, tts_server):
         with urllib.request.urlopen(server.http + "/health", timeout=10) as response:
             assert b'"ok"' in response.read()
+        request = urllib.request.Request(server.http + "/metrics", headers=KEY)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert b"openmoshi_ready 1" in response.read()
 
 
 async def speak_over_ws(url: str, text: str, headers: dict | None = None) -> tuple[np.ndarray, list[dict], list]:
