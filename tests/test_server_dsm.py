@@ -4,6 +4,7 @@ stt / tts models: same words as `transcribe`, same audio as `speak`, concurrency
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import aiohttp
@@ -379,3 +380,16 @@ def test_serve_command_picks_the_endpoint_from_the_model(tiny_stt, tiny_tts, voi
         proc.wait(timeout=10)
     assert [m["type"] for m in others] == ["Ready"] and [w["text"] for w in words] == TEXT.split()
     assert len(pcm) > SR
+
+
+def test_asr_idle_client_is_closed(tiny_stt):
+    limits = SessionLimits(max_message_bytes=1 << 20, idle_timeout_s=0.5)
+    with RunningServer(tiny_stt, max_sessions=1, limits=limits) as server:
+        out = asyncio.run(_one_message(server.ws_base + "/api/asr-streaming", None,
+                                       pack({"type": "Audio", "pcm": [0.0] * FRAME})))
+        for _ in range(100):  # the slot is free again once the close handshake is over
+            if server.engine.active_sessions == 0:
+                break
+            time.sleep(0.02)
+        assert server.engine.active_sessions == 0
+    assert out[0]["type"] == "Ready" and "idle timeout" in out[-1]["message"]
