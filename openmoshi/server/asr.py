@@ -151,7 +151,7 @@ class AsrSession:
             self.outbox.put_nowait(dsm.pack({"type": "EndWord", "stop_time": max(self._time(stop),
                                                                                   self._time(start))}))
         step = slot.steps - slot.prefix_frames
-        if step > 0:
+        if step > 0 and self.engine.bundle.config.extra_heads_num_heads:  # as Kyutai: only with a VAD to report
             self.outbox.put_nowait(dsm.pack({"type": "Step", "step_idx": step - 1, "prs": prs,
                                              "buffered_pcm": len(slot.frames) * self.engine.frame_size}))
         while slot.markers and slot.markers[0][0] <= slot.steps:

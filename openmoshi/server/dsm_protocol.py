@@ -9,6 +9,7 @@ Every message is one binary websocket frame holding a msgpack map with a "type":
                            {"type": "Word", "text": str, "start_time": float}
                            {"type": "EndWord", "stop_time": float}
                            {"type": "Step", "step_idx": int, "prs": [float, ...], "buffered_pcm": int}
+                                 (per 80 ms, for models with voice-activity heads)
                            {"type": "Marker", "id": int}
     TTS  client -> server  {"type": "Text", "text": str}   {"type": "Eos"}
     TTS  server -> client  {"type": "Ready"}   {"type": "Audio", "pcm": [float, ...]}
