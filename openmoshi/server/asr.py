@@ -106,7 +106,7 @@ class AsrEngine(Engine):
             pcm[i, 0] = torch.from_numpy(frame)
         mimi.set_active(active)
         codes = mimi.encode(pcm.to(self.device))
-        first = [i for i, (slot, *_) in batch.items() if getattr(slot, "first", False)]
+        first = [i for i, (slot, *_) in batch.items() if slot.first]
         if first:  # as `transcribe`: a fresh stream's first frame is fed twice
             gen.set_active(self._mask(first))
             gen.step(codes)
