@@ -2,6 +2,10 @@
 
   openmoshi serve --model tiny-moshi                      # after `openmoshi init --preset tiny tiny-moshi`
   openmoshi serve --model hf://kyutai/moshiko-pytorch-bf16 --device cuda
+  openmoshi serve --model hf://kyutai/stt-1b-en_fr        # streaming ASR at /api/asr-streaming
+  openmoshi serve --model hf://kyutai/tts-1.6b-en_fr --voice-dir tts-voices  # streaming TTS at /api/tts_streaming
+
+stt and tts models serve the msgpack websockets of Kyutai's delayed-streams clients instead of /api/chat.
 
 Open http://127.0.0.1:8998 in a browser (microphones need localhost or HTTPS), or use Kyutai's web or
 Python client, or `openmoshi client`. Conversations share one batched model step: --max-sessions slots.
@@ -15,11 +19,14 @@ import logging
 import os
 import secrets
 import sys
+from pathlib import Path
 
 from ..server.limits import SessionLimits
 from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
 
 logger = logging.getLogger(__name__)
+
+DSM_MESSAGE_KB = 1024  # default message limit of the ASR / TTS websockets
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,46 +45,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
                         help="seconds without audio from a client (nor answer to it) before its session is "
                              f"closed and its slot freed (default {defaults.idle_timeout_s:g})")
-    parser.add_argument("--max-message-kb", type=float, default=defaults.max_message_bytes / 1024,
-                        help="largest websocket message accepted, in KiB (a 20 ms Opus page is ~0.1 KiB; "
-                             f"default {defaults.max_message_bytes // 1024})")
+    parser.add_argument("--max-message-kb", type=float, default=None,
+                        help="largest websocket message accepted, in KiB (default "
+                             f"{defaults.max_message_bytes // 1024}: a 20 ms Opus page is ~0.1 KiB; stt/tts models "
+                             f"{DSM_MESSAGE_KB}: Kyutai's ASR clients send a second of float PCM, ~120 KiB, at once)")
     parser.add_argument("--input-rate", type=float, default=defaults.input_rate,
                         help="seconds of audio a client may send per second, on average; faster clients are "
                              f"closed (default {defaults.input_rate:g})")
     parser.add_argument("--input-burst", type=float, default=defaults.input_burst_s,
                         help=f"seconds of audio a client may send ahead at once (default {defaults.input_burst_s:g})")
+    tts = parser.add_argument_group("text-to-speech (tts models)")
+    tts.add_argument("--voice-dir", type=Path, default=None,
+                     help="folder of voice embeddings (e.g. a copy of kyutai/tts-voices); clients pick one with "
+                          "?voice=NAME (a path inside it, `.safetensors` or Kyutai's `.<id>.safetensors` suffix "
+                          "optional)")
+    tts.add_argument("--voice", default=None, help="voice used when a client names none (a NAME of --voice-dir)")
+    tts.add_argument("--tts-temp", type=float, default=0.6, help="sampling temperature (0 = greedy); clients may "
+                                                                 "set ?temperature=")
+    tts.add_argument("--cfg-coef", type=float, default=2.0, help="classifier-free guidance; clients may set "
+                                                                 "?cfg_alpha=")
+    tts.add_argument("--max-speech-seconds", type=float, default=300.0, help="longest speech of one session")
     add_device_arguments(parser)
     add_quantize_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    from pathlib import Path
+    import dataclasses
     from urllib.parse import quote
 
     from ..bundle import load_model
-    from ..server.app import STATIC_DIR, create_app
-    from ..server.engine import Engine
-    from ..server.protocol import SessionSettings
+    from ..server.app import STATIC_DIR, create_app, engine_for
+    from ..server.engine import STANDING_QUEUE_S
     from ..server.runner import serve_until_signal
+    from ..server.tts import TtsOptions
 
     limits = check_options(args)
     device, dtype = resolve_device(args)
     logger.info("loading %s on %s (%s)", args.model, device, dtype)
     bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
-    gen = bundle.generation
-    defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
-                               audio_temperature=gen["temp"], audio_topk=gen["top_k"])
+    family = bundle.config.model_type
+    if args.max_message_kb is None:
+        kib = DSM_MESSAGE_KB if family in ("stt", "tts") else limits.max_message_bytes / 1024
+        limits = dataclasses.replace(limits, max_message_bytes=int(kib * 1024))
     frames = max(1, round(args.max_backlog * bundle.mimi.frame_rate))
-    engine = Engine(bundle, args.max_sessions, defaults, max_backlog_frames=frames)
+    options = TtsOptions(voice_dir=args.voice_dir, default_voice=args.voice, temperature=args.tts_temp,
+                         cfg_coef=args.cfg_coef, max_seconds=args.max_speech_seconds)
+    engine = engine_for(bundle, args.max_sessions, max_backlog_frames=frames, standing_queue_s=STANDING_QUEUE_S,
+                        tts_options=options)
     token = secrets.token_urlsafe(16) if args.token == "auto" else args.token
     static = Path(args.static) if args.static else STATIC_DIR
     app = create_app(engine, token=token, static_dir=static, limits=limits)
+    endpoint = {"stt": " (ASR at /api/asr-streaming)", "tts": " (TTS at /api/tts_streaming)"}.get(family, "")
 
     def announce(port: int) -> None:
         suffix = f"/?token={quote(token, safe='')}" if token else "/"
         print(f"openmoshi: serving {args.model} with {args.max_sessions} slot(s) on "
-              f"http://{args.host}:{port}{suffix}", flush=True)
+              f"http://{args.host}:{port}{suffix}{endpoint}", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
             logger.warning("listening on %s without --token: anyone who can reach it can use it", args.host)
 
@@ -93,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
 def check_options(args: argparse.Namespace) -> SessionLimits:
     """Every numeric option in range (before the model loads); the session limits they describe."""
     import math
-    from pathlib import Path
 
     from ..errors import ConfigError
 
@@ -114,7 +137,14 @@ def check_options(args: argparse.Namespace) -> SessionLimits:
         raise ConfigError(f"--static {args.static}: no such folder")
     if args.token is not None and not args.token.strip():
         raise ConfigError("--token is empty: give a secret, or 'auto' to generate one")
-    kib = positive("--max-message-kb", args.max_message_kb)
+    if args.voice_dir is not None and not args.voice_dir.is_dir():
+        raise ConfigError(f"--voice-dir {args.voice_dir}: no such folder")
+    if not 0 <= args.tts_temp <= 10:
+        raise ConfigError(f"--tts-temp must be between 0 and 10, got {args.tts_temp}")
+    positive("--cfg-coef", args.cfg_coef)
+    positive("--max-speech-seconds", args.max_speech_seconds)
+    kib = SessionLimits().max_message_bytes / 1024 if args.max_message_kb is None \
+        else positive("--max-message-kb", args.max_message_kb)
     if kib < 1:
         raise ConfigError(f"--max-message-kb must be at least 1 (one Opus page), got {kib:g}")
     return SessionLimits(max_message_bytes=int(kib * 1024),

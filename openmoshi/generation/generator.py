@@ -40,6 +40,7 @@ class _GenState:
     audio_rng: torch.Generator | None
     steps: int = 0  # steps since the start or the last full reset (host side: no sync to decide on None)
     all_active: bool = True  # host-side summary of `active`: the common case costs nothing
+    frozen: list[bool] | None = None  # host-side: items set_active() froze (they draw no random numbers)
     hidden: torch.Tensor | None = None  # [B, 1, dim] temporal output of the last step
     slots: list["SlotSampling | None"] | None = None  # per-item settings, once configure_slot() was used
     sum_condition: torch.Tensor | None = None  # [B or 2B, 1, dim] fused conditions (conditioned models)
@@ -183,8 +184,28 @@ class Generator:
             top_k_text=self.top_k_text if top_k_text is None else top_k_text,
             text_rng=rng(text_seed), audio_rng=rng(audio_seed))
 
-    def _sample(self, st: _GenState, logits: torch.Tensor, text: bool) -> torch.Tensor:
-        """Sample [B, V] logits with the generator's settings, or row by row for configured slots."""
+    def set_conditions(self, index: int, conditions: dict) -> None:
+        """Give batch item `index` its own conditions (embedded by `lm.condition_provider` for one item, with its
+        null row under CFG), e.g. a server session's voice. The cross-attention source keeps its length."""
+        st = self._require_state()
+        if not 0 <= index < st.batch_size:
+            raise ValueError(f"slot {index} is outside the batch of {st.batch_size}")
+        sum_condition, cross = self.lm.fused_conditions(conditions)
+        rows = [index, st.batch_size + index][:self._copies]
+        for name, new, old in (("sum", sum_condition, st.sum_condition), ("cross", cross, st.cross)):
+            if (new is None) != (old is None):
+                raise ValueError(f"the {name} conditions of slot {index} do not match the batch's")
+            if new is None:
+                continue
+            if new.shape[0] != self._copies or new.shape[1:] != old.shape[1:]:
+                raise ValueError(f"the {name} conditions of slot {index} have shape {tuple(new.shape)}, the "
+                                 f"batch's rows {tuple(old.shape[1:])}")
+            old[rows] = new.to(old)
+
+    def _sample(self, st: _GenState, logits: torch.Tensor, text: bool,
+                skip: list[bool] | None = None) -> torch.Tensor:
+        """Sample [B, V] logits with the generator's settings, or row by row for configured slots (then rows
+        frozen by set_active, or in `skip`, draw nothing: their random streams stay where they were)."""
         if st.slots is None:
             if text:
                 return sample_token(logits, self.temp_text, self.top_k_text, self.top_p_text, generator=st.text_rng)
@@ -192,6 +213,9 @@ class Generator:
         rows = []
         for i, slot in enumerate(st.slots):
             row = logits[i:i + 1]
+            if (st.frozen is not None and st.frozen[i]) or (skip is not None and skip[i]):
+                rows.append(torch.zeros(1, dtype=torch.long, device=logits.device))
+                continue
             if slot is None:
                 temp, top_k, top_p, rng = (self.temp_text, self.top_k_text, self.top_p_text, st.text_rng) if text \
                     else (self.temp, self.top_k, self.top_p, st.audio_rng)
@@ -240,18 +264,20 @@ class Generator:
         if mask is None:
             st.active.fill_(True)
             st.all_active = True
+            st.frozen = None
         else:
             if mask.shape != (st.batch_size,):
                 raise ValueError(f"active mask must have shape [{st.batch_size}], got {tuple(mask.shape)}")
             st.active.copy_(mask.to(device=st.active.device, dtype=torch.bool))
             st.all_active = False
+            st.frozen = (~mask.bool()).cpu().tolist()
         self.lm.set_active(None if mask is None else mask.to(st.active.device, torch.bool).repeat(self._copies))
 
     # ---- one frame
     @torch.no_grad()
     def step(self, user_codes: torch.Tensor | None = None, force_text: torch.Tensor | None = None,
-             force_audio: torch.Tensor | None = None,
-             replace_audio: torch.Tensor | None = None) -> torch.Tensor | None:
+             force_audio: torch.Tensor | None = None, replace_audio: torch.Tensor | None = None,
+             replace_rows: list[bool] | None = None) -> torch.Tensor | None:
         """Advance every conversation by one 80 ms frame.
 
         user_codes: long [B, n_q - dep_q, 1], the user's codes of this frame (extra codebooks are ignored;
@@ -260,7 +286,8 @@ class Generator:
         force_audio: long [B, dep_q] (or [B, dep_q, 1]): audio codes to use instead of sampling, -1 = sample;
             a forced code is also what the next codebook is conditioned on.
         replace_audio: long [B, dep_q]: audio codes to use without running the depth transformer (-1 allowed:
-            no token), e.g. while a TTS model's audio is still delayed.
+            no token), e.g. while a TTS model's audio is still delayed; with `replace_rows` [B] only for those
+            items (the others are sampled, and the replaced ones draw no random numbers).
         Forced tokens are in model time: they replace what this step samples, before delays are undone.
 
         Returns None for the first max(delays) steps, then long [B, 1 + dep_q, 1]: Moshi's text token and
@@ -299,10 +326,13 @@ class Generator:
         if self.text_hook is not None:
             replaced = self.text_hook(text)
             text = text if replaced is None else replaced.to(text)
-        if replace_audio is not None:
+        if replace_audio is not None and (replace_rows is None or all(replace_rows)):
             audio = replace_audio.reshape(B, self.dep_q).to(text)
         else:
-            audio = self._sample_audio(st, hidden, text, force_audio)
+            audio = self._sample_audio(st, hidden, text, force_audio, replace_rows)
+            if replace_audio is not None and replace_rows is not None and any(replace_rows):
+                rows = torch.tensor(replace_rows, device=audio.device).view(B, 1)
+                audio = torch.where(rows, replace_audio.reshape(B, self.dep_q).to(audio), audio)
         if self.audio_hook is not None:
             replaced = self.audio_hook(audio)
             audio = audio if replaced is None else replaced.to(audio)
@@ -352,7 +382,7 @@ class Generator:
         return user_codes[:, :self.n_user].to(device=self.lm.device, dtype=torch.long)
 
     def _sample_audio(self, st: _GenState, hidden: torch.Tensor, text: torch.Tensor,
-                      force_audio: torch.Tensor | None) -> torch.Tensor:
+                      force_audio: torch.Tensor | None, skip: list[bool] | None = None) -> torch.Tensor:
         """Run the depth transformer codebook by codebook -> long [B, dep_q]."""
         B = st.batch_size
         if not self.dep_q:
@@ -372,7 +402,7 @@ class Generator:
             if copies == 2:
                 cond, null = logits.chunk(2)
                 logits = null + (cond - null) * self.cfg_coef
-            code = self._sample(st, logits.float(), text=False)
+            code = self._sample(st, logits.float(), text=False, skip=skip)
             if forced is not None:
                 code = _forced(code, forced[:, k])
             codes.append(code)

@@ -202,6 +202,53 @@ def words_from_tokens(tokens: list[int], tokenizer, frame_rate: float, offset_s:
     return words
 
 
+class WordStream:
+    """`words_from_tokens` one token at a time, for live transcripts: `push(token)` returns the words it
+    completes, `finish()` those of the end of the stream, each as (text, start frame, end frame).
+
+    A word is complete once no later token can join it: at an EPAD or at the first piece of the next word (or at
+    the end), the same boundaries as `words_from_tokens`, so the words are the same.
+    """
+
+    def __init__(self, tokenizer, frame_rate: float, pad_id: int = 3, end_pad_id: int = 0) -> None:
+        self.tokenizer, self.cap = tokenizer, int(frame_rate)
+        self.pad_id, self.end_pad_id = pad_id, end_pad_id
+        self.n_pieces = tokenizer.get_piece_size()
+        self.frame = 0  # frames pushed so far
+        self.after_epad = False
+        self.word: list[tuple[int, int]] | None = None  # (frame, token) of the open word's pieces
+
+    def push(self, token: int) -> list[tuple[str, int, int]]:
+        frame, self.frame = self.frame, self.frame + 1
+        if token == self.end_pad_id:
+            self.after_epad = True
+            return self._close(frame, epad=True)
+        if token == self.pad_id or not 0 <= token < self.n_pieces or self.tokenizer.is_control(token):
+            return []
+        done = []
+        if self.word is None or self.after_epad or self.tokenizer.id_to_piece(token).startswith(WORD_START):
+            done = self._close(frame, epad=False)
+            self.word = []
+        assert self.word is not None
+        self.word.append((frame, token))
+        self.after_epad = False
+        return done
+
+    def finish(self) -> list[tuple[str, int, int]]:
+        return self._close(self.frame, epad=False)
+
+    def _close(self, frame: int, epad: bool) -> list[tuple[str, int, int]]:
+        """Completes the open word at `frame`: its end is an EPAD there if within a second of its last piece,
+        else the next word's start (or the end of the stream) capped at that second."""
+        if not self.word:
+            return []
+        pieces, self.word = self.word, None
+        last = pieces[-1][0] + 1
+        end = frame if epad and frame < last + self.cap else min(frame, last + self.cap)
+        text = self.tokenizer.decode([t for _, t in pieces]).strip()
+        return [(text, pieces[0][0], end)] if text else []
+
+
 def transcribe_recordings(bundle: MoshiBundle, wavs: list[torch.Tensor], generation: dict | None = None,
                           seed: int | None = None, eos_head: int = DEFAULT_EOS_HEAD,
                           eos_threshold: float = DEFAULT_EOS_THRESHOLD,

@@ -244,6 +244,130 @@ def voice_condition(path_or_tensor: str | torch.Tensor, max_speakers: int = MAX_
     return TensorInput(tensor.view(1, -1, dim), mask.view(1, -1))
 
 
+class TtsStepper:
+    """The generation loop of `Synthesizer.generate`, one step at a time (inside `stepper.gen.streaming(B)`).
+
+    Words may be appended to `states[i].words` between steps (streaming text); `step(active)` advances only some
+    items (the others are frozen), and `restart` gives an item new words, conditions and sampling (a server
+    session): each item's tokens are those of a run of its own.
+    """
+
+    def __init__(self, synth: Synthesizer, scripts: list[list[Word]], voices: list[TensorInput | None] | None = None,
+                 prefixes: list[torch.Tensor] | None = None) -> None:
+        self.synth = synth
+        lm, cfg = synth.bundle.lm, synth.bundle.config
+        batch = len(scripts)
+        voices = voices or [None] * batch
+        conditions, guidance = synth.conditions(voices)
+        self.states = [synth.forcer.start(words) for words in scripts]
+        self.delay = delay = synth.settings.delay_steps
+        t = synth.tokens
+        text_prefix: list[deque] = [deque() for _ in range(batch)]
+        audio_prefix: list[deque] = [deque() for _ in range(batch)]
+        masked_until = None
+        if prefixes is not None:
+            masked_until = []
+            for i, prefix in enumerate(prefixes):
+                if prefix.shape[0] != cfg.num_codebooks:
+                    raise ConfigError(f"an audio prompt needs {cfg.num_codebooks} streams, got {prefix.shape[0]}")
+                masked_until.append(prefix.shape[-1] + delay)
+                text_prefix[i].extend(prefix[0].tolist())
+                delays = [d + delay for d in cfg.delays[1:]]
+                grid = torch.full((cfg.n_q, prefix.shape[-1] + max(delays)), -2, dtype=torch.long)
+                for k, d in enumerate(delays):
+                    grid[k, d:d + prefix.shape[-1]] = prefix[1 + k]
+                audio_prefix[i].extend(grid.t().to(lm.device))
+        self.steps = [0] * batch  # steps of each item since its start
+        self._active = [True] * batch
+        self._text_prefix, self._audio_prefix = text_prefix, audio_prefix
+
+        def on_logits(logits: torch.Tensor) -> torch.Tensor | None:
+            if not synth.padding_bonus:
+                return None
+            logits = logits.clone()
+            logits[:, t.pad] += synth.padding_bonus
+            return logits
+
+        def on_text(sampled: torch.Tensor) -> torch.Tensor:
+            out = []
+            for i, token in enumerate(sampled.tolist()):
+                if not self._active[i]:  # frozen: its result is dropped
+                    out.append(token)
+                    continue
+                out.append(text_prefix[i].popleft() if text_prefix[i]
+                           else synth.forcer.step(self.steps[i], self.states[i], token))
+            return torch.tensor(out, dtype=torch.long, device=sampled.device)
+
+        def on_audio(audio: torch.Tensor) -> torch.Tensor:
+            audio = audio.clone()
+            for i, steps in enumerate(self.steps):
+                for q in range(audio.shape[1]):
+                    if steps < cfg.delays[1 + q] + delay:
+                        audio[i, q] = -1
+            for i, queue in enumerate(audio_prefix):
+                if queue:
+                    forced = queue.popleft()
+                    audio[i] = torch.where(forced != -2, forced, audio[i])
+            return audio
+
+        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=250, top_k_text=25, seed=synth.seed,
+                             text_logits_hook=on_logits, text_hook=on_text, audio_hook=on_audio,
+                             conditions=conditions, cfg_coef=guidance, cfg_null_text=True,
+                             cfg_masked_until=masked_until)
+        self._silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
+        self._user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
+            if cfg.n_user else None
+
+    @property
+    def step_idx(self) -> int:
+        """Steps of the first item (the only one of a single stream)."""
+        return self.steps[0]
+
+    @property
+    def finished(self) -> bool:
+        """Every item asked for a word past its last one, and its audio has caught up (+ final padding)."""
+        return all(self.item_finished(i) for i in range(len(self.states)))
+
+    def item_finished(self, i: int) -> bool:
+        end = self.states[i].end_step
+        return end is not None and self.steps[i] >= end + self.delay + self.synth.final_padding
+
+    def restart(self, i: int, conditions: dict, temp: float, seed: int | None) -> None:
+        """Item i starts anew (no words yet) with its own conditions (one item's, from `Synthesizer.conditions`),
+        temperature and seed."""
+        self.states[i] = self.synth.forcer.start([])
+        self.steps[i] = 0
+        self._text_prefix[i].clear()
+        self._audio_prefix[i].clear()
+        mask = torch.zeros(len(self.states), dtype=torch.bool)
+        mask[i] = True
+        self.gen.reset(mask)
+        self.gen.set_conditions(i, conditions)
+        self.gen.configure_slot(i, temp=temp, top_k=250, temp_text=temp, top_k_text=25, text_seed=seed,
+                                audio_seed=None if seed is None else seed + 1)
+
+    @torch.no_grad()
+    def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
+        """One step of the `active` items (all when None): None for the first steps, then long
+        [B, 1 + dep_q, 1] (see Generator.step; -2 for frozen items)."""
+        batch = len(self.states)
+        active = [True] * batch if active is None else list(active)
+        partial = not all(active)
+        if partial or not all(self._active):
+            self.gen.set_active(torch.tensor(active) if partial else None)
+        self._active = active
+        delayed = [a and s < self.delay for a, s in zip(active, self.steps)]
+        if not any(delayed):
+            frame = self.gen.step(self._user)
+        elif all(d or not a for d, a in zip(delayed, active)):  # every stepped item is still delayed
+            frame = self.gen.step(self._user, replace_audio=self._silent)
+        else:
+            frame = self.gen.step(self._user, replace_audio=self._silent, replace_rows=delayed)
+        for i, a in enumerate(active):
+            self.steps[i] += a
+        return frame
+
+
 class Synthesizer:
     """TTS over a `tts` bundle: scripts in, frames (and audio) out, batched."""
 
@@ -317,73 +441,20 @@ class Synthesizer:
                  on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
         """Run the model over a batch of scripts. prefixes: per item, codes [1 + n_q, T] of an audio prompt
         (text row -1) forced at the start."""
-        lm, cfg = self.bundle.lm, self.bundle.config
-        batch = len(scripts)
-        voices = voices or [None] * batch
-        conditions, guidance = self.conditions(voices)
-        states = [self.forcer.start(words) for words in scripts]
-        delay = self.settings.delay_steps
-        t = self.tokens
-        text_prefix: list[deque] = [deque() for _ in range(batch)]
-        audio_prefix: list[deque] = [deque() for _ in range(batch)]
-        masked_until = None
-        if prefixes is not None:
-            masked_until = []
-            for i, prefix in enumerate(prefixes):
-                if prefix.shape[0] != cfg.num_codebooks:
-                    raise ConfigError(f"an audio prompt needs {cfg.num_codebooks} streams, got {prefix.shape[0]}")
-                masked_until.append(prefix.shape[-1] + delay)
-                text_prefix[i].extend(prefix[0].tolist())
-                delays = [d + delay for d in cfg.delays[1:]]
-                grid = torch.full((cfg.n_q, prefix.shape[-1] + max(delays)), -2, dtype=torch.long)
-                for k, d in enumerate(delays):
-                    grid[k, d:d + prefix.shape[-1]] = prefix[1 + k]
-                audio_prefix[i].extend(grid.t().to(lm.device))
-        step = 0
-
-        def on_logits(logits: torch.Tensor) -> torch.Tensor | None:
-            if not self.padding_bonus:
-                return None
-            logits = logits.clone()
-            logits[:, t.pad] += self.padding_bonus
-            return logits
-
-        def on_text(sampled: torch.Tensor) -> torch.Tensor:
-            out = []
-            for i, token in enumerate(sampled.tolist()):
-                out.append(text_prefix[i].popleft() if text_prefix[i] else self.forcer.step(step, states[i], token))
-            return torch.tensor(out, dtype=torch.long, device=sampled.device)
-
-        def on_audio(audio: torch.Tensor) -> torch.Tensor:
-            audio = audio.clone()
-            for q in range(audio.shape[1]):
-                if step < cfg.delays[1 + q] + delay:
-                    audio[:, q] = -1
-            for i, queue in enumerate(audio_prefix):
-                if queue:
-                    forced = queue.popleft()
-                    audio[i] = torch.where(forced != -2, forced, audio[i])
-            return audio
-
-        gen = Generator(lm, temp=self.temp, temp_text=self.temp, top_k=250, top_k_text=25, seed=self.seed,
-                        text_logits_hook=on_logits, text_hook=on_text, audio_hook=on_audio, conditions=conditions,
-                        cfg_coef=guidance, cfg_null_text=True, cfg_masked_until=masked_until)
-        silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
+        stepper = TtsStepper(self, scripts, voices, prefixes)
         frames = []
-        with gen.streaming(batch):
+        with stepper.gen.streaming(len(scripts)):
             for step in range(self.max_steps):
-                ended = [s.end_step for s in states]
-                if None not in ended and step >= max(ended) + delay + self.final_padding:
+                if stepper.finished:
                     break
-                user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
-                    if cfg.n_user else None
-                frame = gen.step(user, replace_audio=silent if step < delay else None)
+                frame = stepper.step()
                 if frame is not None:
                     frames.append(frame)
                 if on_step is not None:
                     on_step(step + 1)
-        out = torch.cat(frames, dim=2) if frames else torch.zeros(batch, 1 + cfg.dep_q, 0, dtype=torch.long)
-        return TtsRun(out, [s.end_step for s in states], [s.transcript for s in states])
+        out = torch.cat(frames, dim=2) if frames else torch.zeros(len(scripts), 1 + self.bundle.config.dep_q, 0,
+                                                                   dtype=torch.long)
+        return TtsRun(out, [s.end_step for s in stepper.states], [s.transcript for s in stepper.states])
 
     def speak(self, texts: list[str | tp.Sequence[str]], voices: list[TensorInput | None] | None = None,
               prefixes: list[torch.Tensor] | None = None,

@@ -1,4 +1,5 @@
-"""aiohttp application: the chat websocket of Kyutai's clients, our web page, health and metrics."""
+"""aiohttp application: the chat websocket of Kyutai's clients (moshi models), or the streaming ASR / TTS
+websockets of Kyutai's DSM clients (stt / tts models), our web page, health and metrics."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from .metrics import Gauge
 from .protocol import SessionSettings
 from .session import ChatSession, Outbox
 
+ASR_PATH = "/api/asr-streaming"
+TTS_PATH = "/api/tts_streaming"
+# What each family serves instead of /api/chat (a conversation needs a moshi or hibiki model).
+DSM_ROUTES = {"stt": ("speech-to-text", ASR_PATH), "tts": ("text-to-speech", TTS_PATH)}
+
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -37,6 +43,23 @@ SESSIONS_KEY = web.AppKey("sessions", set)
 RETRY_HEADER = "X-Moshi-Retry-Elsewhere"
 
 
+def engine_for(bundle, max_sessions: int, max_backlog_frames: int = 12, standing_queue_s: float | None = None,
+               tts_options=None):
+    """The engine of a model's family: batched chat (moshi, hibiki), batched ASR (stt), TTS sessions (tts)."""
+    family = bundle.config.model_type
+    if family == "stt":
+        from .asr import AsrEngine
+        return AsrEngine(bundle, max_sessions)
+    if family == "tts":
+        from .tts import TtsEngine
+        return TtsEngine(bundle, max_sessions, tts_options)
+    gen = bundle.generation
+    defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
+                               audio_temperature=gen["temp"], audio_topk=gen["top_k"])
+    return Engine(bundle, max_sessions, defaults, max_backlog_frames=max_backlog_frames,
+                  standing_queue_s=standing_queue_s)
+
+
 def create_app(engine: Engine, token: str | None = None, static_dir: Path = STATIC_DIR,
                limits: SessionLimits | None = None) -> web.Application:
     app = web.Application(middlewares=[_auth_middleware])
@@ -48,6 +71,11 @@ def create_app(engine: Engine, token: str | None = None, static_dir: Path = STAT
     app[POOL_KEY] = concurrent.futures.ThreadPoolExecutor(max_workers=engine.max_sessions,
                                                           thread_name_prefix="moshi-decode")
     app.router.add_get("/api/chat", handle_chat)
+    family = engine.bundle.config.model_type
+    if family == "stt":
+        app.router.add_get(ASR_PATH, _handle_asr)
+    elif family == "tts":
+        app.router.add_get(TTS_PATH, _handle_tts)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/", lambda _: web.FileResponse(static_dir / "index.html"))
@@ -79,14 +107,15 @@ async def _stop_engine(app: web.Application) -> None:
 
 @web.middleware
 async def _auth_middleware(request: web.Request, handler):
-    """With --token, every route but /health needs it: query `token=`, `Authorization: Bearer`, X-Moshi-Token,
-    or the cookie set when the page was opened with `?token=` (so its style sheet, scripts, workers and
-    websocket are allowed too)."""
+    """With --token, every route but /health needs it: query `token=` (or `auth_id=`), `Authorization: Bearer`,
+    X-Moshi-Token, kyutai-api-key (Kyutai's DSM clients), or the cookie set when the page was opened with
+    `?token=` (so its style sheet, scripts, workers and websocket are allowed too)."""
     expected = request.app[TOKEN_KEY]
     if not expected or request.path == "/health":
         return await handler(request)
-    from_query = request.query.get("token")
-    given = from_query or request.headers.get("X-Moshi-Token") or request.cookies.get(TOKEN_COOKIE, "")
+    from_query = request.query.get("token") or request.query.get("auth_id")
+    given = from_query or request.headers.get("X-Moshi-Token") or request.headers.get("kyutai-api-key") \
+        or request.cookies.get(TOKEN_COOKIE, "")
     auth = request.headers.get("Authorization", "")
     if auth.startswith("Bearer "):
         given = auth[len("Bearer "):]
@@ -148,9 +177,28 @@ def _gauges(engine: Engine) -> list[Gauge]:
     ]
 
 
+async def _handle_asr(request: web.Request) -> web.StreamResponse:
+    from .asr import handle_asr
+    return await handle_asr(request, request.app[ENGINE_KEY], request.app[LIMITS_KEY], request.app[SESSIONS_KEY])
+
+
+async def _handle_tts(request: web.Request) -> web.StreamResponse:
+    from .tts import handle_tts
+    return await handle_tts(request, request.app[ENGINE_KEY], request.app[LIMITS_KEY], request.app[SESSIONS_KEY])
+
+
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     limits = request.app[LIMITS_KEY]
+    family = engine.bundle.config.model_type
+    if family in DSM_ROUTES:  # Kyutai's chat clients show an error message (kind 5): say where to go instead
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        what, path = DSM_ROUTES[family]
+        await ws.send_bytes(protocol.error(f"this server runs a {what} model ({family}), not a conversation "
+                                           f"model: use the websocket at {path} (see the README)"))
+        await ws.close()
+        return ws
     if request.headers.get(RETRY_HEADER) == "1":
         refusal = _refusal_before_upgrade(engine)
         if refusal is not None:

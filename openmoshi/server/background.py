@@ -9,10 +9,9 @@ import torch
 
 from ..bundle import load_model
 from ..cli.common import default_threads, usable_cores
-from .app import create_app
-from .engine import STANDING_QUEUE_S, Engine
+from .app import create_app, engine_for
+from .engine import STANDING_QUEUE_S
 from .limits import SessionLimits
-from .protocol import SessionSettings
 from .runner import start
 
 
@@ -22,21 +21,19 @@ class RunningServer:
     def __init__(self, model_folder, max_sessions: int = 4, token: str | None = None,
                  max_backlog_frames: int | None = 12, host: str = "127.0.0.1", limits: SessionLimits | None = None,
                  wait_ready: bool = True, threads: int | None = 0,
-                 standing_queue_s: float | None = STANDING_QUEUE_S) -> None:
+                 standing_queue_s: float | None = STANDING_QUEUE_S, tts_options=None) -> None:
         # threads: torch's intra-op threads while serving (0 = as `openmoshi serve` picks them, None = leave
         # them); restored on exit. Torch's default of one per core is 25x slower on a busy 2-core machine.
         self._threads_before = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads or default_threads(usable_cores(), "serve"))
         self.bundle = load_model(model_folder)
-        gen = self.bundle.generation
-        defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
-                                   audio_temperature=gen["temp"], audio_topk=gen["top_k"])
         # max_backlog_frames / standing_queue_s = None: a late session's input waits instead of being dropped
         # (for exact comparisons on a loaded machine; a real server drops so that latency stays bounded).
-        self.engine = Engine(self.bundle, max_sessions, defaults,
-                             max_backlog_frames=1 << 30 if max_backlog_frames is None else max_backlog_frames,
-                             standing_queue_s=standing_queue_s)
+        # stt and tts models get their own engines (ASR / TTS websockets instead of /api/chat).
+        self.engine = engine_for(self.bundle, max_sessions,
+                                 max_backlog_frames=1 << 30 if max_backlog_frames is None else max_backlog_frames,
+                                 standing_queue_s=standing_queue_s, tts_options=tts_options)
         self.app = create_app(self.engine, token=token, limits=limits)
         self.loop = asyncio.new_event_loop()
         self.host = host
@@ -69,6 +66,11 @@ class RunningServer:
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}/api/chat"
+
+    @property
+    def ws_base(self) -> str:
+        """ws://host:port, for the DSM endpoints (/api/asr-streaming, /api/tts_streaming)."""
+        return f"ws://{self.host}:{self.port}"
 
     @property
     def http(self) -> str:

@@ -1,0 +1,273 @@
+"""Streaming speech-to-text at /api/asr-streaming (the msgpack protocol of Kyutai's DSM clients, see
+`dsm_protocol`), batched: every session has a slot of one shared model step, as the chat engine's.
+
+The stream of a session is the one `openmoshi transcribe` feeds: the model's silence prefix (added here), then
+the client's audio. The first frame is stepped twice (a fresh Generator's first step reads only initial
+tokens), and words are cut from the text tokens by `WordStream`, so a client that sends a recording followed
+by `flush` silence gets the same words as `openmoshi transcribe`. Times are seconds of the client's audio.
+
+A client may send audio faster than real time (Kyutai's file client sends its last 40 s of silence at once):
+instead of closing it, the server stops reading once `input_burst_s` of its audio waits for the model, and
+reads on as the steps catch up (TCP backpressure). Each step takes one frame per session, so a fast client
+cannot slow the others down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..bundle import MoshiBundle
+from ..errors import ProtocolError
+from ..generation.stt import WordStream
+from ..lm.families import SttSettings
+from . import dsm_protocol as dsm
+from .engine import Engine, Slot
+from .limits import SessionLimits
+from .protocol import SessionSettings
+
+logger = logging.getLogger(__name__)
+
+AsrOutput = tuple[int, list[float]]  # text token, class-0 probability of each extra head
+
+
+@dataclass
+class AsrSlot(Slot):
+    first: bool = True  # the first frame is stepped twice
+    prefix_frames: int = 0  # frames of server-side silence before the client's audio
+    markers: collections.deque = field(default_factory=collections.deque)  # (step to reach, marker id)
+
+
+class AsrEngine(Engine):
+    """The chat engine's slots and step loop with a speech-to-text step: one text token (and the extra heads'
+    probabilities) per session and frame."""
+
+    def __init__(self, bundle: MoshiBundle, max_sessions: int, gather_s: float = 0.02) -> None:
+        gen = bundle.generation
+        defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
+                                   audio_temperature=gen["temp"], audio_topk=gen["top_k"])
+        # Nothing is dropped: a session's queue is bounded by the reader instead (AsrSession).
+        super().__init__(bundle, max_sessions, defaults, gather_s, max_backlog_frames=1 << 30,
+                         standing_queue_s=None)
+        self.settings = SttSettings.from_config(bundle.config)
+        self.rate = bundle.mimi.frame_rate
+        self.delay_steps = math.ceil(self.settings.audio_delay_s * self.rate)
+        cfg = bundle.config
+        self.pad_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
+
+    def acquire_asr(self, on_output) -> AsrSlot | None:
+        for index, slot in enumerate(self.slots):
+            if slot is None:
+                slot = AsrSlot(index, self.defaults, on_output, self.max_backlog_frames)
+                self.slots[index] = slot
+                self.metrics.sessions_started += 1
+                prefix = self.settings.prefix_samples(self.bundle.sample_rate)
+                slot.prefix_frames = prefix // self.frame_size
+                self.push_audio(slot, np.zeros(prefix, dtype=np.float32))
+                return slot
+        self.metrics.sessions_rejected += 1
+        return None
+
+    def _warm_up(self) -> None:
+        silence = np.zeros(self.frame_size, dtype=np.float32)
+        self.warmed_sizes = []
+        for size in range(1, self.max_sessions + 1):
+            slots = [AsrSlot(i, self.defaults, lambda *_: None, 1) for i in range(size)]
+            for _ in range(2):
+                self._step({slot.index: (slot, silence, 0.0) for slot in slots})
+            self.warmed_sizes.append(size)
+        self.torch_threads = torch.get_num_threads()
+
+    def _deliver(self, outputs) -> None:
+        for slot, token, prs in outputs:
+            if self.slots[slot.index] is slot:
+                slot.on_output(token, prs)
+
+    @torch.inference_mode()
+    def _step(self, batch: dict[int, tuple[Slot, np.ndarray, float]]) -> list:
+        mimi, gen = self.bundle.mimi, self.generator
+        fresh = [i for i, (slot, *_) in batch.items() if slot.fresh]
+        if fresh:
+            mimi.reset_streaming(self._mask(fresh))
+            gen.reset(self._mask(fresh))
+            if gen.temp_text > 0:  # own random streams: a session's text never depends on the others
+                for i in fresh:
+                    gen.configure_slot(i)
+        active = self._mask(list(batch))
+        pcm = self._input
+        for i, (_, frame, _) in batch.items():
+            pcm[i, 0] = torch.from_numpy(frame)
+        mimi.set_active(active)
+        codes = mimi.encode(pcm.to(self.device))
+        first = [i for i, (slot, *_) in batch.items() if slot.first]
+        if first:  # as `transcribe`: a fresh stream's first frame is fed twice
+            gen.set_active(self._mask(first))
+            gen.step(codes)
+        gen.set_active(active)
+        out = gen.step(codes)
+        heads = [h[:, 0].float().cpu() for h in gen.extra_heads()] if self.bundle.config.extra_heads_num_heads \
+            else []
+        mimi.set_active(None)
+        gen.set_active(None)
+        tokens = out[:, 0, 0].cpu().tolist()
+        outputs = []
+        for i, (slot, *_) in batch.items():
+            slot.fresh = False
+            slot.first = False
+            slot.steps += 1
+            outputs.append((slot, int(tokens[i]), [float(h[i]) for h in heads]))
+        return outputs
+
+
+class AsrSession:
+    """One client of /api/asr-streaming: audio in (within a bounded queue), words, steps and markers out."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine: AsrEngine,
+                 limits: SessionLimits) -> None:
+        self.request, self.ws, self.engine, self.limits = request, ws, engine, limits
+        bundle = engine.bundle
+        self.words = WordStream(bundle.tokenizer, engine.rate, *engine.pad_ids)
+        self.offset_s = engine.settings.text_offset_s
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.stepped = asyncio.Event()
+        self.max_queued = max(1, int(limits.input_burst_s * engine.rate))
+        self.slot: AsrSlot | None = None
+        self.closed_because: str | None = None
+        self.last_output = 0.0
+
+    def on_output(self, token: int, prs: list[float]) -> None:
+        """Called on the event loop after each step of this session."""
+        slot = self.slot
+        assert slot is not None
+        for text, start, stop in self.words.push(token):
+            self.outbox.put_nowait(dsm.pack({"type": "Word", "text": text, "start_time": self._time(start)}))
+            self.outbox.put_nowait(dsm.pack({"type": "EndWord", "stop_time": max(self._time(stop),
+                                                                                  self._time(start))}))
+        step = slot.steps - slot.prefix_frames
+        if step > 0 and self.engine.bundle.config.extra_heads_num_heads:  # as Kyutai: only with a VAD to report
+            self.outbox.put_nowait(dsm.pack({"type": "Step", "step_idx": step - 1, "prs": prs,
+                                             "buffered_pcm": len(slot.frames) * self.engine.frame_size}))
+        while slot.markers and slot.markers[0][0] <= slot.steps:
+            self.outbox.put_nowait(dsm.pack({"type": "Marker", "id": slot.markers.popleft()[1]}))
+        self.stepped.set()
+
+    def _time(self, frame: int) -> float:
+        return round(max(frame / self.engine.rate - self.offset_s, 0.0), 3)
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        try:
+            await self._receive_loop()
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+
+    async def end(self, message: str, code: int = WSCloseCode.POLICY_VIOLATION) -> None:
+        if self.closed_because is None:
+            self.closed_because = message
+        if self.ws.closed:
+            return
+        try:
+            await asyncio.wait_for(self.ws.send_bytes(dsm.error(message)), self.limits.close_timeout_s)
+            await asyncio.wait_for(self.ws.close(code=code, message=message[:120].encode()),
+                                   self.limits.close_timeout_s + 0.5)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            if self.request.transport is not None:
+                self.request.transport.abort()
+
+    async def _receive_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self.limits.idle_timeout_s
+        last_input = loop.time()
+        slot = self.slot
+        assert slot is not None
+        while not self.ws.closed:
+            while len(slot.frames) > self.max_queued:  # backpressure: read on once the model catches up
+                self.stepped.clear()
+                await self.stepped.wait()
+                last_input = loop.time()
+            remaining = max(last_input, self.last_output) + idle - loop.time()
+            if remaining <= 0:
+                await self.end(f"closed: no audio received for {idle:g} s (idle timeout)")
+                return
+            try:
+                message = await self.ws.receive(timeout=remaining)
+            except asyncio.TimeoutError:
+                continue
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return
+            try:
+                if message.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    continue
+                msg = dsm.parse(message.data, dsm.ASR_TYPES, self.limits.max_message_bytes)
+            except ProtocolError as exc:
+                self.engine.metrics.protocol_errors += 1
+                await self.ws.send_bytes(dsm.error(f"bad message: {exc}"))
+                continue
+            last_input = loop.time()
+            if msg["type"] == "Audio":
+                self.engine.push_audio(slot, msg["pcm"])
+            else:  # echoed once every frame received so far has been stepped and the text delay has passed
+                slot.markers.append((slot.received + self.engine.delay_steps, msg["id"]))
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            try:
+                await asyncio.wait_for(self.ws.send_bytes(message), self.limits.send_stall_s)
+                self.last_output = asyncio.get_running_loop().time()
+            except asyncio.TimeoutError:
+                self.closed_because = f"the client read nothing for {self.limits.send_stall_s:g} s"
+                if self.request.transport is not None:
+                    self.request.transport.abort()
+                return
+            except (ConnectionError, RuntimeError):
+                return
+
+
+async def handle_asr(request: web.Request, engine: AsrEngine, limits: SessionLimits,
+                     sessions: set) -> web.StreamResponse:
+    ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
+                               timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
+    await ws.prepare(request)
+    if not await wait_ready(ws, engine, limits):
+        return ws
+    session = AsrSession(request, ws, engine, limits)
+    slot = engine.acquire_asr(session.on_output)
+    if slot is None:
+        await ws.send_bytes(dsm.error(f"server busy: every transcription slot ({engine.max_sessions}) is taken, "
+                                      "try again later"))
+        await ws.close()
+        return ws
+    session.slot = slot
+    logger.info("asr session in slot %d from %s", slot.index, request.remote)
+    sessions.add(session)
+    try:
+        await ws.send_bytes(dsm.pack({"type": "Ready"}))
+        await session.run()
+    finally:
+        sessions.discard(session)
+        engine.release(slot)
+        logger.info("asr session in slot %d ended after %d steps%s", slot.index, slot.steps,
+                    f" ({session.closed_because})" if session.closed_because else "")
+    return ws
+
+
+async def wait_ready(ws: web.WebSocketResponse, engine, limits: SessionLimits) -> bool:
+    """Holds a client connecting during warm-up until the model is ready; False (after an Error) if it never is."""
+    if engine.ready.is_set():
+        return True
+    try:
+        await asyncio.wait_for(engine.ready.wait(), limits.warmup_wait_s)
+        return True
+    except asyncio.TimeoutError:
+        await ws.send_bytes(dsm.error("the server is still warming up; try again in a moment"))
+        await ws.close()
+        return False

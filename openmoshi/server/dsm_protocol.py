@@ -1,0 +1,106 @@
+"""The msgpack messages of Kyutai's delayed-streams (DSM) clients: speech-to-text at /api/asr-streaming,
+text-to-speech at /api/tts_streaming (as their `stt_*_rust_server.py` and `tts_rust_server.py` scripts speak).
+
+Every message is one binary websocket frame holding a msgpack map with a "type":
+
+    ASR  client -> server  {"type": "Audio", "pcm": [float, ...]}   24 kHz mono float PCM, any length
+                           {"type": "Marker", "id": int}            echoed once the audio before it is transcribed
+    ASR  server -> client  {"type": "Ready"}
+                           {"type": "Word", "text": str, "start_time": float}
+                           {"type": "EndWord", "stop_time": float}
+                           {"type": "Step", "step_idx": int, "prs": [float, ...], "buffered_pcm": int}
+                                 (per 80 ms, for models with voice-activity heads)
+                           {"type": "Marker", "id": int}
+    TTS  client -> server  {"type": "Text", "text": str}   {"type": "Eos"}
+    TTS  server -> client  {"type": "Ready"}   {"type": "Audio", "pcm": [float, ...]}
+                           {"type": "Text", "text": str, "start_s": float, "stop_s": float}
+    both server -> client  {"type": "Error", "message": str}
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+
+from ..errors import ProtocolError
+
+# What a client may send on each endpoint, and the fields each message needs (name -> type check, description).
+_FIELDS = {
+    "Audio": {"pcm": "a list of numbers (float PCM at 24 kHz)"},
+    "Marker": {"id": "an integer"},
+    "Text": {"text": "a string"},
+    "Eos": {},
+}
+ASR_TYPES = ("Audio", "Marker")
+TTS_TYPES = ("Text", "Eos")
+
+
+def pack(message: dict) -> bytes:
+    """One server message (times as 64-bit floats, as Kyutai's server sends them)."""
+    return msgpack.packb(message)
+
+
+def pack_audio(pcm: np.ndarray) -> bytes:
+    """{"type": "Audio", "pcm": [...]} with the samples as msgpack 32-bit floats (0xca + big-endian), built
+    with numpy rather than a Python float per sample."""
+    samples = np.asarray(pcm, dtype=np.float32).reshape(-1)
+    body = np.empty((samples.size, 5), dtype=np.uint8)
+    body[:, 0] = 0xCA
+    body[:, 1:] = samples.astype(">f4").view(np.uint8).reshape(-1, 4)
+    n = samples.size
+    if n < 16:
+        header = bytes([0x90 | n])  # fixarray
+    elif n < 1 << 16:
+        header = b"\xdc" + n.to_bytes(2, "big")  # array 16
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")  # array 32
+    return _AUDIO_PREFIX + header + body.tobytes()
+
+
+_AUDIO_PREFIX = b"\x82" + msgpack.packb("type") + msgpack.packb("Audio") + msgpack.packb("pcm")  # map of 2
+
+
+def error(message: str) -> bytes:
+    return pack({"type": "Error", "message": message})
+
+
+def parse(data: bytes | str, accepted: tuple[str, ...], max_bytes: int) -> dict:
+    """A client message as a dict with a checked "type" and fields; ProtocolError says what is wrong."""
+    if isinstance(data, str):
+        raise ProtocolError("this endpoint takes binary msgpack messages, got a text frame")
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {max_bytes}-byte limit")
+    try:
+        # Bounded by the message size already; strings must be valid UTF-8, maps keyed by strings.
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise ProtocolError(f"not a msgpack message ({type(exc).__name__}: {exc})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"expected a msgpack map with a \"type\", got a {type(message).__name__}")
+    kind = message.get("type")
+    if kind not in accepted:
+        raise ProtocolError(f"unknown message type {kind!r}: this endpoint accepts {', '.join(accepted)}")
+    for name, what in _FIELDS[kind].items():
+        if name not in message:
+            raise ProtocolError(f"a {kind} message needs \"{name}\" ({what})")
+    if kind == "Marker" and (isinstance(message["id"], bool) or not isinstance(message["id"], int)):
+        raise ProtocolError(f"a Marker's \"id\" must be an integer, got {message['id']!r}")
+    if kind == "Text" and not isinstance(message["text"], str):
+        raise ProtocolError(f"a Text message's \"text\" must be a string, got {type(message['text']).__name__}")
+    if kind == "Audio":
+        message["pcm"] = _pcm(message["pcm"])
+    return message
+
+
+def _pcm(values) -> np.ndarray:
+    if not isinstance(values, (list, tuple)):
+        raise ProtocolError(f"an Audio message's \"pcm\" must be a list of numbers, got {type(values).__name__}")
+    try:
+        pcm = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ProtocolError("an Audio message's \"pcm\" must hold numbers only") from None
+    if pcm.ndim != 1 or (pcm.size and not math.isfinite(float(np.abs(pcm).max()))):
+        raise ProtocolError("an Audio message's \"pcm\" must be a flat list of finite numbers")
+    return pcm
