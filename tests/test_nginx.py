@@ -28,6 +28,7 @@ from openmoshi.bundle import init_model
 from openmoshi.client import ServerBusy, converse
 from openmoshi.server import protocol
 from openmoshi.server.background import RunningServer
+from openmoshi.server.limits import SessionLimits
 
 REPO = Path(__file__).resolve().parents[1]
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
@@ -189,3 +190,50 @@ def test_two_servers_behind_nginx(tiny_model, speech_files, tmp_path):
         assert a.engine.metrics.sessions_rejected + b.engine.metrics.sessions_rejected == 1
         status, body = _get(f"http://127.0.0.1:{port}/health")
         assert status == 200 and json.loads(body)["sessions"] == 0
+
+
+@needs_nginx
+def test_streaming_asr_through_nginx(tmp_path, speech_files):
+    # The DSM websockets go through the same location as /api/chat: a full backend answers the retry header
+    # with 503 and nginx moves on.
+    import aiohttp
+    import msgpack
+
+    stt = init_model("tiny-stt", tmp_path / "stt", seed=0)
+    pcm = read_speech(speech_files[0], 2.0)[0].numpy()
+    with contextlib.ExitStack() as stack:
+        limits = SessionLimits(max_message_bytes=1 << 20)  # as `openmoshi serve` sets it for stt models
+        a = stack.enter_context(RunningServer(stt, max_sessions=1, limits=limits))
+        b = stack.enter_context(RunningServer(stt, max_sessions=1, limits=limits))
+        port = _free_port()
+        conf = _render_conf()([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], listen=f"127.0.0.1:{port}")
+        stack.enter_context(running_nginx(conf, tmp_path, port))
+        url = f"ws://127.0.0.1:{port}/api/asr-streaming"
+
+        async def transcribe(hold: asyncio.Event | None = None) -> list[str]:
+            kinds = []
+            async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+                for i in range(0, len(pcm), 1920):
+                    await ws.send_bytes(msgpack.packb({"type": "Audio", "pcm": pcm[i:i + 1920].tolist()}))
+                await ws.send_bytes(msgpack.packb({"type": "Marker", "id": 1}))
+                for _ in range(4):
+                    await ws.send_bytes(msgpack.packb({"type": "Audio", "pcm": [0.0] * 24_000}))
+                async for message in ws:
+                    kinds.append(msgpack.unpackb(message.data)["type"])
+                    if kinds[-1] in ("Marker", "Error"):
+                        break
+                if hold is not None:
+                    await hold.wait()
+            return kinds
+
+        async def both() -> list[list[str]]:
+            hold = asyncio.Event()
+            first = asyncio.create_task(transcribe(hold))  # keeps its slot until the second one is done
+            await asyncio.sleep(0.5)
+            second = await transcribe()
+            hold.set()
+            return [await first, second]
+
+        for kinds in asyncio.run(both()):
+            assert kinds[0] == "Ready" and kinds[-1] == "Marker", kinds
+        assert a.engine.metrics.sessions_started == 1 and b.engine.metrics.sessions_started == 1

@@ -177,13 +177,24 @@ def _gauges(engine: Engine) -> list[Gauge]:
     ]
 
 
+def _sent_elsewhere(request: web.Request) -> web.Response | None:
+    """The 503 answer to a balancer's retry header when this backend is full or warming (any endpoint)."""
+    if request.headers.get(RETRY_HEADER) == "1":
+        return _refusal_before_upgrade(request.app[ENGINE_KEY])
+    return None
+
+
 async def _handle_asr(request: web.Request) -> web.StreamResponse:
     from .asr import handle_asr
+    if (refusal := _sent_elsewhere(request)) is not None:
+        return refusal
     return await handle_asr(request, request.app[ENGINE_KEY], request.app[LIMITS_KEY], request.app[SESSIONS_KEY])
 
 
 async def _handle_tts(request: web.Request) -> web.StreamResponse:
     from .tts import handle_tts
+    if (refusal := _sent_elsewhere(request)) is not None:
+        return refusal
     return await handle_tts(request, request.app[ENGINE_KEY], request.app[LIMITS_KEY], request.app[SESSIONS_KEY])
 
 
@@ -199,10 +210,8 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
                                            f"model: use the websocket at {path} (see the README)"))
         await ws.close()
         return ws
-    if request.headers.get(RETRY_HEADER) == "1":
-        refusal = _refusal_before_upgrade(engine)
-        if refusal is not None:
-            return refusal
+    if (refusal := _sent_elsewhere(request)) is not None:
+        return refusal
     ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
                                timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
     await ws.prepare(request)
