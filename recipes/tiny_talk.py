@@ -50,13 +50,14 @@ class Size:
     duration: float  # seconds per LM training item
     eval_cases: int
     checkpoint_every: int
+    lm_dialogues: int = 0  # train dialogues the LM stages use (0 = all): encoding them is the slow part on a CPU
 
 
 SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
                 duration=4.0, eval_cases=2, checkpoint_every=1),
-    "full": Size(dialogues=4000, user_voices=160, codec_steps=400, codec_batch=8, lm_steps=(800, 2400, 2400),
-                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50),
+    "full": Size(dialogues=4000, user_voices=160, codec_steps=400, codec_batch=8, lm_steps=(600, 2000, 2000),
+                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=2000),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
 
@@ -170,13 +171,32 @@ class Recipe:
                        "--set", "losses.preset=encodec", "--set", f"losses.adv_start={adv_start}",
                        *self.common())
 
+    def lm_manifests(self) -> tuple[Path, Path]:
+        """(mono, dialogues) manifests of the LM stages: the first `lm_dialogues` train dialogues and their
+        channels' mono files."""
+        return self.data / "mono_train" / "mono_lm.jsonl", self.data / "dialogues" / "train_lm.jsonl"
+
     def stage_encode(self) -> None:
         # The codes are keyed by the codec's weights and codebook count (the LM's 4 per stream); the LM stages
-        # read them instead of running Mimi.
-        for manifest in (self.data / "mono_train" / "mono.jsonl", self.data / "dialogues" / "train.jsonl"):
-            self.openmoshi("encode", "data", "encode", "--model", str(self.work / "codec" / "model"), "--codebooks",
-                           "4", "--data", str(manifest), "--out", str(self.work / "codes"), "--quiet",
-                           "--device", self.args.device, "--threads", str(self.args.threads))
+        # read them instead of running Mimi. The mono files are the dialogues' channels, sample for sample, so
+        # only they go through the codec and each dialogue's codes are its two channels' codes stacked.
+        from openmoshi.bundle import load_codec
+        from openmoshi.data.codes import codec_key, stack_channel_codes
+        from openmoshi.data.format import read_manifest, write_manifest
+        dialogues = read_manifest(self.data / "dialogues" / "train.jsonl")
+        if self.size.lm_dialogues:
+            dialogues = dialogues[:self.size.lm_dialogues]
+        mono_dir = self.data / "mono_train"
+        channels = {wav: [mono_dir / f"{wav.stem}.ch{c}.wav" for c in range(2)] for wav, _ in dialogues}
+        mono_manifest, dialogue_manifest = self.lm_manifests()
+        write_manifest(dialogue_manifest, [(str(wav.relative_to(dialogue_manifest.parent.resolve())), duration)
+                                           for wav, duration in dialogues])
+        write_manifest(mono_manifest, [(c.name, duration) for wav, duration in dialogues for c in channels[wav]])
+        self.openmoshi("encode", "data", "encode", "--model", str(self.work / "codec" / "model"), "--codebooks",
+                       "4", "--data", str(mono_manifest), "--out", str(self.work / "codes"), "--quiet",
+                       "--shard-frames", "200000", "--device", self.args.device, "--threads", str(self.args.threads))
+        key = codec_key(load_codec(self.work / "codec" / "model", num_codebooks=4))
+        stack_channel_codes(self.work / "codes", key, channels)
 
     # ---- LM stages
     def lm_stage(self, stage: str, steps: int, data: str, init: Path | None) -> None:
@@ -193,15 +213,13 @@ class Recipe:
                        "--set", "optim.depth_lr_scale=1.0", *self.common())
 
     def stage_audio(self) -> None:
-        self.lm_stage("audio", self.size.lm_steps[0], str(self.data / "mono_train" / "mono.jsonl"), None)
+        self.lm_stage("audio", self.size.lm_steps[0], str(self.lm_manifests()[0]), None)
 
     def stage_multistream(self) -> None:
-        self.lm_stage("multistream", self.size.lm_steps[1], str(self.data / "dialogues" / "train.jsonl"),
-                      self.work / "lm_audio")
+        self.lm_stage("multistream", self.size.lm_steps[1], str(self.lm_manifests()[1]), self.work / "lm_audio")
 
     def stage_finetune(self) -> None:
-        self.lm_stage("finetune", self.size.lm_steps[2], str(self.data / "dialogues" / "train.jsonl"),
-                      self.work / "lm_multistream")
+        self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), self.work / "lm_multistream")
 
     # ---- results
     def stage_eval(self) -> None:

@@ -112,6 +112,33 @@ def test_encode_shards_keyed_by_codec(model, dialogue, tmp_path):
         CodeShards(out, other_key)
 
 
+def test_stereo_codes_stacked_from_its_channels(model, dialogue, tmp_path):
+    # the tiny-talk recipe encodes a dialogue's two mono channel files once and stacks their codes for the
+    # dialogue: the same codes the codec gives the stereo file (channels are encoded independently)
+    from openmoshi.data.codes import stack_channel_codes
+    from openmoshi.data.format import write_manifest
+    from openmoshi.data.mono import split_dialogues
+    stereo_manifest = dialogue.parent / "stereo.jsonl"
+    write_manifest(stereo_manifest, [(i.path.name, i.duration) for i in read_manifest(dialogue)
+                                     if i.path.stem == "talk"])
+    dialogue = stereo_manifest
+    mono = split_dialogues(dialogue, tmp_path / "mono")
+    out = tmp_path / "codes"
+    assert main(["data", "encode", "--model", str(model), "--data", str(mono), "--out", str(out), "--quiet",
+                 "--shard-frames", "10"]) == 0  # one shard per file: reads go across shards
+    mimi = load_codec(model)
+    key = codec_key(mimi)
+    stereo = read_manifest(dialogue)
+    files = {i.path: [tmp_path / "mono" / f"{i.path.stem}.ch{c}.wav" for c in range(2)] for i in stereo}
+    assert stack_channel_codes(out, key, files) == len(stereo)
+    assert stack_channel_codes(out, key, files) == 0  # already there: kept
+    shards = CodeShards(out, key)
+    for item in stereo:
+        assert torch.equal(shards.codes(item), encode_channels(mimi, read_channels(item.path)))
+    with pytest.raises(DataError, match="not in the codes"):
+        stack_channel_codes(out, key, {tmp_path / "x.wav": [tmp_path / "missing.ch0.wav"]})
+
+
 def test_text_corpus(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"the cat number {i} sat on the mat"}) for i in range(20)))

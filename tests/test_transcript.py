@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from openmoshi.generation.transcript import TranscriptWriter, transcript_from_tokens
 import openmoshi
+from openmoshi.generation.transcript import TranscriptWriter, transcript_from_tokens
 
 PAD_IDS = (3, 0)
 

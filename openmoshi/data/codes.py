@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..codec import Mimi
 from .sources import AudioItem, DataError, read_channels
 
 INDEX_NAME = "index.json"
+CACHED_SHARDS = 4  # shards a reader keeps in memory (1M frames x 8 levels of int16: 16 MB each)
 
 
 def codec_key(mimi: Mimi) -> str:
@@ -53,7 +55,7 @@ class CodeShards:
             raise DataError(f"{folder} has no codes of this model's codec ({key}): {hint}. Run `openmoshi data "
                             "encode --model MODEL --data DATA --out CODES_DIR` with this model.")
         self.index = json.loads(index_path.read_text())
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # shard -> its codes, LRU
 
     def codes(self, item: AudioItem) -> torch.Tensor:
         """The codes of a whole audio file -> long [C, n_q, frames]."""
@@ -62,8 +64,11 @@ class CodeShards:
             raise DataError(f"{item.path} is not in the codes of {self.folder}; re-run `openmoshi data encode` "
                             "on this data")
         shard, name = entry
-        if shard not in self._cache:
-            self._cache.clear()  # one shard in memory at a time
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+        else:  # a few shards in memory (random items across shards would otherwise reload one at every item)
+            while len(self._cache) >= CACHED_SHARDS:
+                self._cache.popitem(last=False)
             self._cache[shard] = read_safetensors(self.folder / shard)
         return self._cache[shard][name].long()
 
@@ -111,6 +116,38 @@ def write_shards(mimi: Mimi, items: list[AudioItem], folder: str | Path, shard_f
             progress(1)
     flush()
     return out
+
+
+def stack_channel_codes(folder: str | Path, key: str, files: dict[Path, list[Path]]) -> int:
+    """Codes of multi-channel files from the codes of their channels, without running the codec: `files` maps
+    a file (e.g. a stereo dialogue) to one file per channel, in order, each already encoded under `key` (e.g. the
+    mono files `openmoshi.data.mono.split_dialogues` wrote from it). Channels are encoded independently, so this
+    is the file's own encoding (up to float rounding of a batch of one vs two). Returns the files added."""
+    shards = CodeShards(folder, key)
+    out = shards.folder
+    index = shards.index
+    pending: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    for target, channels in files.items():
+        path = str(Path(target).resolve())
+        if path in index["items"]:
+            continue
+        parts = [shards.codes(AudioItem(Path(c), 0.0)) for c in channels]
+        if len({p.shape[-1] for p in parts}) != 1:
+            raise DataError(f"{target}: its channel files' codes differ in length {[p.shape[-1] for p in parts]}")
+        name = f"item{len(index['items']) + len(names)}"
+        pending[name] = torch.cat(parts).to(torch.int16)
+        names[path] = name
+    if pending:
+        shard = f"shard-{len({s for s, _ in index['items'].values()}):05d}.safetensors"
+        tmp = out / f"{shard}.tmp"
+        save_safetensors(pending, tmp)
+        tmp.replace(out / shard)
+        index["items"].update({path: [shard, name] for path, name in names.items()})
+        tmp_index = out / f"{INDEX_NAME}.tmp"
+        tmp_index.write_text(json.dumps(index, indent=1))
+        tmp_index.replace(out / INDEX_NAME)
+    return len(pending)
 
 
 def frames_of(seconds: float, frame_rate: float) -> int:
