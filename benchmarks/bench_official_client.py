@@ -157,6 +157,7 @@ class PageRun:
     html: str = ""  # the stats block of the last reading
     latencies: list[float] = field(default_factory=list)
     connected: bool = False
+    waiting: bool = False  # the page said it waits for a slot (Kyutai's client, connected but no handshake)
     error: str = ""
 
 
@@ -200,6 +201,7 @@ def _converse(driver, url: str, n: int, ours_page: bool, seconds: float, connect
             driver.switch_to.window(handle)
             state = driver.execute_script(script)
             page.connected = page.connected or state["connected"]
+            page.waiting = state["waiting"]
             if not state["html"]:
                 continue
             try:
@@ -308,6 +310,8 @@ def print_table(runs: list[Run]) -> None:
     for run in runs:
         for i, page in enumerate(run.pages):
             notes = [page.error] if page.error else []
+            if page.waiting:
+                notes.append("waiting for a slot")
             if "underruns" in page.final:
                 notes.append(f"underruns {page.final['underruns']:.0f}")
             print(" ".join(c.rjust(w) for c, w in zip(page_row(run, i), widths)) + "  " + ", ".join(notes))
