@@ -66,6 +66,7 @@ import json, sys
 from pathlib import Path
 import torch
 folder, port, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+static = sys.argv[4] if len(sys.argv) > 4 else "none"  # a web page folder to serve at /, or none
 torch.set_num_threads(threads)
 torch.cuda.synchronize = lambda *args, **kwargs: None  # its warm-up syncs CUDA unconditionally
 from moshi.models import loaders
@@ -77,7 +78,7 @@ if config.get("mimi_config_name"):  # a Mimi of another shape (tiny): its config
     from_hf_repo = loaders.CheckpointInfo.from_hf_repo
     loaders.CheckpointInfo.from_hf_repo = staticmethod(lambda repo, *args, **kw: from_hf_repo(
         repo, *args, mimi_config_path=folder / config["mimi_config_name"], **kw))
-sys.argv = ["moshi.server", "--host", "127.0.0.1", "--port", port, "--device", "cpu", "--static", "none",
+sys.argv = ["moshi.server", "--host", "127.0.0.1", "--port", port, "--device", "cpu", "--static", static,
             "--config-path", str(folder / "config.json"), "--moshi-weight", str(folder / config["moshi_name"]),
             "--mimi-weight", str(folder / config["mimi_name"]), "--tokenizer", str(folder / config["tokenizer_name"])]
 import moshi.server  # noqa: E402,F401  (runs the server)
@@ -130,11 +131,13 @@ def _wait_until(ready, proc: subprocess.Popen, log: Path, timeout_s: float = 180
 
 
 @contextlib.contextmanager
-def ours(model: Path, sessions: int, threads: int, logs: Path):
-    """`openmoshi serve` as a user starts it; yields (chat URL, its pid) once /health says ok (warmed up)."""
-    log = logs / f"ours-{sessions}.log"
+def ours(model: Path, sessions: int | None, threads: int, logs: Path, extra: tuple[str, ...] = ()):
+    """`openmoshi serve` as a user starts it (`sessions`, `threads`: None / 0 = its defaults; `extra` options);
+    yields (chat URL, its pid) once /health says ok (warmed up)."""
+    log = logs / f"ours-{sessions or 'default'}.log"
     cmd = [sys.executable, "-m", "openmoshi", "serve", "--model", str(model), "--device", "cpu", "--port", "0",
-           "--max-sessions", str(sessions)] + (["--threads", str(threads)] if threads else [])
+           *(["--max-sessions", str(sessions)] if sessions else []), *(["--threads", str(threads)] if threads else []),
+           *extra]
     with _process(cmd, log) as proc:
         port: list[int] = []
 
@@ -152,10 +155,12 @@ def ours(model: Path, sessions: int, threads: int, logs: Path):
 
 
 @contextlib.contextmanager
-def reference(model: Path, threads: int, logs: Path):
-    """Kyutai's `moshi.server` on CPU (see REFERENCE_BOOT); ready once its port accepts (after its warm-up)."""
+def reference(model: Path, threads: int, logs: Path, static: Path | None = None):
+    """Kyutai's `moshi.server` on CPU (see REFERENCE_BOOT), serving the web page folder `static` if given; ready
+    once its port accepts (after its warm-up)."""
     log, port = logs / "reference.log", _free_port()
-    with _process([sys.executable, "-c", REFERENCE_BOOT, str(model), str(port), str(threads)], log) as proc:
+    cmd = [sys.executable, "-c", REFERENCE_BOOT, str(model), str(port), str(threads), str(static or "none")]
+    with _process(cmd, log) as proc:
         _wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True, proc, log)
         yield f"ws://127.0.0.1:{port}/api/chat"
 
