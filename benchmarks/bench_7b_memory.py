@@ -93,7 +93,7 @@ def quantize(folder: Path, bits: int) -> None:
           f"{wall:.0f} s; folder {sum(f.stat().st_size for f in out.iterdir()) / 1e9:.2f} GB")
 
 
-def worker(folder: Path, steps: int, threads: int, dtype: str) -> None:
+def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> None:
     from openmoshi.bundle import load_model
     from openmoshi.generation.generator import Generator
     from openmoshi.nn.transformer import Attention
@@ -104,10 +104,15 @@ def worker(folder: Path, steps: int, threads: int, dtype: str) -> None:
     bundle = load_model(folder, dtype=getattr(torch, dtype))
     report["load_s"] = time.perf_counter() - start
     report["loaded"] = rss_mb()
+    print(f"loaded in {report['load_s']:.0f} s, RSS {report['loaded']}", flush=True)
     lm = bundle.lm
     gen = Generator(lm)
     user = torch.randint(0, 2048, (1, lm.cfg.n_user, 1), generator=torch.Generator().manual_seed(0))
     times = []
+    quiet = None
+    if quiet_s:  # pause the background training (/work/bin/quiet) while the steps are timed, not while loading
+        quiet = subprocess.Popen(["/work/bin/quiet", "sleep", str(quiet_s)])
+        time.sleep(2)
     with torch.inference_mode(), gen.streaming(1):
         for i in range(steps):
             t = time.perf_counter()
@@ -115,18 +120,22 @@ def worker(folder: Path, steps: int, threads: int, dtype: str) -> None:
             times.append(time.perf_counter() - t)
             if i == 0:
                 report["first_step"] = rss_mb()
+            print(f"step {i}: {times[-1]:.2f} s", flush=True)
         report["stepped"] = rss_mb()
         cache = sum(m._streaming_state.keys.nbytes * 2 for m in lm.modules()
                     if isinstance(m, Attention) and m._streaming_state is not None)
+    if quiet is not None:
+        report["quiet_left"] = quiet.poll() is None  # True: every step ran while the training was paused
+        quiet.wait()
     report["kv_cache_full_mb"] = cache / 2 ** 20
     report["step_ms"] = [round(t * 1000, 1) for t in times]
     report["step_median_ms"] = statistics.median(times[1:] or times) * 1000
     print("REPORT " + json.dumps(report))
 
 
-def run(folder: Path, steps: int, threads: int, dtype: str) -> None:
+def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> None:
     code, peak, wall = child([sys.executable, __file__, "worker", str(folder / "int4"), "--steps", str(steps),
-                              "--threads", str(threads), "--dtype", dtype])
+                              "--threads", str(threads), "--dtype", dtype, "--quiet", str(quiet_s)])
     print(f"load int4 + {steps} steps ({dtype} activations, {threads} threads): exit {code}, "
           f"peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), {wall:.0f} s")
 
@@ -139,15 +148,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quiet", type=int, default=0, help="run: pause the background training for this many "
+                                                              "seconds (/work/bin/quiet) while the steps run")
     args = parser.parse_args()
     if args.what == "write":
         write(args.folder)
     elif args.what == "quantize":
         quantize(args.folder, args.bits)
     elif args.what == "run":
-        run(args.folder, args.steps, args.threads, args.dtype)
+        run(args.folder, args.steps, args.threads, args.dtype, args.quiet)
     else:
-        worker(args.folder, args.steps, args.threads, args.dtype)
+        worker(args.folder, args.steps, args.threads, args.dtype, args.quiet)
 
 
 if __name__ == "__main__":

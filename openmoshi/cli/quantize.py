@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} exists and is not empty; use --force to write into it")
     start = time.perf_counter()
     cfg, _ = read_config(args.model)
-    lm = load_quantized_lm(args.model, quantize=args.bits, group_size=args.group_size)
+    lm = load_quantized_lm(args.model, quantize=args.bits, group_size=args.group_size, build_kernels=False)
     save_quantized_lm(lm, args.output, config=lm.cfg.replace(moshi_name=cfg.moshi_name))
     copy_model_files(args.model, args.output, cfg)
     layers = sum(isinstance(m, QuantizedLinear) for m in lm.modules())

@@ -169,13 +169,16 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
 
 
 def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      quantize: int | None = None, group_size: int = INT4_GROUP) -> LMModel:
+                      quantize: int | None = None, group_size: int = INT4_GROUP,
+                      build_kernels: bool = True) -> LMModel:
     """Load an LM with quantized linear layers, in eval mode.
 
     A quantized folder loads as stored (read tensor by tensor, no re-quantization); `quantize` must then be
     None or its bit width. A float checkpoint is quantized to `quantize` bits while it is read, one weight at
     a time, so the float model is never whole in memory (Moshi 7B int4 fits a laptop). Embedding tables
     stored in a narrower float dtype than `dtype` stay so (their rows are widened exactly when looked up).
+    `build_kernels`: convert int4 weights to the CPU kernels' layout now, one layer at a time (each then
+    holds only that copy); False to write the model out instead of running it (openmoshi quantize).
     """
     cfg, _ = read_config(source)
     bits = stored_bits(cfg)
@@ -196,9 +199,14 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
     weights = _weights_path(source, cfg)
     checkpoint = _LazyCheckpoint(weights)
     try:
-        return _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size)
+        lm = _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size)
     finally:
         checkpoint.close()
+    if build_kernels and torch.device(device).type == "cpu":
+        for module in lm.modules():
+            if isinstance(module, QuantizedLinear) and module.bits == 4:
+                module.kernels()
+    return lm
 
 
 def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,

@@ -147,8 +147,8 @@ def cpu_int4_block() -> int | None:
 class _Kernel:
     """One weight block ready for torch's packed matmul on one device: x [M, K] -> [M, N] (x.dtype).
 
-    `exact_inverse`: the CPU int4 layout was converted back to the stored one and matched it, so `stored()`
-    can give the stored tensors back and the layer may drop its own copy (half the weight memory).
+    `exact_inverse`: the CPU int4 layout was built by _to_cpu_int4 (which matched torch's converter), so
+    `stored()` can give the stored tensors back and the layer may drop its own copy (half the weight memory).
     """
 
     def __init__(self, bits: int, group_size: int, weight: torch.Tensor, scale: torch.Tensor,
@@ -171,22 +171,22 @@ class _Kernel:
                     self.weight = self._cpu_int4(weight)
 
     def _cpu_int4(self, weight: torch.Tensor) -> torch.Tensor:
-        """torch's CPU layout, converted a few row blocks at a time (no int32 copy of the whole weight), each
-        checked against its inverse."""
+        """torch's CPU layout, built here in uint8 a few row blocks at a time (no int32 copy of the whole
+        weight); the first block is checked against torch's own converter."""
         block = cpu_int4_block()
         n, half = weight.shape
-        if block is not None and n % block == 0:
-            out = torch.empty_like(weight)
-            step = max(block, (1 << 21) // half // block * block)
-            ok = True
-            for r in range(0, n, step):
-                rows = weight[r:r + step]
-                out[r:r + step] = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), 1)
-                ok = ok and torch.equal(_from_cpu_int4(out[r:r + step], block), rows)
-            if ok:
-                self.block, self.exact_inverse = block, True
-                return out
-        return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight).to(torch.int32), 1)
+        if block is None or n % block:
+            return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight).to(torch.int32), 1)
+        out = torch.empty_like(weight)
+        step = max(block, (1 << 22) // half // block * block)
+        for r in range(0, n, step):
+            out[r:r + step] = _to_cpu_int4(unpack_int4(weight[r:r + step]), block)
+        first = weight[:block]
+        if not torch.equal(out[:block], torch._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(first).to(torch.int32), 1)):
+            return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight).to(torch.int32), 1)
+        self.block, self.exact_inverse = block, True
+        return out
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(packed weight, scale, zero) in the stored layout, rebuilt from the kernel's copy."""
