@@ -149,8 +149,9 @@ class _LazyCheckpoint:
 
 @torch.no_grad()
 def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], source: Path,
-            dtype: torch.dtype, device: str | torch.device) -> None:
-    """Replace every (meta) parameter and buffer of `lm` by tensors(key, target)."""
+            dtype: torch.dtype, device: str | torch.device, build_kernels: bool = False) -> None:
+    """Replace every (meta) parameter and buffer of `lm` by tensors(key, target); `build_kernels`: int4
+    layers build their CPU kernels (and drop their stored copy) as soon as their tensors are assigned."""
     for key, target in list(lm.state_dict(keep_vars=True).items()):
         module_name, _, leaf = key.rpartition(".")
         module = lm.get_submodule(module_name)
@@ -162,6 +163,9 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
             module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:
             module._buffers[leaf] = value
+        if (build_kernels and isinstance(module, QuantizedLinear) and module.bits == 4
+                and not any(module._buffers[name].is_meta for name in ("weight", "weight_scale", "weight_zero"))):
+            module.kernels()  # as soon as its tensors are in: its stored copy is freed before the next is read
     for name, buffer in list(lm.named_buffers()):  # non-persistent ones (QuantizedLinear.activation_like)
         if buffer.is_meta:
             module_name, _, leaf = name.rpartition(".")
@@ -199,18 +203,29 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
     weights = _weights_path(source, cfg)
     checkpoint = _LazyCheckpoint(weights)
     try:
-        lm = _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size)
+        lm = _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size,
+                                build_kernels and torch.device(device).type == "cpu")
     finally:
         checkpoint.close()
     if build_kernels and torch.device(device).type == "cpu":
-        for module in lm.modules():
-            if isinstance(module, QuantizedLinear) and module.bits == 4:
-                module.kernels()
+        _release_freed_memory()
     return lm
 
 
+def _release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc): the stored copies freed while the kernels
+    were built lie between live tensors, where the heap cannot shrink on its own (~1 GB for Moshi 7B)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,
-                       weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int) -> LMModel:
+                       weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int,
+                       build_kernels: bool) -> LMModel:
     with torch.device("meta"):
         lm = LMModel(cfg)
     tables = {f"{name}.weight" for name, module in lm.named_modules() if isinstance(module, TokenEmbedding)}
@@ -262,11 +277,12 @@ def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, ch
                 raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
             return as_float(key, checkpoint.get(key))
         lm.cfg = cfg.replace(**quantization_config(bits, group_size))
-    _assign(lm, tensor, weights, dtype, device)
+    keys = list(lm.state_dict())  # on the meta device: names only (a kernel-only layer rebuilds its tensors)
+    _assign(lm, tensor, weights, dtype, device, build_kernels)
     for module in lm.modules():
         if isinstance(module, TokenEmbedding) and module.weight.dtype != dtype:
             module.row_dtype = dtype
-    extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
+    extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in keys})
     if extra:
         raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")
     if cfg.model_type == "hibiki":  # as in load_lm: read EOS as PAD
