@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import ModelSource, save_safetensors
+from ..checkpoint import ModelSource, save_safetensors, write_safetensors
 from ..errors import CheckpointError, ConfigError
 from ..nn.quant import INT4_GROUP, QuantizedLinear, check_bits, quantize_modules_
 from .config import LMConfig
@@ -223,19 +223,25 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,
-                       weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int,
-                       build_kernels: bool) -> LMModel:
+_Tensors = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint, weights: Path,
+          device: str | torch.device, dtype: torch.dtype, group_size: int
+          ) -> tuple[LMModel, _Tensors, Callable[[str, torch.dtype], torch.dtype]]:
+    """The quantized LM's structure on the meta device, tensors(key, meta target) giving each of its tensors
+    from the checkpoint (quantizing float weights on first request), and the dtype a float tensor gets."""
     with torch.device("meta"):
         lm = LMModel(cfg)
     tables = {f"{name}.weight" for name, module in lm.named_modules() if isinstance(module, TokenEmbedding)}
 
+    def float_dtype(key: str, stored: torch.dtype) -> torch.dtype:
+        """`dtype`, but embedding tables stored narrower (a bf16 checkpoint's) stay as stored: their rows are
+        widened when looked up, which gives the same values (TokenEmbedding.row_dtype)."""
+        return stored if key in tables and stored.is_floating_point and stored.itemsize < dtype.itemsize else dtype
+
     def as_float(key: str, value: torch.Tensor) -> torch.Tensor:
-        """Float tensors in `dtype`, but embedding tables stored narrower (a bf16 checkpoint's) stay as stored:
-        their rows are widened when looked up, which gives the same values (TokenEmbedding.row_dtype)."""
-        if key in tables and value.dtype.is_floating_point and value.dtype.itemsize < dtype.itemsize:
-            return value.to(device)
-        return value.to(device=device, dtype=dtype)
+        return value.to(device=device, dtype=float_dtype(key, value.dtype))
     if bits is not None:
         if bits == 4:
             group_size = int(cfg.quantization.get("group_size", INT4_GROUP))
@@ -277,14 +283,20 @@ def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, ch
                 raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
             return as_float(key, checkpoint.get(key))
         lm.cfg = cfg.replace(**quantization_config(bits, group_size))
-    keys = list(lm.state_dict())  # on the meta device: names only (a kernel-only layer rebuilds its tensors)
+    extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
+    if extra:
+        raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")
+    return lm, tensor, float_dtype
+
+
+def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,
+                       weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int,
+                       build_kernels: bool) -> LMModel:
+    lm, tensor, _ = _plan(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size)
     _assign(lm, tensor, weights, dtype, device, build_kernels)
     for module in lm.modules():
         if isinstance(module, TokenEmbedding) and module.weight.dtype != dtype:
             module.row_dtype = dtype
-    extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in keys})
-    if extra:
-        raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")
     if cfg.model_type == "hibiki":  # as in load_lm: read EOS as PAD
         with torch.no_grad():
             lm.text_emb.weight[2] = lm.text_emb.weight[3]
@@ -338,6 +350,55 @@ def save_quantized_lm(lm: LMModel, folder: str | Path, config: LMConfig | None =
                      metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group})})
     (folder / CONFIG_NAME).write_text(json.dumps(cfg.to_kyutai(), indent=2) + "\n")
     return folder
+
+
+def write_quantized_lm(source: str | Path, folder: str | Path, bits: int, group_size: int = INT4_GROUP
+                       ) -> tuple[Path, int]:
+    """Quantize the float LM of `source` straight into folder/model.q{bits}.safetensors + config.json, one
+    tensor at a time: read, quantize, write, drop (the model is never held; peak ~ one float weight).
+
+    The file equals what save_quantized_lm writes for load_quantized_lm(source, quantize=bits), but for
+    embedding tables, which keep the checkpoint's float dtype (bf16 for Kyutai's files). Returns
+    (folder, number of quantized layers).
+    """
+    check_bits(bits)
+    cfg, _ = read_config(source)
+    held = stored_bits(cfg)
+    if held is not None:
+        raise ConfigError(f"{source} already holds int{held} weights; quantize the float model instead")
+    folder = Path(folder)
+    name = f"model.q{bits}.safetensors"
+    if cfg.lora:  # the adapters are fused into the float weights first: through the whole model
+        lm = load_quantized_lm(source, quantize=bits, group_size=group_size, build_kernels=False)
+        save_quantized_lm(lm, folder, config=lm.cfg.replace(moshi_name=cfg.moshi_name))
+        return folder, sum(isinstance(m, QuantizedLinear) for m in lm.modules())
+    weights = _weights_path(source, cfg)
+    checkpoint = _LazyCheckpoint(weights)
+    try:
+        lm, tensor, float_dtype = _plan(cfg, None, bits, checkpoint, weights, "cpu", torch.float32, group_size)
+        targets = {_to_file_key(k): (k, t) for k, t in lm.state_dict().items()}
+        specs = {}
+        for file_key, (key, target) in targets.items():
+            stored = target.dtype
+            if target.dtype.is_floating_point and target.dtype == torch.float32 and key in checkpoint:
+                stored = float_dtype(key, checkpoint.dtype(key))
+            specs[file_key] = (stored, tuple(target.shape))
+
+        def value(file_key: str) -> torch.Tensor:
+            key, target = targets[file_key]
+            out = tensor(key, target)
+            if tuple(out.shape) != tuple(target.shape):
+                raise CheckpointError(f"{weights}: tensor {file_key} has shape {tuple(out.shape)}, the model "
+                                      f"expects {tuple(target.shape)}")
+            return out
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(folder / name, specs, value,
+                          metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group_size})})
+    finally:
+        checkpoint.close()
+    out_cfg = cfg.replace(moshi_name=name, lora=False, lora_name=None, **quantization_config(bits, group_size))
+    (folder / CONFIG_NAME).write_text(json.dumps(out_cfg.to_kyutai(), indent=2) + "\n")
+    return folder, sum(isinstance(m, QuantizedLinear) for m in lm.modules())
 
 
 def copy_model_files(source: str | Path, folder: Path, cfg: LMConfig) -> None:
