@@ -131,3 +131,22 @@ def test_safetensors_written_one_tensor_at_a_time_read_back(tmp_path):
     save_safetensors(back, path)
     assert load_file(str(path))["a"][0, 0] == 42.0
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_lazy_kv_cache_is_zero_and_takes_ram_only_where_written():
+    from openmoshi.nn.transformer import lazy_zeros
+
+    def rss_kb() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+    before = rss_kb()
+    cache = lazy_zeros((1, 8, 4096, 64), torch.device("cpu"), torch.float32)  # 8 MiB
+    assert cache.shape == (1, 8, 4096, 64) and cache.dtype == torch.float32
+    assert rss_kb() - before < 2048  # nothing written yet
+    cache[:, :, :16] = 1.0
+    assert rss_kb() - before < 4096
+    assert cache.sum().item() == 8 * 16 * 64 and cache[:, :, 16:].abs().max().item() == 0  # reading adds no RAM
+    assert rss_kb() - before < 4096
+    small = lazy_zeros((4, 4), torch.device("cpu"), torch.bfloat16)
+    assert small.dtype == torch.bfloat16 and not small.any()

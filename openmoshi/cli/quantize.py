@@ -1,4 +1,4 @@
-"""Write a model folder whose LM has int8 or int4 weights; it loads quantized, memory-mapped, as it is.
+"""Write a model folder whose LM has int8 or int4 weights; it loads quantized, as stored, tensor by tensor.
 
   openmoshi quantize MODEL OUT --bits 8    # int8 per output channel: Kyutai's q8 layout, ~1/4 of fp32
   openmoshi quantize MODEL OUT --bits 4    # int4 in groups of 32: ~1/7 of fp32
