@@ -11,7 +11,8 @@ bundled tiny tokenizer complete the folder. It is for measurement only: never co
 `quantize` and `run` each start the command in a subprocess and print its peak RSS (ru_maxrss of that child:
 anonymous memory and resident pages of mapped files alike). `run` loads DIR/int4 the way `infer` and `serve`
 do (load_model: Mimi, tokenizer, LM) and times `Generator.step` (one 80 ms frame, batch 1); the worker prints
-its RSS after each stage and the KV cache's size at the full 3000-step context.
+its RSS after each stage, then writes every slot of the KV caches (as a conversation does by the 3000th step:
+they take RAM as they fill) and prints the RSS of that full context.
 """
 
 from __future__ import annotations
@@ -122,8 +123,12 @@ def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> 
                 report["first_step"] = rss_mb()
             print(f"step {i}: {times[-1]:.2f} s", flush=True)
         report["stepped"] = rss_mb()
-        cache = sum(m._streaming_state.keys.nbytes * 2 for m in lm.modules()
-                    if isinstance(m, Attention) and m._streaming_state is not None)
+        states = [m._streaming_state for m in lm.modules() if isinstance(m, Attention) and m._streaming_state]
+        cache = sum(state.keys.nbytes * 2 for state in states)
+        for state in states:  # as after 3000 steps: every slot of the caches written (they take RAM as they fill)
+            state.keys.mul_(1)
+            state.values.mul_(1)
+        report["full_context"] = rss_mb()
     if quiet is not None:
         report["quiet_left"] = quiet.poll() is None  # True: every step ran while the training was paused
         quiet.wait()
