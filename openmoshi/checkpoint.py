@@ -61,8 +61,8 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+_ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
+              torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
 
 
@@ -80,11 +80,16 @@ def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.dtype, t
                       tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file from each tensor's dtype and shape and a function giving its value on demand."""
     import json
+    for key, (dtype, _) in specs.items():
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"cannot write {key}: dtype {dtype} has no safetensors code")
+    # the safetensors package's order (wider dtypes first, then by name): every tensor stays aligned to its
+    # element size and the file is byte for byte what safetensors.torch.save_file writes
+    order = list(_ST_DTYPES.values())
+    specs = dict(sorted(specs.items(), key=lambda item: (order.index(_ST_DTYPES[item[1][0]]), item[0])))
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key, (dtype, shape) in specs.items():
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"cannot write {key}: dtype {dtype} has no safetensors code")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
