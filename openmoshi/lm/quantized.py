@@ -89,7 +89,7 @@ class _LazyCheckpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.file = open(path, "rb")
+            self.file = open(path, "rb")  # noqa: SIM115 (held for reads until close())
             size = os.fstat(self.file.fileno()).st_size
             length = int.from_bytes(self.file.read(8), "little")
             if not 0 < length <= size - 8:

@@ -204,6 +204,7 @@ class _Kernel:
             out = torch._weight_int4pack_mm_for_cpu(xc, self.weight, self.group_size, self.scales)
         return out.to(x.dtype)
 
+
 class QuantizedLinear(nn.Module):
     """Bias-optional linear layer with int8 or int4 weights; `n` > 1 stacks per-step weights [n * N, K].
 
