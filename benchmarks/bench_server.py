@@ -25,6 +25,7 @@ tokenizer), it ends the session at the first sampled text token past the tokeniz
     python benchmarks/bench_server.py                        # tiny model, N = 1 2 4 8, 10 s per client
     python benchmarks/bench_server.py --cpu-hog --reference
     python benchmarks/bench_server.py --model bench-moshi --sessions 1 2 4
+    python benchmarks/bench_server.py --precisions fp32 int8 int4     # our server per LM precision
 """
 
 from __future__ import annotations
@@ -131,13 +132,14 @@ def _wait_until(ready, proc: subprocess.Popen, log: Path, timeout_s: float = 180
 
 
 @contextlib.contextmanager
-def ours(model: Path, sessions: int | None, threads: int, logs: Path, extra: tuple[str, ...] = ()):
-    """`openmoshi serve` as a user starts it (`sessions`, `threads`: None / 0 = its defaults; `extra` options);
-    yields (chat URL, its pid) once /health says ok (warmed up)."""
-    log = logs / f"ours-{sessions or 'default'}.log"
+def ours(model: Path, sessions: int | None, threads: int, logs: Path, extra: tuple[str, ...] = (),
+         quantize: str = "fp32"):
+    """`openmoshi serve` as a user starts it (`sessions`, `threads`: None / 0 = its defaults; `extra` options;
+    `quantize`: fp32 / int8 / int4 weights); yields (chat URL, its pid) once /health says ok (warmed up)."""
+    log = logs / f"ours-{quantize}-{sessions or 'default'}.log"
     cmd = [sys.executable, "-m", "openmoshi", "serve", "--model", str(model), "--device", "cpu", "--port", "0",
            *(["--max-sessions", str(sessions)] if sessions else []), *(["--threads", str(threads)] if threads else []),
-           *extra]
+           *(["--quantize", quantize] if quantize != "fp32" else []), *extra]
     with _process(cmd, log) as proc:
         port: list[int] = []
 
@@ -230,6 +232,8 @@ def main() -> None:
                         help="torch threads of the servers (0: what `openmoshi serve` picks by default)")
     parser.add_argument("--cpu-hog", action="store_true", help="keep one core busy meanwhile (a browser)")
     parser.add_argument("--reference", action="store_true", help="also run Kyutai's moshi.server on CPU")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "int4"],
+                        help="run our server once per LM precision (serve --quantize int8|int4)")
     parser.add_argument("--handshake-timeout", type=float, default=3.0,
                         help="a client without a handshake after this many seconds gives up (counts as 0%%)")
     parser.add_argument("--logs", type=Path, default=None, help="server logs here (default: a temp folder)")
@@ -246,12 +250,14 @@ def main() -> None:
           f"{', one core kept busy by another process' if args.cpu_hog else ''}; logs in {logs}", flush=True)
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.cpu_hog else None
-    raw: dict[str, dict[int, list[ClientRun]]] = {"openmoshi": {}, "reference": {}}
+    names = {p: "openmoshi" if p == "fp32" and len(args.precisions) == 1 else f"ours {p}" for p in args.precisions}
+    raw: dict[str, dict[int, list[ClientRun]]] = {**{name: {} for name in names.values()}, "reference": {}}
     try:
-        for n in args.sessions:
-            with ours(model, n, args.threads, logs) as (url, _):
-                raw["openmoshi"][n] = asyncio.run(_round(url, n, pcm, 30.0))
-            print(f"  openmoshi N={n} done", flush=True)
+        for precision, name in names.items():
+            for n in args.sessions:
+                with ours(model, n, args.threads, logs, quantize=precision) as (url, _):
+                    raw[name][n] = asyncio.run(_round(url, n, pcm, 30.0))
+                print(f"  {name} N={n} done", flush=True)
         if args.reference:
             with reference(model, threads, logs) as url:
                 for n in args.sessions:

@@ -8,7 +8,10 @@ our modules hold and what we save.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -58,10 +61,57 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+_ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
+              torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+                     ) -> None:
+    """Write a safetensors file one tensor at a time (no second copy of the whole state is ever built).
+
+    `state` may be a lazy mapping: each value is read once, written, and dropped (see write_safetensors).
+    """
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    write_safetensors(path, specs, lambda key: state[key], metadata)
+
+
+def write_safetensors(path: str | Path, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file from each tensor's dtype and shape and a function giving its value on demand."""
+    import json
+    for key, (dtype, _) in specs.items():
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"cannot write {key}: dtype {dtype} has no safetensors code")
+    # the safetensors package's order (wider dtypes first, then by name): every tensor stays aligned to its
+    # element size and the file is byte for byte what safetensors.torch.save_file writes
+    order = list(_ST_DTYPES.values())
+    specs = dict(sorted(specs.items(), key=lambda item: (order.index(_ST_DTYPES[item[1][0]]), item[0])))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, (dtype, shape) in specs.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # into a new file, renamed at the end: tensors being written may be mapped from the file being replaced
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for key, (dtype, shape) in specs.items():
+                value = tensor(key).detach().to("cpu").contiguous()
+                if value.dtype != dtype or tuple(value.shape) != shape:
+                    raise CheckpointError(f"cannot write {key}: got {value.dtype} {tuple(value.shape)}, "
+                                          f"announced {dtype} {shape}")
+                if value.numel():
+                    f.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 _PER_STEP = re.compile(r"^(.*\.(?:self_attn|cross_attention)\.)(in_projs|out_projs)\.(\d+)\.weight$")

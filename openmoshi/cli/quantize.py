@@ -1,10 +1,11 @@
-"""Write a model folder whose LM has int8 or int4 weights; it loads quantized, memory-mapped, as it is.
+"""Write a model folder whose LM has int8 or int4 weights; it loads quantized, as stored, tensor by tensor.
 
   openmoshi quantize MODEL OUT --bits 8    # int8 per output channel: Kyutai's q8 layout, ~1/4 of fp32
   openmoshi quantize MODEL OUT --bits 4    # int4 in groups of 32: ~1/7 of fp32
 
-MODEL is a float model folder (or hf://owner/repo). The float LM is read and quantized one weight at a time,
-so Moshi 7B never needs its float size in memory. Mimi and the tokenizer are copied unchanged (Mimi's
+MODEL is a float model folder (or hf://owner/repo). The float LM is read, quantized and written one weight at
+a time, so the model is never held in memory (Moshi 7B: ~1 GB peak). Embedding tables keep their stored
+dtype (bf16 in Kyutai's files). Mimi and the tokenizer are copied unchanged (Mimi's
 transformers are quantized to int8 when the folder is loaded). Then:
   openmoshi infer --model OUT speech.wav      openmoshi serve --model OUT
 """
@@ -28,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..lm.loading import read_config
-    from ..lm.quantized import copy_model_files, load_quantized_lm, save_quantized_lm
-    from ..nn.quant import QuantizedLinear, check_bits
+    from ..lm.quantized import copy_model_files, write_quantized_lm
+    from ..nn.quant import check_bits
 
     check_bits(args.bits)
     if args.bits == 4 and (args.group_size <= 0 or args.group_size % 2):
@@ -38,10 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} exists and is not empty; use --force to write into it")
     start = time.perf_counter()
     cfg, _ = read_config(args.model)
-    lm = load_quantized_lm(args.model, quantize=args.bits, group_size=args.group_size)
-    save_quantized_lm(lm, args.output, config=lm.cfg.replace(moshi_name=cfg.moshi_name))
+    _, layers = write_quantized_lm(args.model, args.output, args.bits, args.group_size)
     copy_model_files(args.model, args.output, cfg)
-    layers = sum(isinstance(m, QuantizedLinear) for m in lm.modules())
     size = sum(f.stat().st_size for f in args.output.iterdir()) / 1e6
     print(f"wrote {args.output}: {layers} int{args.bits} linear layers, {size:.1f} MB in all, "
           f"in {time.perf_counter() - start:.1f} s")

@@ -46,7 +46,13 @@ class TokenEmbedding(nn.Embedding):
     demux: a token muxes two streams as (second + 1) * num_embeddings + first (second = -1: none); each is
     looked up in the same table and projected by its own matrix (`out1`, `out2`), then summed (the TTS models'
     second text stream).
+
+    `row_dtype`: when set, the table is kept in a narrower float dtype than the model computes in (a bf16
+    checkpoint's table in an fp32 model: half the memory) and the rows looked up are cast to `row_dtype`,
+    which gives exactly the rows of the widened table.
     """
+
+    row_dtype: torch.dtype | None = None
 
     def __init__(self, num_embeddings: int, dim: int, low_rank: int | None = None, demux: bool = False) -> None:
         super().__init__(num_embeddings, low_rank or dim)
@@ -56,17 +62,27 @@ class TokenEmbedding(nn.Embedding):
             self.out1 = nn.Linear(low_rank or dim, dim, bias=False)
             self.out2 = nn.Linear(low_rank or dim, dim, bias=False)
 
+    def _apply(self, fn, recurse: bool = True):  # .to(...): the rows follow the model's new float dtype
+        row_dtype = None if self.row_dtype is None else fn(torch.empty(0, dtype=self.row_dtype)).dtype
+        out = super()._apply(fn, recurse)
+        self.row_dtype = None if row_dtype == self.weight.dtype else row_dtype
+        return out
+
+    def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(tokens, self.weight)
+        return rows if self.row_dtype is None else rows.to(self.row_dtype)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         absent = (tokens == NO_TOKEN).unsqueeze(-1)
         tokens = tokens.clamp(min=0)
         if self.demux:
             n = self.num_embeddings
             first, second = tokens % n, tokens // n - 1
-            out = fast.linear_module(self.out1, F.embedding(first, self.weight))
-            other = fast.linear_module(self.out2, F.embedding(second.clamp(min=0), self.weight))
+            out = fast.linear_module(self.out1, self._lookup(first))
+            other = fast.linear_module(self.out2, self._lookup(second.clamp(min=0)))
             out = out + other.masked_fill((second < 0).unsqueeze(-1), 0.0)
             return out.masked_fill(absent, 0.0)
-        out = F.embedding(tokens, self.weight).masked_fill(absent, 0.0)
+        out = self._lookup(tokens).masked_fill(absent, 0.0)
         if self.low_rank is not None:
             out = fast.linear_module(self.low_rank, out)
         return out
@@ -143,7 +159,7 @@ class LMModel(StreamingModule):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_emb.weight.dtype
+        return self.text_emb.row_dtype or self.text_emb.weight.dtype
 
     def initial_tokens(self, batch_size: int = 1) -> torch.Tensor:
         """The tokens fed before the first frame: text_card for text, card for audio -> long [B, K, 1]."""

@@ -10,25 +10,27 @@ nn/quant.py under the checkpoint's key names:
 
 config.json marks it: int8 with Kyutai's own `"quantize": true` (the layout of kyutai/moshiko-pytorch-q8, so
 such a folder also loads in Kyutai's package on GPU), int4 with `"quantization": {"bits": 4, "group_size": 32}`.
-Loading assigns the memory-mapped tensors as they are: nothing is quantized again.
+Loading assigns the tensors as they are read: nothing is quantized again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import ModelSource, save_safetensors
+from ..checkpoint import ModelSource, save_safetensors, write_safetensors
 from ..errors import CheckpointError, ConfigError
 from ..nn.quant import INT4_GROUP, QuantizedLinear, check_bits, quantize_modules_
 from .config import LMConfig
 from .loading import CONFIG_NAME, _weights_path, load_lm, read_config
-from .model import LMModel
+from .model import LMModel, TokenEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +73,44 @@ def quantized_state_dict(lm: LMModel) -> dict[str, torch.Tensor]:
     return {_to_file_key(k): v for k, v in lm.state_dict().items()}
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class _LazyCheckpoint:
-    """Tensors of a safetensors file by module key (any accepted spelling), read one at a time."""
+    """Tensors of a safetensors file by module key (any accepted spelling), read one at a time.
+
+    Each tensor is read into its own memory with a plain file read, not through a mapping of the whole file:
+    pages of a mapped file stay resident (and count as the process's RAM) until the kernel needs them back,
+    so streaming a 15 GB checkpoint through a mapping would look like 15 GB of RAM.
+    """
 
     def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
         self.path = path
         try:
-            self.handle = safe_open(str(path), framework="pt")
-            keys = list(self.handle.keys())
+            self.file = open(path, "rb")  # noqa: SIM115 (held for reads until close())
+            size = os.fstat(self.file.fileno()).st_size
+            length = int.from_bytes(self.file.read(8), "little")
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            header = json.loads(self.file.read(length))
+            self.start = 8 + length
+            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype, shape = _DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"])
+                begin, end = (int(n) for n in entry["data_offsets"])
+                if end - begin != math.prod(shape) * dtype.itemsize or self.start + end > size:
+                    raise ValueError(f"tensor {key} lies outside the file or does not match its shape")
+                self.entries[key] = (dtype, shape, begin, end)
         except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is truncated or "
+                                  "corrupt, write it again") from exc
         self.sources: dict[str, list[str]] = {}
         per_step: dict[str, dict[int, str]] = {}
-        for key in keys:
+        for key in self.entries:
             match = _PER_STEP.match(key)
             if match:
                 prefix, kind, index, leaf = match.groups()
@@ -100,22 +126,32 @@ class _LazyCheckpoint:
     def __contains__(self, key: str) -> bool:
         return _to_file_key(key) in self.sources
 
-    def dtype(self, key: str) -> str:
-        return self.handle.get_slice(self.sources[_to_file_key(key)][0]).get_dtype()
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[self.sources[_to_file_key(key)][0]][0]
+
+    def _read(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        out = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            self.file.seek(self.start + begin)
+            if self.file.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise CheckpointError(f"{self.path}: tensor {key} is cut short; the file is truncated, write it "
+                                      "again")
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            parts = [self.handle.get_tensor(k) for k in self.sources[_to_file_key(key)]]
-        except Exception as exc:
-            raise CheckpointError(f"{self.path}: tensor {key} cannot be read ({exc}); the file is truncated or "
-                                  "corrupt, write it again") from exc
+        parts = [self._read(k) for k in self.sources[_to_file_key(key)]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
 def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], source: Path,
-            dtype: torch.dtype, device: str | torch.device) -> None:
-    """Replace every (meta) parameter and buffer of `lm` by tensors(key, target)."""
+            dtype: torch.dtype, device: str | torch.device, build_kernels: bool = False) -> None:
+    """Replace every (meta) parameter and buffer of `lm` by tensors(key, target); `build_kernels`: int4
+    layers build their CPU kernels (and drop their stored copy) as soon as their tensors are assigned."""
     for key, target in list(lm.state_dict(keep_vars=True).items()):
         module_name, _, leaf = key.rpartition(".")
         module = lm.get_submodule(module_name)
@@ -127,6 +163,9 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
             module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
         else:
             module._buffers[leaf] = value
+        if (build_kernels and isinstance(module, QuantizedLinear) and module.bits == 4
+                and not any(module._buffers[name].is_meta for name in ("weight", "weight_scale", "weight_zero"))):
+            module.kernels()  # as soon as its tensors are in: its stored copy is freed before the next is read
     for name, buffer in list(lm.named_buffers()):  # non-persistent ones (QuantizedLinear.activation_like)
         if buffer.is_meta:
             module_name, _, leaf = name.rpartition(".")
@@ -134,12 +173,16 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
 
 
 def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      quantize: int | None = None, group_size: int = INT4_GROUP) -> LMModel:
+                      quantize: int | None = None, group_size: int = INT4_GROUP,
+                      build_kernels: bool = True) -> LMModel:
     """Load an LM with quantized linear layers, in eval mode.
 
-    A quantized folder loads as stored (memory-mapped, no re-quantization); `quantize` must then be None or
-    its bit width. A float checkpoint is quantized to `quantize` bits while it is read, one weight at a time,
-    so the float model is never whole in memory (Moshi 7B int4 fits a laptop).
+    A quantized folder loads as stored (read tensor by tensor, no re-quantization); `quantize` must then be
+    None or its bit width. A float checkpoint is quantized to `quantize` bits while it is read, one weight at
+    a time, so the float model is never whole in memory (Moshi 7B int4 fits a laptop). Embedding tables
+    stored in a narrower float dtype than `dtype` stay so (their rows are widened exactly when looked up).
+    `build_kernels`: convert int4 weights to the CPU kernels' layout now, one layer at a time (each then
+    holds only that copy); False to write the model out instead of running it (openmoshi quantize).
     """
     cfg, _ = read_config(source)
     bits = stored_bits(cfg)
@@ -159,8 +202,46 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
         return lm
     weights = _weights_path(source, cfg)
     checkpoint = _LazyCheckpoint(weights)
+    try:
+        lm = _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size,
+                                build_kernels and torch.device(device).type == "cpu")
+    finally:
+        checkpoint.close()
+    if build_kernels and torch.device(device).type == "cpu":
+        _release_freed_memory()
+    return lm
+
+
+def _release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc): the stored copies freed while the kernels
+    were built lie between live tensors, where the heap cannot shrink on its own (~1 GB for Moshi 7B)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+_Tensors = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint, weights: Path,
+          device: str | torch.device, dtype: torch.dtype, group_size: int
+          ) -> tuple[LMModel, _Tensors, Callable[[str, torch.dtype], torch.dtype]]:
+    """The quantized LM's structure on the meta device, tensors(key, meta target) giving each of its tensors
+    from the checkpoint (quantizing float weights on first request), and the dtype a float tensor gets."""
     with torch.device("meta"):
         lm = LMModel(cfg)
+    tables = {f"{name}.weight" for name, module in lm.named_modules() if isinstance(module, TokenEmbedding)}
+
+    def float_dtype(key: str, stored: torch.dtype) -> torch.dtype:
+        """`dtype`, but embedding tables stored narrower (a bf16 checkpoint's) stay as stored: their rows are
+        widened when looked up, which gives the same values (TokenEmbedding.row_dtype)."""
+        return stored if key in tables and stored.is_floating_point and stored.itemsize < dtype.itemsize else dtype
+
+    def as_float(key: str, value: torch.Tensor) -> torch.Tensor:
+        return value.to(device=device, dtype=float_dtype(key, value.dtype))
     if bits is not None:
         if bits == 4:
             group_size = int(cfg.quantization.get("group_size", INT4_GROUP))
@@ -183,7 +264,7 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
                                       f"missing (a int{bits} checkpoint written by another model?)")
             value = checkpoint.get(key)
             if value.dtype.is_floating_point and not key.endswith(("_scale", "_zero")):  # bf16 as stored
-                value = value.to(dtype)
+                return as_float(key, value)
             return value.to(device)
     else:
         assert quantize is not None
@@ -200,12 +281,22 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
                                          pending)
             if key not in checkpoint:
                 raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
-            return checkpoint.get(key).to(device=device, dtype=dtype)
+            return as_float(key, checkpoint.get(key))
         lm.cfg = cfg.replace(**quantization_config(bits, group_size))
-    _assign(lm, tensor, weights, dtype, device)
     extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
     if extra:
         raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")
+    return lm, tensor, float_dtype
+
+
+def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,
+                       weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int,
+                       build_kernels: bool) -> LMModel:
+    lm, tensor, _ = _plan(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size)
+    _assign(lm, tensor, weights, dtype, device, build_kernels)
+    for module in lm.modules():
+        if isinstance(module, TokenEmbedding) and module.weight.dtype != dtype:
+            module.row_dtype = dtype
     if cfg.model_type == "hibiki":  # as in load_lm: read EOS as PAD
         with torch.no_grad():
             lm.text_emb.weight[2] = lm.text_emb.weight[3]
@@ -239,7 +330,7 @@ def _check_quantized_dtypes(lm: LMModel, checkpoint: _LazyCheckpoint, source: Pa
         if isinstance(module, QuantizedLinear):
             key = f"{name}.weight"
             stored = checkpoint.dtype(key) if key in checkpoint else None
-            if stored is not None and stored != ("I8" if bits == 8 else "U8"):
+            if stored is not None and stored != expected:
                 raise CheckpointError(f"{source}: {_to_file_key(key)} is {stored}, not the {expected} of an "
                                       f"int{bits} checkpoint (config.json and the weights disagree)")
 
@@ -259,6 +350,55 @@ def save_quantized_lm(lm: LMModel, folder: str | Path, config: LMConfig | None =
                      metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group})})
     (folder / CONFIG_NAME).write_text(json.dumps(cfg.to_kyutai(), indent=2) + "\n")
     return folder
+
+
+def write_quantized_lm(source: str | Path, folder: str | Path, bits: int, group_size: int = INT4_GROUP
+                       ) -> tuple[Path, int]:
+    """Quantize the float LM of `source` straight into folder/model.q{bits}.safetensors + config.json, one
+    tensor at a time: read, quantize, write, drop (the model is never held; peak ~ one float weight).
+
+    The file equals what save_quantized_lm writes for load_quantized_lm(source, quantize=bits), but for
+    embedding tables, which keep the checkpoint's float dtype (bf16 for Kyutai's files). Returns
+    (folder, number of quantized layers).
+    """
+    check_bits(bits)
+    cfg, _ = read_config(source)
+    held = stored_bits(cfg)
+    if held is not None:
+        raise ConfigError(f"{source} already holds int{held} weights; quantize the float model instead")
+    folder = Path(folder)
+    name = f"model.q{bits}.safetensors"
+    if cfg.lora:  # the adapters are fused into the float weights first: through the whole model
+        lm = load_quantized_lm(source, quantize=bits, group_size=group_size, build_kernels=False)
+        save_quantized_lm(lm, folder, config=lm.cfg.replace(moshi_name=cfg.moshi_name))
+        return folder, sum(isinstance(m, QuantizedLinear) for m in lm.modules())
+    weights = _weights_path(source, cfg)
+    checkpoint = _LazyCheckpoint(weights)
+    try:
+        lm, tensor, float_dtype = _plan(cfg, None, bits, checkpoint, weights, "cpu", torch.float32, group_size)
+        targets = {_to_file_key(k): (k, t) for k, t in lm.state_dict().items()}
+        specs = {}
+        for file_key, (key, target) in targets.items():
+            stored = target.dtype
+            if target.dtype.is_floating_point and target.dtype == torch.float32 and key in checkpoint:
+                stored = float_dtype(key, checkpoint.dtype(key))
+            specs[file_key] = (stored, tuple(target.shape))
+
+        def value(file_key: str) -> torch.Tensor:
+            key, target = targets[file_key]
+            out = tensor(key, target)
+            if tuple(out.shape) != tuple(target.shape):
+                raise CheckpointError(f"{weights}: tensor {file_key} has shape {tuple(out.shape)}, the model "
+                                      f"expects {tuple(target.shape)}")
+            return out
+        folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors(folder / name, specs, value,
+                          metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group_size})})
+    finally:
+        checkpoint.close()
+    out_cfg = cfg.replace(moshi_name=name, lora=False, lora_name=None, **quantization_config(bits, group_size))
+    (folder / CONFIG_NAME).write_text(json.dumps(out_cfg.to_kyutai(), indent=2) + "\n")
+    return folder, sum(isinstance(m, QuantizedLinear) for m in lm.modules())
 
 
 def copy_model_files(source: str | Path, folder: Path, cfg: LMConfig) -> None:

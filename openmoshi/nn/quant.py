@@ -21,6 +21,7 @@ so each step's block is a slice of the same buffers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import typing as tp
 
@@ -36,6 +37,7 @@ INT4_GROUP = 32
 # dequantized weight and one float matmul is faster, measured on a 2-core Zen 4).
 MAX_KERNEL_ROWS = 16
 _INT4_INNER_K_TILES = 8  # CUDA tinygemm layout
+_INT4_STORED = ("weight", "weight_scale", "weight_zero")
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
@@ -113,14 +115,48 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 # ---- kernels
 
+def _to_cpu_int4(q: torch.Tensor, block: int) -> torch.Tensor:
+    """Values 0..15 [N, K] -> torch's CPU int4 kernel layout (as this module models it): uint8 [N, K / 2],
+    blocks of `block` rows stored column by column, row i of a block in the low nibble, row i + block / 2 in
+    the high one."""
+    n, k = q.shape
+    v = q.to(torch.uint8).view(n // block, 2, block // 2, k).permute(0, 3, 1, 2)  # [blocks, K, 2, block / 2]
+    return ((v[:, :, 1] << 4) | v[:, :, 0]).reshape(n, k // 2)
+
+
+def _from_cpu_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of _to_cpu_int4, to the stored layout (pack_int4)."""
+    n, half = packed.shape
+    v = packed.view(n // block, 2 * half, block // 2)
+    q = torch.stack([v & 15, v >> 4], dim=2)  # [blocks, K, 2, block / 2]
+    return pack_int4(q.permute(0, 2, 3, 1).reshape(n, 2 * half))
+
+
+@functools.cache
+def cpu_int4_block() -> int | None:
+    """Rows per block of torch's CPU int4 weight layout, found by packing a probe with torch's converter.
+
+    None when no block size reproduces it (another torch): int4 layers then keep their stored weights beside
+    the kernel's copy instead of holding only the kernel's.
+    """
+    q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    return next((b for b in (64, 32, 16) if torch.equal(_to_cpu_int4(q, b), packed)), None)
+
+
 class _Kernel:
-    """One weight block ready for torch's packed matmul on one device: x [M, K] -> [M, N] (x.dtype)."""
+    """One weight block ready for torch's packed matmul on one device: x [M, K] -> [M, N] (x.dtype).
+
+    `exact_inverse`: the CPU int4 layout was built by _to_cpu_int4 (which matched torch's converter), so
+    `stored()` can give the stored tensors back and the layer may drop its own copy (half the weight memory).
+    """
 
     def __init__(self, bits: int, group_size: int, weight: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None) -> None:
         self.bits, self.group_size = bits, group_size
         self.device = weight.device
         self.compute_dtype = torch.bfloat16  # the dtype the kernels are fast in (CPU) or need (CUDA int4)
+        self.exact_inverse = False
         with torch.no_grad():
             if bits == 8:
                 self.weight = weight.contiguous()
@@ -132,8 +168,31 @@ class _Kernel:
                 if self.device.type == "cuda":
                     self.weight = torch._convert_weight_to_int4pack(weight.contiguous(), _INT4_INNER_K_TILES)
                 else:
-                    self.weight = torch._convert_weight_to_int4pack_for_cpu(
-                        unpack_int4(weight).to(torch.int32), 1)
+                    self.weight = self._cpu_int4(weight)
+
+    def _cpu_int4(self, weight: torch.Tensor) -> torch.Tensor:
+        """torch's CPU layout, built here in uint8 a few row blocks at a time (no int32 copy of the whole
+        weight); the first block is checked against torch's own converter."""
+        block = cpu_int4_block()
+        n, half = weight.shape
+        if block is None or n % block:
+            return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight).to(torch.int32), 1)
+        out = torch.empty_like(weight)
+        step = max(block, (1 << 22) // half // block * block)
+        for r in range(0, n, step):
+            out[r:r + step] = _to_cpu_int4(unpack_int4(weight[r:r + step]), block)
+        first = weight[:block]
+        if not torch.equal(out[:block], torch._convert_weight_to_int4pack_for_cpu(
+                unpack_int4(first).to(torch.int32), 1)):
+            return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight).to(torch.int32), 1)
+        self.block, self.exact_inverse = block, True
+        return out
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(packed weight, scale, zero) in the stored layout, rebuilt from the kernel's copy."""
+        assert self.exact_inverse
+        scale, zero = self.scales.transpose(0, 1).unbind(-1)
+        return _from_cpu_int4(self.weight, self.block), scale.contiguous(), zero.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype).contiguous()
@@ -172,6 +231,7 @@ class QuantizedLinear(nn.Module):
         # follows the model's float dtype and device (model.to(...)): the dtype of the activations
         self.register_buffer("activation_like", torch.empty(0, device=device), persistent=False)
         self._kernels: list[_Kernel] | None = None
+        self._kernel_only = False  # int4 on CPU: the kernels hold the only copy of the weights
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int, bias: torch.Tensor | None = None, n: int = 1,
@@ -194,23 +254,56 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
                 + (f", n={self.n}" if self.n > 1 else ""))
 
-    def _load_from_state_dict(self, *args: tp.Any, **kwargs: tp.Any) -> None:
+    # ---- int4 on CPU: once the kernels are built, their copy (another layout of the same bytes) is the only
+    # one kept; the stored tensors are rebuilt from it, exactly, whenever they are asked for.
+
+    def __getattr__(self, name: str) -> tp.Any:
+        if name in _INT4_STORED and self.__dict__.get("_kernel_only"):
+            return self._stored_from_kernels()[_INT4_STORED.index(name)]
+        return super().__getattr__(name)
+
+    def _stored_from_kernels(self) -> tuple[torch.Tensor, ...]:
+        assert self._kernels is not None
+        parts = [kernel.stored() for kernel in self._kernels]
+        return tuple(torch.cat(tensors) if len(tensors) > 1 else tensors[0] for tensors in zip(*parts))
+
+    def _restore_stored(self) -> None:
+        if self._kernel_only:
+            for name, tensor in zip(_INT4_STORED, self._stored_from_kernels()):
+                self._buffers[name] = tensor
+            self._kernel_only = False
         self._kernels = None
+
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel_only:
+            for name, tensor in zip(_INT4_STORED, self._stored_from_kernels()):
+                destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, *args: tp.Any, **kwargs: tp.Any) -> None:
+        self._restore_stored()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):  # .to(device) / .float(): keep integer data, rebuild kernels
-        self._kernels = None
+        self._restore_stored()
         return super()._apply(fn, recurse)
 
     def _block(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self._kernel_only:
+            return self.kernels()[i].stored()
         rows = slice(i * self.out_features, (i + 1) * self.out_features)
         if self.bits == 8:
             return self.weight[rows], self.weight_scb[rows], None
         return self.weight[rows], self.weight_scale[rows], self.weight_zero[rows]
 
     def kernels(self) -> list[_Kernel]:
-        if self._kernels is None or self._kernels[0].device != self.weight.device:
+        if self._kernels is None or self._kernels[0].device != self.activation_like.device:
+            self._restore_stored()
             self._kernels = [_Kernel(self.bits, self.group_size, *self._block(i)) for i in range(self.n)]
+            if self.bits == 4 and all(kernel.exact_inverse for kernel in self._kernels):
+                for name in _INT4_STORED:
+                    del self._buffers[name]
+                self._kernel_only = True
         return self._kernels
 
     def dequantized(self, i: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -240,7 +333,10 @@ class QuantizedLinear(nn.Module):
         return self.activation_like
 
     def memory_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        held = list(self.buffers())
+        if self._kernel_only:
+            held += [t for kernel in self.kernels() for t in (kernel.weight, kernel.scales)]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 def _quantized(weight: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None = None,

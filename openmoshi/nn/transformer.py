@@ -8,6 +8,8 @@ step stacked along the output dimension.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +155,17 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, n: int, indices: list[
     return torch.einsum("btd,tod->bto", x, weights[indices])
 
 
+def lazy_zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros; on CPU, large ones in fresh anonymous memory whose pages take RAM only once written (torch.zeros
+    writes them all): a KV cache for Moshi's 3000-step context (3 GB at 7B, fp32) then fills as the
+    conversation goes on, ~1 MB per step, instead of at the first step."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < 1 << 22:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
 @dataclass
 class _AttentionState(StreamingState):
     keys: torch.Tensor  # [B, H_kv, capacity, D_head]
@@ -187,10 +200,8 @@ class Attention(StreamingModule):
             raise RuntimeError("streaming attention needs a context (or weights_per_step) to size its cache")
         w = self.float_like()
         shape = (batch_size, self.kv_heads, self.capacity, self.head_dim)
-        return _AttentionState(
-            batch_size, w.device,
-            keys=torch.zeros(shape, device=w.device, dtype=w.dtype),
-            values=torch.zeros(shape, device=w.device, dtype=w.dtype))
+        return _AttentionState(batch_size, w.device, keys=lazy_zeros(shape, w.device, w.dtype),
+                               values=lazy_zeros(shape, w.device, w.dtype))
 
     def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; `ctx` holds positions, RoPE tables, mask and cache slots of this call."""
@@ -211,9 +222,10 @@ class Attention(StreamingModule):
         state = self._streaming_state
         if state is not None:
             assert isinstance(state, _AttentionState) and ctx.slots is not None
-            index = ctx.slots[:, None, :, None].expand(B, self.kv_heads, T, self.head_dim)
-            state.keys.scatter_(2, index, k)
-            state.values.scatter_(2, index, v)
+            # indexed assignment, not scatter_: in bf16 that one writes the whole cache (all of its RAM at once)
+            items = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            state.keys.transpose(1, 2)[items, ctx.slots] = k.transpose(1, 2)
+            state.values.transpose(1, 2)[items, ctx.slots] = v.transpose(1, 2)
             k, v = state.keys, state.values
         if ctx.lengths is None:
             out = self._attend(q, k, v, ctx.mask)

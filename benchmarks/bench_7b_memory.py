@@ -1,0 +1,170 @@
+"""Moshi 7B int4 on this CPU: peak RAM of quantizing, of loading and stepping, and the step time.
+
+    python benchmarks/bench_7b_memory.py write DIR       # DIR/bf16: random weights of the moshiko structure
+    python benchmarks/bench_7b_memory.py quantize DIR    # `openmoshi quantize DIR/bf16 DIR/int4 --bits 4`
+    python benchmarks/bench_7b_memory.py run DIR [--steps 20] [--threads 2] [--dtype float32|bfloat16]
+
+`write` streams a bf16 checkpoint (~15.4 GB: the LM of configs/moshi_7b_202409.json, random normal weights,
+norms at 1) tensor by tensor, so it never holds the model; Mimi at its official shape (random, fp32) and the
+bundled tiny tokenizer complete the folder. It is for measurement only: never commit it.
+
+`quantize` and `run` each start the command in a subprocess and print its peak RSS (ru_maxrss of that child:
+anonymous memory and resident pages of mapped files alike). `run` loads DIR/int4 the way `infer` and `serve`
+do (load_model: Mimi, tokenizer, LM) and times `Generator.step` (one 80 ms frame, batch 1); the worker prints
+its RSS after each stage, then writes every slot of the KV caches (as a conversation does by the 3000th step:
+they take RAM as they fill) and prints the RSS of that full context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout, not another installed one
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MB (from /proc/self/status)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def write(folder: Path, seed: int = 0) -> None:
+    from openmoshi.bundle import ASSETS
+    from openmoshi.checkpoint import write_safetensors
+    from openmoshi.codec.config import mimi_official
+    from openmoshi.codec.loading import save_mimi
+    from openmoshi.codec.mimi import Mimi
+    from openmoshi.lm.config import LMConfig
+    from openmoshi.lm.loading import CONFIG_NAME
+    from openmoshi.lm.model import LMModel
+    from openmoshi.lm.quantized import _to_file_key
+
+    out = folder / "bf16"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = LMConfig.moshi_7b().replace(tokenizer_name="tokenizer_tiny.model", moshi_name="model.safetensors")
+    with torch.device("meta"):
+        lm = LMModel(cfg)
+    shapes = {_to_file_key(k): tuple(v.shape) for k, v in lm.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(key: str) -> torch.Tensor:
+        shape = shapes[key]
+        if key.endswith(".alpha"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        std = 1.0 if "emb" in key else 0.02
+        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+
+    start = time.perf_counter()
+    write_safetensors(out / cfg.moshi_name, {k: (torch.bfloat16, s) for k, s in shapes.items()}, tensor)
+    (out / CONFIG_NAME).write_text(json.dumps(cfg.to_kyutai(), indent=2) + "\n")
+    torch.manual_seed(seed)
+    save_mimi(Mimi(mimi_official()).eval(), out / cfg.mimi_name)
+    (out / cfg.tokenizer_name).write_bytes((ASSETS / "tokenizer_tiny.model").read_bytes())
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
+    print(f"wrote {out}: {size:.2f} GB in {time.perf_counter() - start:.0f} s")
+
+
+def child(cmd: list[str]) -> tuple[int, float, float]:
+    """Run cmd; (exit status, peak RSS in MB, wall seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024, time.perf_counter() - start
+
+
+def quantize(folder: Path, bits: int) -> None:
+    out = folder / f"int{bits}"
+    code, peak, wall = child([sys.executable, "-m", "openmoshi", "quantize", str(folder / "bf16"), str(out),
+                              "--bits", str(bits), "--force"])
+    print(f"openmoshi quantize --bits {bits}: exit {code}, peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), "
+          f"{wall:.0f} s; folder {sum(f.stat().st_size for f in out.iterdir()) / 1e9:.2f} GB")
+
+
+def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> None:
+    from openmoshi.bundle import load_model
+    from openmoshi.generation.generator import Generator
+    from openmoshi.nn.transformer import Attention
+
+    torch.set_num_threads(threads)
+    report = {"start": rss_mb()}
+    start = time.perf_counter()
+    bundle = load_model(folder, dtype=getattr(torch, dtype))
+    report["load_s"] = time.perf_counter() - start
+    report["loaded"] = rss_mb()
+    print(f"loaded in {report['load_s']:.0f} s, RSS {report['loaded']}", flush=True)
+    lm = bundle.lm
+    gen = Generator(lm)
+    user = torch.randint(0, 2048, (1, lm.cfg.n_user, 1), generator=torch.Generator().manual_seed(0))
+    times = []
+    quiet = None
+    if quiet_s:  # pause the background training (/work/bin/quiet) while the steps are timed, not while loading
+        quiet = subprocess.Popen(["/work/bin/quiet", "sleep", str(quiet_s)])
+        time.sleep(2)
+    with torch.inference_mode(), gen.streaming(1):
+        for i in range(steps):
+            t = time.perf_counter()
+            gen.step(user)
+            times.append(time.perf_counter() - t)
+            if i == 0:
+                report["first_step"] = rss_mb()
+            print(f"step {i}: {times[-1]:.2f} s", flush=True)
+        report["stepped"] = rss_mb()
+        states = [m._streaming_state for m in lm.modules() if isinstance(m, Attention) and m._streaming_state]
+        cache = sum(state.keys.nbytes * 2 for state in states)
+        for state in states:  # as after 3000 steps: every slot of the caches written (they take RAM as they fill)
+            state.keys.mul_(1)
+            state.values.mul_(1)
+        report["full_context"] = rss_mb()
+    if quiet is not None:
+        report["quiet_left"] = quiet.poll() is None  # True: every step ran while the training was paused
+        quiet.wait()
+    report["kv_cache_full_mb"] = cache / 2 ** 20
+    report["step_ms"] = [round(t * 1000, 1) for t in times]
+    report["step_median_ms"] = statistics.median(times[1:] or times) * 1000
+    print("REPORT " + json.dumps(report))
+
+
+def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> None:
+    code, peak, wall = child([sys.executable, __file__, "worker", str(folder / "int4"), "--steps", str(steps),
+                              "--threads", str(threads), "--dtype", dtype, "--quiet", str(quiet_s)])
+    print(f"load int4 + {steps} steps ({dtype} activations, {threads} threads): exit {code}, "
+          f"peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), {wall:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["write", "quantize", "run", "worker"])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quiet", type=int, default=0, help="run: pause the background training for this many "
+                                                              "seconds (/work/bin/quiet) while the steps run")
+    args = parser.parse_args()
+    if args.what == "write":
+        write(args.folder)
+    elif args.what == "quantize":
+        quantize(args.folder, args.bits)
+    elif args.what == "run":
+        run(args.folder, args.steps, args.threads, args.dtype, args.quiet)
+    else:
+        worker(args.folder, args.steps, args.threads, args.dtype, args.quiet)
+
+
+if __name__ == "__main__":
+    main()
