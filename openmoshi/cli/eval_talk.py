@@ -181,7 +181,8 @@ def format_table(report, examples: int = 8) -> str:
     ok = s["meets_targets"]
     mark = {True: "ok", False: "below target"}
     voices = len(report.settings.get("voices", []))
-    lines = [f"eval talk: {s['cases']} held-out cases, {voices} held-out user voice(s)",
+    kind = "held-out" if report.settings.get("split", "test") == "test" else "training-split"
+    lines = [f"eval talk: {s['cases']} {kind} cases, {voices} {kind} user voice(s)",
              "",
              f"{'answers correct':<28}{_pct(s['accuracy']):>9}   target >= 80%   {mark[ok['accuracy']]}"]
     for kind, acc in s["accuracy_by_kind"].items():
