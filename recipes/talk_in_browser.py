@@ -43,8 +43,9 @@ def poll(driver, seconds: float) -> list[tuple[float, float, str]]:
     start = time.monotonic()
     while (now := time.monotonic() - start) < seconds:
         level, text = driver.execute_script(
-            "return [window.moshiDebug.audio.micLevel || 0, document.getElementById('transcript').textContent];")
-        samples.append((now, float(level), text if "placeholder" not in text else ""))
+            "const t = document.getElementById('transcript');"
+            "return [window.moshiDebug.audio.micLevel || 0, t.querySelector('.placeholder') ? '' : t.textContent];")
+        samples.append((now, float(level), text))
         time.sleep(POLL_S)
     return samples
 
@@ -65,11 +66,22 @@ def timeline(samples, cases) -> list[dict]:
     previous = ""
     for t, _, text in samples:
         if len(text) > len(previous) and text.startswith(previous):
-            new = text[len(previous):].strip()
-            if new:
+            new = text[len(previous):]
+            if new.strip():
                 events.append({"t": round(t, 2), "who": "moshi", "text": new})
         previous = text
     return sorted(events, key=lambda e: e["t"])
+
+
+def turns(events: list[dict]) -> list[dict]:
+    """Consecutive pieces of Moshi's text joined into one line per turn (the page's own spacing kept)."""
+    out: list[dict] = []
+    for e in events:
+        if out and e["who"] == "moshi" == out[-1]["who"]:
+            out[-1]["text"] += e["text"]
+        else:
+            out.append(dict(e))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     events = timeline(samples, cases)
     (out / "timeline.json").write_text(json.dumps({"events": events, "transcript": samples[-1][2] if samples else "",
                                                    "audio": debug.get("audio", {})}, indent=2) + "\n")
-    for e in events:
-        who = "User " if e["who"] == "user" else "Moshi"
-        print(f"{e['t']:6.2f} s  {who}  {e['text']}")
+    for turn in turns(events):
+        who = "User " if turn["who"] == "user" else "Moshi"
+        print(f"{turn['t']:6.2f} s  {who}  {turn['text'].strip()}")
     print(f"\npage transcript: {samples[-1][2] if samples else ''!r}\nfiles: {out}")
     return 0
 
