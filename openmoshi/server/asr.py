@@ -247,7 +247,14 @@ async def handle_asr(request: web.Request, engine: AsrEngine, limits: SessionLim
         await ws.close()
         return ws
     session.slot = slot
-    logger.info("asr session in slot %d from %s", slot.index, request.remote)
+    return await run_session(request, ws, engine, session, sessions, "asr")
+
+
+async def run_session(request: web.Request, ws: web.WebSocketResponse, engine, session, sessions: set,
+                      what: str) -> web.WebSocketResponse:
+    """Ready, then the session until it ends; its slot is released and the end logged whatever happens."""
+    slot = session.slot
+    logger.info("%s session in slot %d from %s", what, slot.index, request.remote)
     sessions.add(session)
     try:
         await ws.send_bytes(dsm.pack({"type": "Ready"}))
@@ -255,7 +262,7 @@ async def handle_asr(request: web.Request, engine: AsrEngine, limits: SessionLim
     finally:
         sessions.discard(session)
         engine.release(slot)
-        logger.info("asr session in slot %d ended after %d steps%s", slot.index, slot.steps,
+        logger.info("%s session in slot %d ended after %d steps%s", what, slot.index, slot.steps,
                     f" ({session.closed_because})" if session.closed_because else "")
     return ws
 

@@ -14,7 +14,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import ProtocolError
 from . import dsm_protocol as dsm
-from .asr import wait_ready
+from .asr import run_session, wait_ready
 from .limits import SessionLimits
 from .tts_engine import TtsEngine, TtsOutput, TtsSlot
 from .tts_request import TtsOptions, TtsQuery
@@ -155,14 +155,4 @@ async def handle_tts(request: web.Request, engine: TtsEngine, limits: SessionLim
         await ws.close()
         return ws
     session.slot = slot
-    sessions.add(session)
-    logger.info("tts session in slot %d from %s", slot.index, request.remote)
-    try:
-        await ws.send_bytes(dsm.pack({"type": "Ready"}))
-        await session.run()
-    finally:
-        sessions.discard(session)
-        engine.release(slot)
-        logger.info("tts session in slot %d ended after %d steps%s", slot.index, slot.steps,
-                    f" ({session.closed_because})" if session.closed_because else "")
-    return ws
+    return await run_session(request, ws, engine, session, sessions, "tts")
