@@ -189,7 +189,7 @@ class Recipe:
         mono_dir = self.data / "mono_train"
         channels = {wav: [mono_dir / f"{wav.stem}.ch{c}.wav" for c in range(2)] for wav, _ in dialogues}
         mono_manifest, dialogue_manifest = self.lm_manifests()
-        write_manifest(dialogue_manifest, [(str(wav.relative_to(dialogue_manifest.parent.resolve())), duration)
+        write_manifest(dialogue_manifest, [(os.path.relpath(wav, dialogue_manifest.parent), duration)
                                            for wav, duration in dialogues])
         write_manifest(mono_manifest, [(c.name, duration) for wav, duration in dialogues for c in channels[wav]])
         self.openmoshi("encode", "data", "encode", "--model", str(self.work / "codec" / "model"), "--codebooks",
