@@ -191,3 +191,36 @@ def test_text_stage_from_scratch_then_eval_lm(corpus, tmp_path, capsys):
                  "--threads", "1"]) == 0
     table = capsys.readouterr().out
     assert "ce_cb0" in table and "text_pad_frac" in table
+
+
+def test_user_text_head_transcribes_the_user_and_is_not_exported(corpus, tmp_path):
+    from safetensors import safe_open
+
+    from openmoshi.data.order import ItemRequest
+    from openmoshi.train.lm.config import stage_config
+    from openmoshi.train.lm.task import LMTask
+    # the target row: the user's "yes" (0.9 s -> frame 11) 0.24 s (3 frames) late, EPAD on the frame before
+    cfg = stage_config("finetune")
+    cfg.model.init, cfg.data.data, cfg.data.codes, cfg.data.duration = \
+        str(corpus["model"]), [str(corpus["dialogue"])], str(corpus["codes"]), 1.6
+    cfg.loss.user_text_weight = 1.0
+    task = LMTask(cfg)
+    task._build(torch.device("cpu"))
+    task._build_data()
+    grid, is_text = task.dataset()[ItemRequest(serial=0, index=0)]
+    lm_cfg, tok = task.lm.cfg, load_tokenizer(task.tokenizer_path)
+    assert not is_text and grid.shape == (lm_cfg.num_codebooks + 1, 20)
+    row = grid[-1].tolist()
+    yes = tok.encode("yes")
+    assert row[14:14 + len(yes)] == yes and row[13] == lm_cfg.existing_text_end_padding_id
+    assert row[:3] == [-1] * 3 and set(row[3:13]) == {lm_cfg.existing_text_padding_id}  # late: no token at first
+
+    metrics = _train(tmp_path / "aux", "--stage", "finetune", "--init", str(corpus["model"]), "--data",
+                     str(corpus["dialogue"]), "--codes", str(corpus["codes"]), "--duration", "1.6", "--batch-size",
+                     "2", "--max-steps", "8", "--lr", "3e-3", "--eval-every", "0",
+                     "--set", "loss.user_text_weight=1.0")
+    aux = _train_losses(metrics, "user_text_ce")
+    assert len(aux) == 8 and aux[-1] < 0.8 * aux[0]
+    with safe_open(tmp_path / "aux" / "model" / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "user_text" in k]
+    assert load_lm(tmp_path / "aux" / "model") is not None

@@ -105,6 +105,17 @@ class AudioLMDataset:
         return grid
 
 
+    def other_text(self, index: int, interleave: InterleaveConfig) -> torch.Tensor:
+        """The other speakers' text stream of dialogue crop `index` on the crop's frames, long [frames]: the
+        target of the auxiliary transcription of the user."""
+        item_index, start = self.crops[index]
+        item = self.items[item_index]
+        if item_index not in self._words:
+            self._words = {item_index: item.words()}
+        return torch.tensor(text_stream(self._words[item_index], self.tokenizer, start, self.frames, interleave,
+                                        speakers="other"))
+
+
 class TextLMDataset:
     """A text corpus as token grids long [1 + n_q, frames]: one text token per frame, no audio (-1).
 

@@ -37,6 +37,7 @@ class LMOutput:
     text_mask: torch.Tensor  # [B, 1, T] bool
     audio_logits: torch.Tensor  # [B, dep_q, T, card]
     audio_mask: torch.Tensor  # [B, dep_q, T] bool
+    hidden: torch.Tensor | None = None  # [B, T, dim] temporal output of step t (it has seen codes[..., :t])
 
 
 class TokenEmbedding(nn.Embedding):
@@ -267,4 +268,4 @@ class LMModel(StreamingModule):
         audio_mask &= codes[:, 1:1 + cfg.dep_q] != NO_TOKEN
         text_logits, text_mask = undelay(text_logits, cfg.delays[:1])
         text_mask &= codes[:, :1] != NO_TOKEN
-        return LMOutput(text_logits, text_mask, audio_logits, audio_mask)
+        return LMOutput(text_logits, text_mask, audio_logits, audio_mask, hidden)

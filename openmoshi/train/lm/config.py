@@ -46,11 +46,15 @@ class LMDataSection:
     augment_user: bool = False  # augment the user channel before encoding (openmoshi.data.augment: gain, noise,
     #                             reverb, echo of Moshi); needs on-the-fly encoding
     user_shift: int = 1  # the user's codes one frame ahead, as generation feeds them (0 = moshi-finetune's)
+    user_text_delay: float = 0.24  # seconds the user's words come late on the auxiliary transcription target
+    #                                (loss.user_text_weight > 0): the model has heard that much of a word
     eval_items: int = 8  # items evaluated at each evaluation
 
     def __post_init__(self) -> None:
-        if self.duration <= 0 or self.text_batch_every < 0 or not 0 <= self.text_mask_prob <= 1:
-            raise ValueError("duration must be > 0, text_batch_every >= 0, text_mask_prob in [0, 1]")
+        if self.duration <= 0 or self.text_batch_every < 0 or not 0 <= self.text_mask_prob <= 1 \
+                or self.user_text_delay < 0:
+            raise ValueError("duration must be > 0, text_batch_every >= 0, text_mask_prob in [0, 1], "
+                             "user_text_delay >= 0")
 
 
 @dataclass

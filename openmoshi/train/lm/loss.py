@@ -4,7 +4,8 @@
 
 w_k = semantic_weight for the first codebook, acoustic_weight for the others (Moshi: 100 and 1); text targets
 that are PAD or EPAD count pad_weight (0.5). Positions without a target (-1, the tail of delayed streams) count 0.
-The user's streams are inputs only: the model predicts Moshi's dep_q codebooks. Every masked position still
+The user's streams are inputs only: the model predicts Moshi's dep_q codebooks (an optional auxiliary head,
+`user_text_loss`, transcribes the user's words from the temporal transformer's output). Every masked position still
 takes part in the graph with weight 0, so every parameter gets a gradient (DDP needs it) even on text-only
 batches.
 """
@@ -26,9 +27,13 @@ class LMLossConfig:
     semantic_weight: float = 100.0  # first (semantic) codebook, inside the audio mean
     acoustic_weight: float = 1.0  # the other codebooks, inside the audio mean
     pad_weight: float = 0.5  # text targets that are PAD or EPAD
+    # Auxiliary loss, training only: a linear head on the temporal transformer transcribes the *user's* words
+    # (data.user_text_delay late). Dense supervision of listening; the head is not exported. 0 = off.
+    user_text_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.text_weight, self.audio_weight, self.semantic_weight, self.acoustic_weight, self.pad_weight) < 0:
+        if min(self.text_weight, self.audio_weight, self.semantic_weight, self.acoustic_weight, self.pad_weight,
+               self.user_text_weight) < 0:
             raise ValueError("loss weights must be >= 0")
 
 
@@ -79,3 +84,19 @@ def lm_loss(out: LMOutput, codes: torch.Tensor, cfg: LMLossConfig, pad_ids: tupl
                 metrics[f"ce_cb{k}"] = (audio_ce[:, k] * out.audio_mask[:, k]).sum() / counts[k]
                 metrics[f"acc_cb{k}"] = audio_hits[:, k].sum() / counts[k]
     return loss, metrics
+
+
+def user_text_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LMLossConfig, pad_ids: tuple[int, int],
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The auxiliary transcription of the user: logits [B, T, V] of step t, targets [B, T] (the user's text
+    stream, -1 = none) -> (weighted loss, metrics user_text_ce and user_word_acc: accuracy on word tokens)."""
+    mask = targets != -1
+    ce, hits = _ce(logits, targets.clamp(min=0), mask)
+    is_pad = (targets == pad_ids[0]) | (targets == pad_ids[1])
+    w = mask.float() * torch.where(is_pad, cfg.pad_weight, 1.0)
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
+    with torch.no_grad():
+        words = mask & ~is_pad
+        metrics = {"user_text_ce": (ce * mask).sum() / mask.sum().clamp(min=1),
+                   "user_word_acc": (hits & words).sum() / words.sum().clamp(min=1)}
+    return cfg.user_text_weight * loss, metrics

@@ -28,7 +28,7 @@ from ...lm.model import LMModel
 from ..task import TrainEnv
 from .config import LMTrainConfig
 from .lora import add_lora, base_state_dict, has_lora, lora_state_dict, merged_state_dict
-from .loss import lm_loss
+from .loss import lm_loss, user_text_loss
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class LMItems(torch.utils.data.Dataset):
         if self.is_text_step(req.serial):
             assert self.text is not None
             index = req.index if self.audio is None else int(torch.randint(len(self.text), (1,), generator=gen))
-            return self.text[index], True
+            return self._with_user_text(self.text[index], None), True
         assert self.audio is not None
         data = self.cfg.data
         interleave = self.audio.interleave
@@ -159,7 +159,33 @@ class LMItems(torch.utils.data.Dataset):
         grid = self.audio.item(req.index, interleave, gen)
         if data.text_mask_prob and torch.rand((), generator=gen).item() < data.text_mask_prob:
             grid[0] = NO_TOKEN
-        return grid, False
+        return self._with_user_text(grid, req.index), False
+
+    def _with_user_text(self, grid: torch.Tensor, index: int | None) -> torch.Tensor:
+        """With the auxiliary loss on, one more row: the user's words `user_text_delay` late (-1 on text
+        items and mono speech, which have no user)."""
+        if not self.cfg.loss.user_text_weight:
+            return grid
+        row = torch.full(grid.shape[1:], NO_TOKEN, dtype=torch.long)
+        n_user = self.audio.cfg.n_user if self.audio is not None else 0
+        if index is not None and n_user and bool((grid[-n_user:] != NO_TOKEN).any()):
+            assert self.audio is not None
+            delayed = replace(self.audio.interleave, delay=-self.cfg.data.user_text_delay)
+            row = self.audio.other_text(index, delayed)
+        return torch.cat([grid, row[None]])
+
+
+class WithUserText(nn.Module):
+    """The LM and the auxiliary head that transcribes the user, as one module (one DDP wrapper):
+    codes [B, K, T] -> (LMOutput, user text logits [B, T, V])."""
+
+    def __init__(self, lm: LMModel, head: nn.Linear) -> None:
+        super().__init__()
+        self.lm, self.head = lm, head
+
+    def forward(self, codes: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        out = self.lm(codes)
+        return out, self.head(out.hidden)
 
 
 def collate(items: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, bool]:
@@ -246,7 +272,17 @@ class LMTask:
             trainable = [p for p in self.lm.parameters()]
         ids = {id(p) for p in trainable}
         named = [(n, p) for n, p in self.lm.named_parameters() if id(p) in ids]
-        self.fwd = env.wrap(self.lm)
+        self.user_text_head: nn.Linear | None = None
+        if cfg.loss.user_text_weight:
+            # starts as a copy of the text head: same vocabulary, and a useful reading of the hidden state
+            self.user_text_head = nn.Linear(self.lm.cfg.dim, self.lm.text_linear.out_features, bias=False)
+            with torch.no_grad():
+                self.user_text_head.weight.copy_(self.lm.text_linear.weight)
+            self.user_text_head.to(env.device)
+            named += [("user_text_head.weight", self.user_text_head.weight)]
+            self.fwd = env.wrap(WithUserText(self.lm, self.user_text_head))
+        else:
+            self.fwd = env.wrap(self.lm)
         o = cfg.optim
 
         def groups(params: list[tuple[str, nn.Parameter]]) -> list[dict]:
@@ -318,6 +354,8 @@ class LMTask:
 
     # ---- the Task protocol
     def models(self) -> dict[str, nn.Module]:
+        if self.user_text_head is not None:
+            return {"lm": self.lm, "user_text_head": self.user_text_head}
         return {"lm": self.lm}
 
     def ema_models(self) -> list[str]:
@@ -343,10 +381,19 @@ class LMTask:
         codes, is_text = batch
         codes = codes.to(env.device)
         self.opt.use_text(is_text)
-        out = self.fwd(codes)
         cfg = self.lm.cfg
-        loss, metrics = lm_loss(out, codes, self.cfg.loss,
-                                (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id))
+        pad_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
+        if self.user_text_head is not None:
+            codes, user_text = codes[:, :-1], codes[:, -1]
+            out, user_logits = self.fwd(codes)
+            loss, metrics = lm_loss(out, codes, self.cfg.loss, pad_ids)
+            aux, aux_metrics = user_text_loss(user_logits, user_text, self.cfg.loss, pad_ids)
+            loss = loss + aux
+            metrics.update(aux_metrics)
+            metrics["loss"] = loss.detach()
+        else:
+            out = self.fwd(codes)
+            loss, metrics = lm_loss(out, codes, self.cfg.loss, pad_ids)
         env.backward(loss)
         mixing = self._items is not None and self._items.audio is not None and self._items.text is not None \
             and self.cfg.data.text_batch_every > 0
