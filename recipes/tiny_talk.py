@@ -60,6 +60,7 @@ SIZES = {
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=2000),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
+USER_TEXT_WEIGHT = 1.0  # the auxiliary transcription of the user (training only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +200,7 @@ class Recipe:
         stack_channel_codes(self.work / "codes", key, channels)
 
     # ---- LM stages
-    def lm_stage(self, stage: str, steps: int, data: str, init: Path | None) -> None:
+    def lm_stage(self, stage: str, steps: int, data: str, init: Path | None, *extra: str) -> None:
         s = self.size
         source = ["--init", str(init / "model")] if init else [
             "--preset", "tiny_talk", "--codec", str(self.work / "codec" / "model"),
@@ -210,16 +211,21 @@ class Recipe:
                        "--duration", str(s.duration), "--lr", str(LM_LR[stage]),
                        "--warmup-steps", str(max(1, self.steps(steps) // 20)),
                        "--checkpoint-every", str(s.checkpoint_every), "--eval-every", str(s.checkpoint_every * 5),
-                       "--set", "optim.depth_lr_scale=1.0", *self.common())
+                       "--set", "optim.depth_lr_scale=1.0", *extra, *self.common())
 
     def stage_audio(self) -> None:
         self.lm_stage("audio", self.size.lm_steps[0], str(self.lm_manifests()[0]), None)
 
     def stage_multistream(self) -> None:
-        self.lm_stage("multistream", self.size.lm_steps[1], str(self.lm_manifests()[1]), self.work / "lm_audio")
+        # Listening is the hard part: run 2 (no auxiliary loss) echoed no question's subject correctly. The user's
+        # tables start as copies of Moshi's (trained on the same codes in audio pretraining), and a training-only
+        # head transcribes the user's words 0.24 s late, a dense signal on every word the user says.
+        self.lm_stage("multistream", self.size.lm_steps[1], str(self.lm_manifests()[1]), self.work / "lm_audio",
+                      "--set", "model.user_emb_from_moshi=true", "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}")
 
     def stage_finetune(self) -> None:
-        self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), self.work / "lm_multistream")
+        self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), self.work / "lm_multistream",
+                      "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}")
 
     # ---- results
     def stage_eval(self) -> None:

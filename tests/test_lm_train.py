@@ -224,3 +224,16 @@ def test_user_text_head_transcribes_the_user_and_is_not_exported(corpus, tmp_pat
     with safe_open(tmp_path / "aux" / "model" / "model.safetensors", "pt") as f:
         assert not [k for k in f.keys() if "user_text" in k]
     assert load_lm(tmp_path / "aux" / "model") is not None
+
+
+def test_user_embeddings_can_start_as_copies_of_moshis(corpus):
+    from openmoshi.train.lm.config import stage_config
+    from openmoshi.train.lm.task import LMTask
+    cfg = stage_config("multistream")
+    cfg.model.init, cfg.model.user_emb_from_moshi = str(corpus["model"]), True
+    task = LMTask(cfg)
+    task._build(torch.device("cpu"))
+    lm = task.lm
+    assert not torch.equal(lm.emb[0].weight, lm.emb[1].weight)
+    for k in range(lm.cfg.n_user):
+        assert torch.equal(lm.emb[lm.cfg.dep_q + k].weight, lm.emb[k].weight)

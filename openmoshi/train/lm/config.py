@@ -30,6 +30,8 @@ class LMModelSection:
     codec: str = ""  # model folder or Mimi file whose codec encodes the audio ("" = the init model's)
     tokenizer: str = ""  # SentencePiece model ("" = the init model's, or the preset's bundled one)
     acoustic_delay: int = 0  # delay of the acoustic codebooks (0 = keep the model's)
+    user_emb_from_moshi: bool = False  # start the user's audio embeddings as copies of Moshi's (after audio
+    #                                    pretraining on mono speech only Moshi's tables have learned anything)
 
 
 @dataclass

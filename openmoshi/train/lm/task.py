@@ -44,6 +44,16 @@ def with_acoustic_delay(cfg: LMConfig, delay: int) -> LMConfig:
     return cfg.replace(delays=delays)
 
 
+def copy_moshi_embeddings_to_user(lm: LMModel) -> None:
+    """User codebook k's input table := Moshi's codebook k's (same codec, same codes)."""
+    cfg = lm.cfg
+    if not cfg.n_user:
+        raise ConfigError("model.user_emb_from_moshi: this model has no user audio stream")
+    with torch.no_grad():
+        for k in range(min(cfg.n_user, cfg.dep_q)):
+            lm.emb[cfg.dep_q + k].weight.copy_(lm.emb[k].weight)
+
+
 def is_audio_manifest(path: str) -> bool:
     p = Path(path)
     if p.is_dir():
@@ -254,6 +264,8 @@ class LMTask:
         self.tokenizer = load_tokenizer(tokenizer_path)
         if m.acoustic_delay:
             lm.cfg = with_acoustic_delay(lm.cfg, m.acoustic_delay)
+        if m.user_emb_from_moshi:
+            copy_moshi_embeddings_to_user(lm)
         if self.cfg.train.activation_checkpointing:
             for t in (lm.transformer, lm.depformer):
                 if t is not None:
