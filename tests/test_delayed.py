@@ -34,6 +34,16 @@ def tiny_tts(tmp_path_factory) -> Path:
     return init_preset(tmp_path_factory.mktemp("tts") / "tts", "tiny-moshi-tts", 2)
 
 
+@pytest.fixture(scope="module")
+def two_stream_asr(tmp_path_factory) -> Path:
+    """The tiny Moshi (its stream and a user stream) with the text 1 s behind: the user stream gets no token."""
+    folder = init_preset(tmp_path_factory.mktemp("asr2") / "asr2", "tiny", 4)
+    config = json.loads((folder / "config.json").read_text())
+    config["delays"] = [12, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def _sharpen(bundle) -> None:
     """Output heads scaled up: greedy choices with wide margins, and text that is not all padding."""
     with torch.no_grad():
@@ -70,31 +80,35 @@ def _record_steps(stt: DelayedTranscriber) -> list:
 
 
 @torch.no_grad()
-def test_asr_steps_equal_the_reference_lmgen(tiny_asr, speech_files):
-    """The text of each step == moshi 0.2.13's LMGen stepped with the same forced audio (depformer_replace_tokens)."""
+@pytest.mark.parametrize("layout", ["tiny_asr", "two_stream_asr"])
+def test_asr_steps_equal_the_reference_lmgen(layout, request, speech_files):
+    """The text of each step == moshi 0.2.13's LMGen stepped with the same forced audio (depformer_replace_tokens)
+    and, with a user stream, no token there."""
     pytest.importorskip("moshi")
     from moshi.models import loaders
     from moshi.models.lm import LMGen
-    bundle = load_model(tiny_asr)
+    folder = request.getfixturevalue(layout)
+    bundle = load_model(folder)
+    cfg = bundle.config
     _sharpen(bundle)
     stt = DelayedTranscriber(bundle, batch_size=1)
     calls = _record_steps(stt)
     wav = read_speech(speech_files[0], 2.0)[None]
     with stt.streaming():
         steps = stt.feed(wav) + stt.flush()
-    ref = loaders.get_moshi_lm(tiny_asr / "model.safetensors", lm_kwargs=kyutai_kwargs(bundle.config),
-                               dtype=torch.float32)
+    ref = loaders.get_moshi_lm(folder / "model.safetensors", lm_kwargs=kyutai_kwargs(cfg), dtype=torch.float32)
     ref.load_state_dict(bundle.lm.state_dict())
     gen = LMGen(ref, temp=0.0, temp_text=0.0)
     theirs = []
     with gen.streaming(1):
         for forced, _ in calls:
-            out = gen.step(torch.zeros(1, 0, 1, dtype=torch.long), depformer_replace_tokens=forced[..., None])
+            user = torch.full((1, cfg.n_user, 1), -1, dtype=torch.long)
+            out = gen.step(user, depformer_replace_tokens=forced[..., None])
             if out is not None:
                 theirs.append(out[0, 0, 0].item())
     ours = [s.text[0].item() for s in steps]
     assert ours == theirs
-    assert len(ours) == len(calls) - 25 and len(set(ours)) > 3
+    assert len(ours) == len(calls) - cfg.max_delay and len(set(ours)) > 3
 
 
 @torch.no_grad()
