@@ -7,7 +7,7 @@ import asyncio
 import logging
 import typing as tp
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from ..errors import ProtocolError
 from . import dsm_protocol as dsm
@@ -26,11 +26,16 @@ class DsmSession(WsSession):
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine, limits: SessionLimits) -> None:
         super().__init__(request, ws, limits)
         self.engine = engine
+        self.messages = True  # False for a raw output format: no msgpack messages besides the audio
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.stepped = asyncio.Event()
 
-    def error(self, message: str) -> bytes:
+    def error(self, message: str) -> bytes | None:
         return dsm.error(message)
+
+    def opening(self) -> list[bytes]:
+        """What the client gets once its session is accepted."""
+        return [dsm.pack({"type": "Ready"})]
 
     async def _wait_while(self, full: tp.Callable[[], bool]) -> bool:
         """Backpressure: waits for steps while `full()`; True if it waited."""
@@ -49,7 +54,9 @@ class DsmSession(WsSession):
             return self._check(dsm.parse(message.data, accepted, self.limits.max_message_bytes))
         except ProtocolError as exc:
             self.engine.metrics.protocol_errors += 1
-            await self.ws.send_bytes(dsm.error(f"bad message: {exc}"))
+            data = self.error(f"bad message: {exc}")
+            if data is not None:
+                await self.ws.send_bytes(data)
             return None
 
     def _check(self, message: dict) -> dict:
@@ -58,9 +65,13 @@ class DsmSession(WsSession):
 
 
 
-async def refuse(ws: web.WebSocketResponse, message: str) -> web.WebSocketResponse:
-    await ws.send_bytes(dsm.error(message))
-    await ws.close()
+async def refuse(ws: web.WebSocketResponse, message: str, messages: bool = True) -> web.WebSocketResponse:
+    """An Error then a close; without `messages` (a raw output format) the close frame says why."""
+    if messages:
+        await ws.send_bytes(dsm.error(message))
+        await ws.close()
+    else:
+        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=message[:120].encode())
     return ws
 
 
@@ -90,12 +101,13 @@ async def run_session(request: web.Request, ws: web.WebSocketResponse, engine, s
     slot (all taken) gets the client a busy Error instead."""
     if slot is None:
         return await refuse(ws, f"server busy: every {slot_kind} slot ({engine.max_sessions}) is taken, "
-                                "try again later")
+                                "try again later", session.messages)
     session.slot = slot
     logger.info("%s session in slot %d from %s", what, slot.index, request.remote)
     sessions.add(session)
     try:
-        await ws.send_bytes(dsm.pack({"type": "Ready"}))
+        for message in session.opening():
+            await ws.send_bytes(message)
         await session.run()
     finally:
         sessions.discard(session)

@@ -2,7 +2,8 @@
 `dsm_protocol`): words in as they come, 80 ms audio frames out with word timings, then a normal close.
 
 Sessions share the batched step of `TtsEngine` (one slot each, up to `max_sessions`). Query parameters: voice
-(a file of --voice-dir), format (PcmMessagePack), temperature, seed, cfg_alpha; auth_id for the token.
+(a file of --voice-dir), format (`tts_format`: PcmMessagePack, OggOpusMessagePack, OggOpus, Pcm), temperature,
+seed, cfg_alpha; auth_id for the token.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from . import dsm_protocol as dsm
 from .dsm_session import CLIENT_GONE, DsmSession, accept, refuse, run_session
 from .limits import SessionLimits
 from .tts_engine import TtsEngine, TtsOutput, TtsSlot
+from .tts_format import TtsEncoder
 from .tts_request import TtsOptions, TtsQuery
 
 __all__ = ["TtsEngine", "TtsOptions", "handle_tts"]
@@ -27,11 +29,13 @@ _DONE = object()
 class TtsSession(DsmSession):
     """One client: its text goes to its slot as it arrives, its audio and words come back as they are made."""
 
-    reason_in_close_frame = False  # the Error message before the close says why
-
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine: TtsEngine,
-                 limits: SessionLimits) -> None:
+                 limits: SessionLimits, encoder: TtsEncoder) -> None:
         super().__init__(request, ws, engine, limits)
+        self.encoder = encoder
+        # with messages, the Error before the close says why; a raw format has only the close frame for it
+        self.messages = encoder.messages
+        self.reason_in_close_frame = not encoder.messages
         self.slot: TtsSlot | None = None
         self.eos = False
         self.last_input = 0.0
@@ -39,13 +43,20 @@ class TtsSession(DsmSession):
     def on_output(self, output: TtsOutput) -> None:
         """Called on the event loop after each step of this session."""
         pcm, words, ended = output
-        if pcm.size:
-            self.outbox.put_nowait(dsm.pack_audio(pcm))
-        for text, start, stop in words:
-            self.outbox.put_nowait(dsm.pack({"type": "Text", "text": text, "start_s": start, "stop_s": stop}))
+        encoded = [self.encoder.audio(pcm)] if pcm.size else []
+        encoded += [self.encoder.word(text, start, stop) for text, start, stop in words]
+        for message in encoded:
+            if message is not None:
+                self.outbox.put_nowait(message)
         if ended is not None:
             self.outbox.put_nowait((_DONE, ended))
         self.stepped.set()
+
+    def error(self, message: str) -> bytes | None:
+        return self.encoder.error(message)
+
+    def opening(self) -> list[bytes]:
+        return self.encoder.opening()
 
     async def run(self) -> None:
         """Reads text while sending what the steps make; closes normally once all is said, else says why."""
@@ -104,9 +115,13 @@ async def handle_tts(request: web.Request, engine: TtsEngine, limits: SessionLim
         return ws
     try:
         query = TtsQuery.parse(dict(request.query), engine.options)
-        conditions = engine.conditions(engine.voice(query.voice), query.cfg_coef)
     except ProtocolError as exc:
         return await refuse(ws, str(exc))
-    session = TtsSession(request, ws, engine, limits)
+    encoder = TtsEncoder(query.format)
+    try:
+        conditions = engine.conditions(engine.voice(query.voice), query.cfg_coef)
+    except ProtocolError as exc:
+        return await refuse(ws, str(exc), encoder.messages)
+    session = TtsSession(request, ws, engine, limits, encoder)
     slot = engine.acquire(conditions, query.temperature, query.seed, session.on_output)
     return await run_session(request, ws, engine, session, slot, sessions, "tts", "speech")

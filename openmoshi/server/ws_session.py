@@ -32,7 +32,8 @@ class WsSession:
         self.closed_because: str | None = None
         self.last_output = 0.0  # loop time of the last message sent: output still going out is not idleness
 
-    def error(self, message: str) -> bytes:
+    def error(self, message: str) -> bytes | None:
+        """The protocol's error message (None: the protocol has none, the close frame's reason says it)."""
         raise NotImplementedError
 
     async def run(self) -> None:
@@ -79,9 +80,10 @@ class WsSession:
         if message:
             logger.info("closing the session in slot %d: %s", self.slot.index, message)
         reason = message[:120].encode() if message and self.reason_in_close_frame else b""
+        data = self.error(message) if message else None
         try:
-            if message:
-                await asyncio.wait_for(self.ws.send_bytes(self.error(message)), self.limits.close_timeout_s)
+            if data is not None:
+                await asyncio.wait_for(self.ws.send_bytes(data), self.limits.close_timeout_s)
             await asyncio.wait_for(self.ws.close(code=code, message=reason), self.limits.close_timeout_s + 0.5)
         except (asyncio.TimeoutError, ConnectionError, RuntimeError):
             self.abort()
