@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from aiohttp import web
 
+from ..audio.opus import OpusDecoderStream
 from ..bundle import MoshiBundle
+from ..errors import ProtocolError
 from ..generation.stt import WordStream
 from ..lm.families import SttSettings
 from . import dsm_protocol as dsm
@@ -133,6 +135,7 @@ class AsrSession(DsmSession):
         self.offset_s = engine.settings.text_offset_s
         self.max_queued = max(1, int(limits.input_burst_s * engine.rate))
         self.slot: AsrSlot | None = None
+        self.decoder: OpusDecoderStream | None = None  # for OggOpus messages, made on the first
 
     def on_output(self, token: int, prs: list[float]) -> None:
         """Called on the event loop after each step of this session."""
@@ -178,12 +181,36 @@ class AsrSession(DsmSession):
             last_input = loop.time()
             if msg["type"] == "Audio":
                 self.engine.push_audio(slot, msg["pcm"])
-            else:  # echoed once every frame received so far has been stepped and the text delay has passed
+            elif msg["type"] == "OggOpus":
+                await self._opus(loop, msg["data"])
+            elif msg["type"] == "Marker":  # echoed once the frames received so far are stepped and the delay passed
                 slot.markers.append((slot.received + self.engine.delay_steps, msg["id"]))
+
+    async def _opus(self, loop: asyncio.AbstractEventLoop, data: bytes) -> None:
+        """Decodes Ogg-Opus pages off the event loop (at most `input_burst_s` of audio per message) and queues
+        their audio; a bad stream restarts cleanly."""
+        if self.decoder is None:
+            self.decoder = OpusDecoderStream(self.engine.bundle.sample_rate)
+        limit = int(self.limits.input_burst_s * self.engine.bundle.sample_rate)  # audio one message may hold
+        pcm, error = await loop.run_in_executor(None, _decode, self.decoder, data, limit)
+        if pcm.size:
+            self.engine.push_audio(self.slot, pcm)
+        if error is not None:
+            self.decoder = None
+            self.engine.metrics.protocol_errors += 1
+            await self.ws.send_bytes(dsm.error(f"bad message: {error}"))
 
     async def _send_loop(self) -> None:
         while await self.send(await self.outbox.get()):
             pass
+
+
+def _decode(decoder: OpusDecoderStream, data: bytes, limit: int) -> tuple[np.ndarray, ProtocolError | None]:
+    try:
+        decoder.push(data, sample_limit=limit)
+        return decoder.read(), None
+    except ProtocolError as exc:
+        return decoder.read(), exc
 
 
 async def handle_asr(request: web.Request, engine: AsrEngine, limits: SessionLimits,
