@@ -31,7 +31,7 @@ from ..bundle import MoshiBundle
 from ..errors import ConfigError
 from ..lm.families import DelayedMode, SttSettings
 from .generator import Generator
-from .stt import StreamingTranscriber, SttStep
+from .stt import DEFAULT_EOS_HEAD, DEFAULT_EOS_THRESHOLD, StreamingTranscriber, SttStep
 from .tts import ForcingState, Speech, SpokenWord, TextForcer, TtsRun, TtsTokens, Word, script_to_words
 
 
@@ -46,13 +46,14 @@ def _mode(bundle: MoshiBundle, kind: str) -> DelayedMode:
 
 class DelayedTranscriber(StreamingTranscriber):
     """`StreamingTranscriber` for a Moshi-style ASR model (same interface; steps are aligned with the audio: the
-    n-th step returned is the text of the n-th frame fed, the first max(delays) feeds return none)."""
+    n-th step returned is the text of the n-th frame fed; the first max(delays) frames give no step yet)."""
 
     def __init__(self, bundle: MoshiBundle, batch_size: int = 1, generation: dict | None = None,
-                 seed: int | None = None, *args: tp.Any) -> None:
+                 seed: int | None = None, eos_head: int = DEFAULT_EOS_HEAD,
+                 eos_threshold: float = DEFAULT_EOS_THRESHOLD) -> None:
         if generation is None:  # a conversation model's text temperature; the paper's ASR is greedy
             generation = {**bundle.generation, "temp_text": 0.0}
-        super().__init__(bundle, batch_size, generation, seed, *args)
+        super().__init__(bundle, batch_size, generation, seed, eos_head, eos_threshold)
         cfg = bundle.config
         self.audio_delays = cfg.delays[1:1 + cfg.dep_q]
         self._history: deque[torch.Tensor] = deque(maxlen=max(self.audio_delays) + 1)  # [0] = the newest frame
