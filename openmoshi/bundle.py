@@ -180,6 +180,8 @@ PRESETS = {
     "bench": (LMConfig.bench, mimi_official, "tokenizer_tiny.model"),
     "tiny": (LMConfig.tiny, mimi_tiny, "tokenizer_tiny.model"),
     "stt-1b": (LMConfig.stt_1b, mimi_official, None),
+    "tiny-moshi-asr": (LMConfig.tiny_moshi_asr, mimi_tiny, "tokenizer_tiny.model"),
+    "tiny-moshi-tts": (LMConfig.tiny_moshi_tts, mimi_tiny, "tokenizer_tiny.model"),
     "tiny-stt": (LMConfig.tiny_stt, _mimi_tiny_32, "tokenizer_tiny.model"),
     "tts-1.6b": (LMConfig.tts_1_6b, mimi_official, None),
     "tiny-tts": (LMConfig.tiny_tts, mimi_tiny, "tokenizer_tiny.model"),

@@ -171,6 +171,43 @@ def test_asr_two_clients_at_once(asr_server, stt_bundle, speech_files):
     assert metrics.frames_in - frames > metrics.steps - steps  # batched: some steps served both sessions
 
 
+def test_asr_takes_ogg_opus_audio(asr_server, stt_bundle, speech_files):
+    """OggOpus messages (pages split anywhere, data as bin or as a list of byte values) give the words of the
+    decoded audio; Init is accepted; bad Opus data gets an Error and the stream restarts cleanly."""
+    from openmoshi.audio.opus import decode_ogg_opus, encode_ogg_opus
+    wav = read_speech(speech_files[0], 3.0)[0].numpy()
+    stream = encode_ogg_opus(wav)
+    expected = transcribe_recordings(stt_bundle, [torch.from_numpy(decode_ogg_opus(stream))[None]])[0]
+    flush = SttSettings.from_config(stt_bundle.config).flush_samples(SR) / SR
+    url = asr_server.ws_base + "/api/asr-streaming"
+
+    async def run() -> list[dict]:
+        out = []
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=KEY) as ws:
+            await ws.send_bytes(pack({"type": "Init"}))
+            for i in range(0, len(stream), 777):
+                data = stream[i:i + 777]
+                await ws.send_bytes(pack({"type": "OggOpus", "data": data if i % 2 else list(data)}))
+            await ws.send_bytes(pack({"type": "Audio", "pcm": [0.0] * int(flush * SR)}))
+            await ws.send_bytes(pack({"type": "Marker", "id": 3}))
+            await ws.send_bytes(pack({"type": "OggOpus", "data": b"OggS" + bytes(60)}))
+            await ws.send_bytes(pack({"type": "OggOpus", "data": [300]}))
+            for _ in range(10):
+                await ws.send_bytes(pack({"type": "Audio", "pcm": [0.0] * SR}))
+            async for message in ws:
+                out.append(msgpack.unpackb(message.data, raw=False))
+                kinds = [m["type"] for m in out]
+                if "Marker" in kinds and kinds.count("Error") == 2:
+                    break
+        return out
+
+    messages = asyncio.run(run())
+    assert messages[0]["type"] == "Ready"
+    assert_same_words([m for m in messages if m["type"] == "Word"], expected.words)
+    errors = [m["message"] for m in messages if m["type"] == "Error"]
+    assert len(errors) == 2 and "bad message" in errors[0] and "list of 0..255" in errors[1], errors
+
+
 async def _one_message(url: str, headers: dict | None, *messages) -> list:
     out = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
@@ -297,7 +334,7 @@ def test_tts_two_clients_at_once(tts_server):
 def test_tts_bad_requests_and_messages(tts_server):
     url = tts_server.ws_base + "/api/tts_streaming"
     for query, needle in [("?voice=..%2Fsecret", "inside the voice folder"), ("?voice=nobody", "no voice"),
-                          ("?format=OggOpus", "PcmMessagePack"), ("?temperature=hot", "not a number"),
+                          ("?format=Wav", "PcmMessagePack"), ("?temperature=hot", "not a number"),
                           ("?cfg_alpha=2.2", "distilled")]:
         out = asyncio.run(_one_message(url + query, KEY))
         assert out and out[0]["type"] == "Error" and needle in out[0]["message"], (query, out)

@@ -5,6 +5,8 @@
   openmoshi init --preset tiny-stt tiny-stt   # speech-to-text structure of kyutai/stt-1b-en_fr, toy size
   openmoshi init --preset tiny-tts tiny-tts   # text-to-speech structure of kyutai/tts-1.6b-en_fr, toy size
   openmoshi init --preset tiny-hibiki tiny-h  # speech translation structure of kyutai/hibiki, toy size
+  openmoshi init --preset tiny-moshi-asr asr  # a single-stream Moshi made ASR by its delays (paper 5.7), toy
+  openmoshi init --preset tiny-moshi-tts tts  # the same made TTS by its delays (audio 2 s behind the text)
   openmoshi init --preset bench bench-moshi   # the benchmark size (dim 1024, 12 layers), official Mimi
   openmoshi init --preset moshi-7b OUT --tokenizer tokenizer_spm_32k_3.model   # the 7B structure (~31 GB fp32)
 
@@ -21,7 +23,7 @@ from ..bundle import PRESETS, SHIPPED, init_model
 
 
 # what to run on a fresh folder, by family (the preset's last word)
-_NEXT = {"stt": "transcribe --model {0} speech.wav", "tts": "speak --model {0} 'Hello there.' --out hello.wav",
+_NEXT = {"stt": "transcribe --model {0} speech.wav", "asr": "transcribe --model {0} speech.wav", "tts": "speak --model {0} 'Hello there.' --out hello.wav",
          "hibiki": "translate --model {0} french.wav --out english.wav"}
 
 

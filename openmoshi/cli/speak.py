@@ -7,6 +7,9 @@ Writes OUT (24 kHz mono) and OUT with .json beside it: the words with their star
 A voice is a voice-embedding file (Kyutai's tts-voices `*.safetensors`, for models conditioned on a speaker),
 or an audio file used as a spoken prompt (`--voice prompt.wav`, for models without voice embeddings).
 Blank lines in --text-file separate speaker turns (main speaker first); `<break time="0.5s"/>` makes a pause.
+
+A Moshi-style model whose config.json `delays` put its audio behind the text (paper §5.7, e.g. [0, 25, 26, ...]:
+2 s) speaks too, in its own voice (no --voice, no guidance): words are forced when it asks for one.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", default=None, help="the text to say (or use --text-file)")
     parser.add_argument("--text-file", type=Path, default=None, help="read the text from this file")
     parser.add_argument("--model", default="hf://kyutai/tts-1.6b-en_fr",
-                        help="tts model folder or hf://owner/repo in Kyutai's layout")
+                        help="tts model folder or hf://owner/repo in Kyutai's layout, or a Moshi-style model made "
+                             "TTS by its delays")
     parser.add_argument("--voice", type=Path, default=None,
                         help="voice embedding (.safetensors) or audio prompt (wav/flac/...)")
     parser.add_argument("--out", type=Path, required=True, help="output wav file")
-    parser.add_argument("--cfg-coef", type=float, default=2.0,
-                        help="classifier-free guidance (1 = off; distilled models accept their listed values)")
+    parser.add_argument("--cfg-coef", type=float, default=None,
+                        help="classifier-free guidance (default 2; 1 = off; distilled models accept their listed "
+                             "values)")
     parser.add_argument("--temp", type=float, default=0.6, help="sampling temperature (0 = greedy)")
     parser.add_argument("--padding-bonus", type=float, default=0.0,
                         help="added to the padding logit: > 0 speaks slower, < 0 faster")
@@ -60,20 +65,21 @@ def _turns(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..audio.io import load_audio, save_wav
+    from ..audio.io import load_audio
     from ..bundle import load_model
     from ..generation.tts import Synthesizer, voice_condition
-    from ..lm.families import check_family
+    from ..lm.families import delayed_mode
 
     turns = _turns(args)
     if args.max_seconds <= 0:
         raise ConfigError("--max-seconds must be positive")
     device, dtype = resolve_device(args)
     bundle = load_model(args.model, device=device, dtype=dtype)
-    check_family(bundle.config, "tts", "openmoshi speak")
     steps = int(args.max_seconds * bundle.mimi.frame_rate)
-    synth = Synthesizer(bundle, temp=args.temp, cfg_coef=args.cfg_coef, padding_bonus=args.padding_bonus,
-                        max_steps=steps, seed=args.seed)
+    if delayed_mode(bundle.config, "tts", "openmoshi speak") is not None:
+        return _speak_delayed(args, bundle, turns, steps)
+    synth = Synthesizer(bundle, temp=args.temp, cfg_coef=2.0 if args.cfg_coef is None else args.cfg_coef,
+                        padding_bonus=args.padding_bonus, max_steps=steps, seed=args.seed)
     voices, prefixes = None, None
     if args.voice is not None:
         if not args.voice.is_file():
@@ -94,6 +100,27 @@ def run(args: argparse.Namespace) -> int:
                           "kyutai/tts-voices)")
     with tqdm(total=steps, unit="step", desc="speaking", disable=args.quiet) as bar:
         speech = synth.speak([turns], voices, prefixes, on_step=lambda n: bar.update(n - bar.n))[0]
+    return _write(args, bundle, turns, speech)
+
+
+def _speak_delayed(args: argparse.Namespace, bundle, turns: list[str], steps: int) -> int:
+    """A Moshi-style model made TTS by its delays: its own voice, no conditioning."""
+    from ..generation.delayed import DelayedSynthesizer
+
+    if args.voice is not None:
+        raise ConfigError("a Moshi-style TTS model speaks in its own voice: it takes no --voice")
+    if args.cfg_coef not in (None, 1.0):
+        raise ConfigError("a Moshi-style TTS model has no conditions to guide: --cfg-coef must be 1 (or left out)")
+    synth = DelayedSynthesizer(bundle, temp=args.temp, padding_bonus=args.padding_bonus, max_steps=steps,
+                               seed=args.seed)
+    with tqdm(total=steps, unit="step", desc="speaking", disable=args.quiet) as bar:
+        speech = synth.speak([turns], on_step=lambda n: bar.update(n - bar.n))[0]
+    return _write(args, bundle, turns, speech)
+
+
+def _write(args: argparse.Namespace, bundle, turns: list[str], speech) -> int:
+    from ..audio.io import save_wav
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_wav(args.out, speech.audio, bundle.sample_rate)
     timings = args.out.with_suffix(".json")

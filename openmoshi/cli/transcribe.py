@@ -8,6 +8,8 @@ Prints each transcript; with --out, writes NAME.<format> for each input:
   json  text, words with start/end seconds, end-of-speech times, the raw text tokens
   srt   subtitles (SubRip)          vtt   subtitles (WebVTT)
 End of speech comes from the model's extra heads (stt-1b has four; head 2 by default, as Kyutai's services).
+A Moshi-style model whose config.json `delays` put the text behind the audio (paper §5.7, e.g. [25, 0, 1, ...]:
+2 s) transcribes too: the recording is teacher-forced as its own audio stream, the text is greedy by default.
 Inputs may be wav/flac/ogg/mp3 at any rate and channel count (resampled to 24 kHz mono, and said so).
 """
 
@@ -30,13 +32,15 @@ CUE_WORDS, CUE_SECONDS, CUE_GAP = 12, 5.0, 1.0  # subtitle cues: at most this ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="FILE", help="recordings to transcribe")
     parser.add_argument("--model", default="hf://kyutai/stt-1b-en_fr",
-                        help="stt model folder or hf://owner/repo in Kyutai's layout (default kyutai/stt-1b-en_fr)")
+                        help="stt model folder or hf://owner/repo in Kyutai's layout (default kyutai/stt-1b-en_fr), "
+                             "or a Moshi-style model made ASR by its delays")
     parser.add_argument("--out", type=Path, default=None, help="folder for the transcript files (default: print only)")
     parser.add_argument("--format", default="txt,json",
                         help=f"comma-separated output formats among {', '.join(FORMATS)} (default txt,json)")
     parser.add_argument("--batch-size", type=int, default=1, help="recordings transcribed together in one batch")
     parser.add_argument("--temp-text", type=float, default=None,
-                        help="text temperature (default: the model's lm_gen_config; 0 = greedy)")
+                        help="text temperature (default: the model's lm_gen_config, greedy for a Moshi-style ASR "
+                             "model; 0 = greedy)")
     parser.add_argument("--eos-head", type=int, default=2, help="extra head read for end of speech")
     parser.add_argument("--eos-threshold", type=float, default=0.6,
                         help="end-of-speech probability threshold of that head")
@@ -56,7 +60,7 @@ def _formats(spec: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..bundle import load_model
     from ..generation.stt import transcribe_recordings
-    from ..lm.families import check_family
+    from ..lm.families import delayed_mode
 
     formats = _formats(args.format)
     if args.batch_size < 1:
@@ -79,13 +83,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to do: {len(failed)} input(s) failed")
         return 1
     bundle = load_model(args.model, device=device, dtype=dtype)
-    check_family(bundle.config, "stt", "openmoshi transcribe")
+    delayed_mode(bundle.config, "asr", "openmoshi transcribe")
     if bundle.config.extra_heads_num_heads and not 0 <= args.eos_head < bundle.config.extra_heads_num_heads:
         raise ConfigError(f"--eos-head {args.eos_head}: this model has {bundle.config.extra_heads_num_heads} "
                           "extra heads")
-    generation = dict(bundle.generation)
-    if args.temp_text is not None:
-        generation["temp_text"] = args.temp_text
+    generation = None if args.temp_text is None else {**bundle.generation, "temp_text": args.temp_text}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(loaded), args.batch_size):

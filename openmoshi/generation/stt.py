@@ -78,13 +78,11 @@ class StreamingTranscriber:
     def __init__(self, bundle: MoshiBundle, batch_size: int = 1, generation: dict | None = None,
                  seed: int | None = None, eos_head: int = DEFAULT_EOS_HEAD,
                  eos_threshold: float = DEFAULT_EOS_THRESHOLD) -> None:
-        if bundle.config.dep_q != 0:
-            raise ConfigError(f"{bundle.source or 'this model'} generates audio (dep_q={bundle.config.dep_q}); "
-                              "transcription needs a speech-to-text model (model_type 'stt')")
+        self._check_model(bundle)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.bundle = bundle
-        self.settings = SttSettings.from_config(bundle.config)
+        self.settings = self._settings(bundle)
         self.batch_size = batch_size
         self.gen = Generator(bundle.lm, seed=seed, **(generation if generation is not None else bundle.generation))
         self.frame = bundle.mimi.frame_size
@@ -94,6 +92,20 @@ class StreamingTranscriber:
         self._pending: torch.Tensor | None = None
         self._first = True
         self._eos: EndOfSpeech | None = None
+
+    @staticmethod
+    def _check_model(bundle: MoshiBundle) -> None:
+        if bundle.config.dep_q != 0:
+            raise ConfigError(f"{bundle.source or 'this model'} generates audio (dep_q={bundle.config.dep_q}); "
+                              "transcription needs a speech-to-text model (model_type 'stt')")
+
+    @staticmethod
+    def _settings(bundle: MoshiBundle) -> SttSettings:
+        return SttSettings.from_config(bundle.config)
+
+    def flush_samples(self) -> int:
+        """Samples of silence `flush` feeds."""
+        return self.settings.flush_samples(self.bundle.sample_rate)
 
     @contextlib.contextmanager
     def streaming(self) -> tp.Iterator[StreamingTranscriber]:
@@ -114,8 +126,7 @@ class StreamingTranscriber:
 
     def flush(self) -> list[SttStep]:
         """Feed the trailing silence that brings out the text of the audio's end."""
-        n = self.settings.flush_samples(self.bundle.sample_rate)
-        return self.feed(torch.zeros(self.batch_size, 1, n))
+        return self.feed(torch.zeros(self.batch_size, 1, self.flush_samples()))
 
     def feed(self, pcm: torch.Tensor) -> list[SttStep]:
         """pcm float [B, 1, N] at 24 kHz (any N) -> one SttStep per whole frame now available."""
@@ -126,9 +137,10 @@ class StreamingTranscriber:
         buffer = torch.cat([self._pending, pcm.to(self._pending)], dim=-1)
         whole = buffer.shape[-1] // self.frame * self.frame
         self._pending = buffer[..., whole:]
-        return [self._step(buffer[..., i:i + self.frame]) for i in range(0, whole, self.frame)]
+        steps = [self._step(buffer[..., i:i + self.frame]) for i in range(0, whole, self.frame)]
+        return [step for step in steps if step is not None]
 
-    def _step(self, frame: torch.Tensor) -> SttStep:
+    def _step(self, frame: torch.Tensor) -> SttStep | None:
         codes = self.bundle.mimi.encode(frame)
         if self._first:  # the first step only reads initial tokens: feed the first frame twice, as Kyutai
             self.gen.step(codes)
@@ -257,14 +269,14 @@ def transcribe_recordings(bundle: MoshiBundle, wavs: list[torch.Tensor], generat
     silence, rows are independent."""
     if not wavs:
         return []
-    stt = StreamingTranscriber(bundle, len(wavs), generation, seed, eos_head, eos_threshold)
+    stt = transcriber(bundle, len(wavs), generation, seed, eos_head, eos_threshold)
     sr, frame = bundle.sample_rate, bundle.frame_size
     lengths = [w.shape[-1] for w in wavs]
     frames = -(-max(lengths) // frame)
     batch = torch.zeros(len(wavs), 1, frames * frame)
     for i, w in enumerate(wavs):
         batch[i, :, :w.shape[-1]] = w
-    total = (stt.settings.prefix_samples(sr) // frame + frames + stt.settings.flush_samples(sr) // frame)
+    total = (stt.settings.prefix_samples(sr) // frame + frames + stt.flush_samples() // frame)
     steps: list[SttStep] = []
 
     def progress(new: list[SttStep]) -> None:
@@ -290,3 +302,15 @@ def transcribe_recordings(bundle: MoshiBundle, wavs: list[torch.Tensor], generat
         out.append(Transcription(" ".join(w.word for w in words), words, tokens,
                                  [t for t in fired if t <= duration + stt.settings.audio_delay_s], duration))
     return out
+
+
+def transcriber(bundle: MoshiBundle, batch_size: int = 1, generation: dict | None = None, seed: int | None = None,
+                eos_head: int = DEFAULT_EOS_HEAD, eos_threshold: float = DEFAULT_EOS_THRESHOLD) -> StreamingTranscriber:
+    """The streaming transcriber of a model: an `stt` model's, or a Moshi-style model's in ASR mode (its delays
+    put the text behind the audio, see `openmoshi.generation.delayed`)."""
+    from ..lm.families import DelayedMode
+    mode = DelayedMode.from_config(bundle.config)
+    if mode is not None and mode.kind == "asr":
+        from .delayed import DelayedTranscriber
+        return DelayedTranscriber(bundle, batch_size, generation, seed, eos_head, eos_threshold)
+    return StreamingTranscriber(bundle, batch_size, generation, seed, eos_head, eos_threshold)

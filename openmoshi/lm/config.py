@@ -218,6 +218,17 @@ class LMConfig:
                    tokenizer_name="tokenizer_tiny.model")
 
     @classmethod
+    def tiny_moshi_asr(cls) -> LMConfig:
+        """`tiny` as a single-stream Moshi in ASR mode through its delays (paper §5.7): the text 2 s (25 steps)
+        behind its audio stream, no user stream."""
+        return dataclasses.replace(cls.tiny(), n_q=8, dep_q=8, delays=[25, 0, 1, 1, 1, 1, 1, 1, 1])
+
+    @classmethod
+    def tiny_moshi_tts(cls) -> LMConfig:
+        """`tiny` as a single-stream Moshi in TTS mode through its delays: the audio 2 s behind the text."""
+        return dataclasses.replace(cls.tiny(), n_q=8, dep_q=8, delays=[0, 25, 26, 26, 26, 26, 26, 26, 26])
+
+    @classmethod
     def tiny_talk(cls) -> LMConfig:
         """The shipped tiny-talk Moshi (recipes/tiny_talk.py): 4 generated + 4 user codebooks of a 1024-entry tiny
         Mimi, a 512-piece domain tokenizer, 20 s of context; about 9 M parameters. Text is sampled (0.7, as

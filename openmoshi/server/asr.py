@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 
+from ..audio.opus import OpusDecoderStream
 from ..bundle import MoshiBundle
 from ..errors import ProtocolError
 from ..generation.stt import WordStream
 from ..lm.families import SttSettings
 from . import dsm_protocol as dsm
+from .dsm_session import CLIENT_GONE, DsmSession, accept, run_session
 from .engine import Engine, Slot
 from .limits import SessionLimits
 from .protocol import SessionSettings
-
-logger = logging.getLogger(__name__)
 
 AsrOutput = tuple[int, list[float]]  # text token, class-0 probability of each extra head
 
@@ -126,21 +125,17 @@ class AsrEngine(Engine):
         return outputs
 
 
-class AsrSession:
+class AsrSession(DsmSession):
     """One client of /api/asr-streaming: audio in (within a bounded queue), words, steps and markers out."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine: AsrEngine,
                  limits: SessionLimits) -> None:
-        self.request, self.ws, self.engine, self.limits = request, ws, engine, limits
-        bundle = engine.bundle
-        self.words = WordStream(bundle.tokenizer, engine.rate, *engine.pad_ids)
+        super().__init__(request, ws, engine, limits)
+        self.words = WordStream(engine.bundle.tokenizer, engine.rate, *engine.pad_ids)
         self.offset_s = engine.settings.text_offset_s
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self.stepped = asyncio.Event()
         self.max_queued = max(1, int(limits.input_burst_s * engine.rate))
         self.slot: AsrSlot | None = None
-        self.closed_because: str | None = None
-        self.last_output = 0.0
+        self.decoder: OpusDecoderStream | None = None  # for OggOpus messages, made on the first
 
     def on_output(self, token: int, prs: list[float]) -> None:
         """Called on the event loop after each step of this session."""
@@ -161,27 +156,6 @@ class AsrSession:
     def _time(self, frame: int) -> float:
         return round(max(frame / self.engine.rate - self.offset_s, 0.0), 3)
 
-    async def run(self) -> None:
-        sender = asyncio.create_task(self._send_loop())
-        try:
-            await self._receive_loop()
-        finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-
-    async def end(self, message: str, code: int = WSCloseCode.POLICY_VIOLATION) -> None:
-        if self.closed_because is None:
-            self.closed_because = message
-        if self.ws.closed:
-            return
-        try:
-            await asyncio.wait_for(self.ws.send_bytes(dsm.error(message)), self.limits.close_timeout_s)
-            await asyncio.wait_for(self.ws.close(code=code, message=message[:120].encode()),
-                                   self.limits.close_timeout_s + 0.5)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            if self.request.transport is not None:
-                self.request.transport.abort()
-
     async def _receive_loop(self) -> None:
         loop = asyncio.get_running_loop()
         idle = self.limits.idle_timeout_s
@@ -189,9 +163,7 @@ class AsrSession:
         slot = self.slot
         assert slot is not None
         while not self.ws.closed:
-            while len(slot.frames) > self.max_queued:  # backpressure: read on once the model catches up
-                self.stepped.clear()
-                await self.stepped.wait()
+            if await self._wait_while(lambda: len(slot.frames) > self.max_queued):  # read on once caught up
                 last_input = loop.time()
             remaining = max(last_input, self.last_output) + idle - loop.time()
             if remaining <= 0:
@@ -201,80 +173,51 @@ class AsrSession:
                 message = await self.ws.receive(timeout=remaining)
             except asyncio.TimeoutError:
                 continue
-            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            if message.type in CLIENT_GONE:
                 return
-            try:
-                if message.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
-                    continue
-                msg = dsm.parse(message.data, dsm.ASR_TYPES, self.limits.max_message_bytes)
-            except ProtocolError as exc:
-                self.engine.metrics.protocol_errors += 1
-                await self.ws.send_bytes(dsm.error(f"bad message: {exc}"))
+            msg = await self._parse(message, dsm.ASR_TYPES)
+            if msg is None:
                 continue
             last_input = loop.time()
             if msg["type"] == "Audio":
                 self.engine.push_audio(slot, msg["pcm"])
-            else:  # echoed once every frame received so far has been stepped and the text delay has passed
+            elif msg["type"] == "OggOpus":
+                await self._opus(loop, msg["data"])
+            elif msg["type"] == "Marker":  # echoed once the frames received so far are stepped and the delay passed
                 slot.markers.append((slot.received + self.engine.delay_steps, msg["id"]))
 
+    async def _opus(self, loop: asyncio.AbstractEventLoop, data: bytes) -> None:
+        """Decodes Ogg-Opus pages off the event loop (at most `input_burst_s` of audio per message) and queues
+        their audio; a bad stream restarts cleanly."""
+        if self.decoder is None:
+            self.decoder = OpusDecoderStream(self.engine.bundle.sample_rate)
+        limit = int(self.limits.input_burst_s * self.engine.bundle.sample_rate)  # audio one message may hold
+        pcm, error = await loop.run_in_executor(None, _decode, self.decoder, data, limit)
+        if pcm.size:
+            self.engine.push_audio(self.slot, pcm)
+        if error is not None:
+            self.decoder = None
+            self.engine.metrics.protocol_errors += 1
+            await self.ws.send_bytes(dsm.error(f"bad message: {error}"))
+
     async def _send_loop(self) -> None:
-        while True:
-            message = await self.outbox.get()
-            try:
-                await asyncio.wait_for(self.ws.send_bytes(message), self.limits.send_stall_s)
-                self.last_output = asyncio.get_running_loop().time()
-            except asyncio.TimeoutError:
-                self.closed_because = f"the client read nothing for {self.limits.send_stall_s:g} s"
-                if self.request.transport is not None:
-                    self.request.transport.abort()
-                return
-            except (ConnectionError, RuntimeError):
-                return
+        while await self.send(await self.outbox.get()):
+            pass
+
+
+def _decode(decoder: OpusDecoderStream, data: bytes, limit: int) -> tuple[np.ndarray, ProtocolError | None]:
+    try:
+        decoder.push(data, sample_limit=limit)
+        return decoder.read(), None
+    except ProtocolError as exc:
+        return decoder.read(), exc
 
 
 async def handle_asr(request: web.Request, engine: AsrEngine, limits: SessionLimits,
                      sessions: set) -> web.StreamResponse:
-    ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
-                               timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
-    await ws.prepare(request)
-    if not await wait_ready(ws, engine, limits):
+    ws, ready = await accept(request, engine, limits)
+    if not ready:
         return ws
     session = AsrSession(request, ws, engine, limits)
     slot = engine.acquire_asr(session.on_output)
-    if slot is None:
-        await ws.send_bytes(dsm.error(f"server busy: every transcription slot ({engine.max_sessions}) is taken, "
-                                      "try again later"))
-        await ws.close()
-        return ws
-    session.slot = slot
-    return await run_session(request, ws, engine, session, sessions, "asr")
-
-
-async def run_session(request: web.Request, ws: web.WebSocketResponse, engine, session, sessions: set,
-                      what: str) -> web.WebSocketResponse:
-    """Ready, then the session until it ends; its slot is released and the end logged whatever happens."""
-    slot = session.slot
-    logger.info("%s session in slot %d from %s", what, slot.index, request.remote)
-    sessions.add(session)
-    try:
-        await ws.send_bytes(dsm.pack({"type": "Ready"}))
-        await session.run()
-    finally:
-        sessions.discard(session)
-        engine.release(slot)
-        logger.info("%s session in slot %d ended after %d steps%s", what, slot.index, slot.steps,
-                    f" ({session.closed_because})" if session.closed_because else "")
-    return ws
-
-
-async def wait_ready(ws: web.WebSocketResponse, engine, limits: SessionLimits) -> bool:
-    """Holds a client connecting during warm-up until the model is ready; False (after an Error) if it never is."""
-    if engine.ready.is_set():
-        return True
-    try:
-        await asyncio.wait_for(engine.ready.wait(), limits.warmup_wait_s)
-        return True
-    except asyncio.TimeoutError:
-        await ws.send_bytes(dsm.error("the server is still warming up; try again in a moment"))
-        await ws.close()
-        return False
+    return await run_session(request, ws, engine, session, slot, sessions, "asr", "transcription")

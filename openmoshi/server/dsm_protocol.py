@@ -4,7 +4,9 @@ text-to-speech at /api/tts_streaming (as their `stt_*_rust_server.py` and `tts_r
 Every message is one binary websocket frame holding a msgpack map with a "type":
 
     ASR  client -> server  {"type": "Audio", "pcm": [float, ...]}   24 kHz mono float PCM, any length
+                           {"type": "OggOpus", "data": bytes}       Ogg-Opus pages of such audio, split anywhere
                            {"type": "Marker", "id": int}            echoed once the audio before it is transcribed
+                           {"type": "Init"}                         accepted and ignored (Ready is sent anyway)
     ASR  server -> client  {"type": "Ready"}
                            {"type": "Word", "text": str, "start_time": float}
                            {"type": "EndWord", "stop_time": float}
@@ -12,7 +14,8 @@ Every message is one binary websocket frame holding a msgpack map with a "type":
                                  (per 80 ms, for models with voice-activity heads)
                            {"type": "Marker", "id": int}
     TTS  client -> server  {"type": "Text", "text": str}   {"type": "Eos"}
-    TTS  server -> client  {"type": "Ready"}   {"type": "Audio", "pcm": [float, ...]}
+    TTS  server -> client  {"type": "Ready"}   {"type": "Audio", "pcm": [float, ...]}   (format=PcmMessagePack;
+                                 the other formats in `tts_format`)
                            {"type": "Text", "text": str, "start_s": float, "stop_s": float}
     both server -> client  {"type": "Error", "message": str}
 """
@@ -29,11 +32,13 @@ from ..errors import ProtocolError
 # What a client may send on each endpoint, and the fields each message needs (name -> type check, description).
 _FIELDS = {
     "Audio": {"pcm": "a list of numbers (float PCM at 24 kHz)"},
+    "OggOpus": {"data": "bytes (Ogg-Opus pages)"},
+    "Init": {},
     "Marker": {"id": "an integer"},
     "Text": {"text": "a string"},
     "Eos": {},
 }
-ASR_TYPES = ("Audio", "Marker")
+ASR_TYPES = ("Audio", "OggOpus", "Marker", "Init")
 TTS_TYPES = ("Text", "Eos")
 
 
@@ -91,7 +96,19 @@ def parse(data: bytes | str, accepted: tuple[str, ...], max_bytes: int) -> dict:
         raise ProtocolError(f"a Text message's \"text\" must be a string, got {type(message['text']).__name__}")
     if kind == "Audio":
         message["pcm"] = _pcm(message["pcm"])
+    if kind == "OggOpus":
+        message["data"] = _bytes(message["data"])
     return message
+
+
+def _bytes(data) -> bytes:
+    """msgpack bin, or an array of byte values (what serde makes of a Vec<u8> unless told otherwise)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (list, tuple)) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
+                                               for b in data):
+        return bytes(data)
+    raise ProtocolError("an OggOpus message's \"data\" must be bytes (msgpack bin or a list of 0..255)")
 
 
 def _pcm(values) -> np.ndarray:

@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 
 import numpy as np
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 from ..audio.opus import DecodeLimitReached, OpusDecoderStream, OpusEncoderStream
 from ..errors import ProtocolError
@@ -21,6 +21,7 @@ from . import protocol
 from .engine import Engine, Slot
 from .limits import InputBudget, SessionLimits
 from .protocol import Kind
+from .ws_session import WsSession
 
 logger = logging.getLogger(__name__)
 
@@ -69,50 +70,22 @@ class Outbox:
         return self._items.popleft()
 
 
-class ChatSession:
+class ChatSession(WsSession):
     """Runs one accepted conversation (its slot is acquired by the caller and released when `run` returns)."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine: Engine, slot: Slot,
                  outbox: Outbox, limits: SessionLimits, pool: concurrent.futures.Executor) -> None:
-        self.request = request
-        self.ws = ws
+        super().__init__(request, ws, limits)
         self.engine = engine
         self.slot = slot
         self.outbox = outbox
-        self.limits = limits
         self.pool = pool
         self.sample_rate = engine.bundle.sample_rate
         self.budget = InputBudget(limits.input_rate, limits.input_burst_s)
         self.decoder = OpusDecoderStream(self.sample_rate)
-        self.closed_because: str | None = None
-        self.last_output = 0.0  # loop time of the last message sent: an answer still arriving is not idleness
 
-    async def run(self) -> None:
-        sender = asyncio.create_task(self._send_loop())
-        try:
-            await self._receive_loop()
-        finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-
-    async def end(self, message: str, code: int = WSCloseCode.POLICY_VIOLATION) -> None:
-        """Tells the client why (kind 5), then sends a close frame; never waits long on the client."""
-        if self.closed_because is None:
-            self.closed_because = message
-        if self.ws.closed:
-            return
-        logger.info("closing the session in slot %d: %s", self.slot.index, message)
-        try:
-            await asyncio.wait_for(self.ws.send_bytes(protocol.error(message)), self.limits.close_timeout_s)
-            await asyncio.wait_for(self.ws.close(code=code, message=message[:120].encode()),
-                                   self.limits.close_timeout_s + 0.5)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            self.abort()
-
-    def abort(self) -> None:
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
+    def error(self, message: str) -> bytes:
+        return protocol.error(message)  # kind 5
 
     # ---- user -> server
     async def _receive_loop(self) -> None:
@@ -199,13 +172,5 @@ class ChatSession:
             if text:
                 messages.append(protocol.text_piece(text))
             for message in messages:
-                try:
-                    await asyncio.wait_for(self.ws.send_bytes(message), self.limits.send_stall_s)
-                    self.last_output = asyncio.get_running_loop().time()
-                except asyncio.TimeoutError:
-                    self.closed_because = f"the client read nothing for {self.limits.send_stall_s:g} s"
-                    logger.info("disconnecting slot %d: %s", self.slot.index, self.closed_because)
-                    self.abort()
-                    return
-                except (ConnectionError, RuntimeError):
+                if not await self.send(message):
                     return

@@ -2,102 +2,86 @@
 `dsm_protocol`): words in as they come, 80 ms audio frames out with word timings, then a normal close.
 
 Sessions share the batched step of `TtsEngine` (one slot each, up to `max_sessions`). Query parameters: voice
-(a file of --voice-dir), format (PcmMessagePack), temperature, seed, cfg_alpha; auth_id for the token.
+(a file of --voice-dir), format (`tts_format`: PcmMessagePack, OggOpusMessagePack, OggOpus, Pcm), temperature,
+seed, cfg_alpha; auth_id for the token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, web
 
 from ..errors import ProtocolError
 from . import dsm_protocol as dsm
-from .asr import run_session, wait_ready
+from .dsm_session import CLIENT_GONE, DsmSession, accept, refuse, run_session
 from .limits import SessionLimits
 from .tts_engine import TtsEngine, TtsOutput, TtsSlot
+from .tts_format import TtsEncoder
 from .tts_request import TtsOptions, TtsQuery
 
 __all__ = ["TtsEngine", "TtsOptions", "handle_tts"]
-
-logger = logging.getLogger(__name__)
 
 MAX_PENDING_WORDS = 2000  # words queued ahead of the speech before the server stops reading (backpressure)
 _DONE = object()
 
 
-class TtsSession:
+class TtsSession(DsmSession):
     """One client: its text goes to its slot as it arrives, its audio and words come back as they are made."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine: TtsEngine,
-                 limits: SessionLimits) -> None:
-        self.request, self.ws, self.engine, self.limits = request, ws, engine, limits
+                 limits: SessionLimits, encoder: TtsEncoder) -> None:
+        super().__init__(request, ws, engine, limits)
+        self.encoder = encoder
+        # with messages, the Error before the close says why; a raw format has only the close frame for it
+        self.messages = encoder.messages
+        self.reason_in_close_frame = not encoder.messages
         self.slot: TtsSlot | None = None
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.stepped = asyncio.Event()
         self.eos = False
-        self.closed_because: str | None = None
         self.last_input = 0.0
 
     def on_output(self, output: TtsOutput) -> None:
         """Called on the event loop after each step of this session."""
         pcm, words, ended = output
-        if pcm.size:
-            self.outbox.put_nowait(dsm.pack_audio(pcm))
-        for text, start, stop in words:
-            self.outbox.put_nowait(dsm.pack({"type": "Text", "text": text, "start_s": start, "stop_s": stop}))
+        encoded = [self.encoder.audio(pcm)] if pcm.size else []
+        encoded += [self.encoder.word(text, start, stop) for text, start, stop in words]
+        for message in encoded:
+            if message is not None:
+                self.outbox.put_nowait(message)
         if ended is not None:
             self.outbox.put_nowait((_DONE, ended))
         self.stepped.set()
 
+    def error(self, message: str) -> bytes | None:
+        return self.encoder.error(message)
+
+    def opening(self) -> list[bytes]:
+        return self.encoder.opening()
+
     async def run(self) -> None:
         """Reads text while sending what the steps make; closes normally once all is said, else says why."""
         self.last_input = asyncio.get_running_loop().time()
-        reader = asyncio.create_task(self._receive_loop())
-        try:
-            problem = await self._send_loop()
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+        problem = await self._beside(self._send_loop(), self._receive_loop())
         if problem != "gone":
             await self.end(problem or None, WSCloseCode.OK if not problem else WSCloseCode.POLICY_VIOLATION)
 
-    async def end(self, message: str | None, code: int = WSCloseCode.POLICY_VIOLATION) -> None:
-        """An Error first when `message`, then a close frame; never waits long on the client."""
-        if message and self.closed_because is None:
-            self.closed_because = message
-        if self.ws.closed:
-            return
-        try:
-            if message:
-                await asyncio.wait_for(self.ws.send_bytes(dsm.error(message)), self.limits.close_timeout_s)
-            await asyncio.wait_for(self.ws.close(code=code), self.limits.close_timeout_s + 0.5)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
-            if self.request.transport is not None:
-                self.request.transport.abort()
+    def _check(self, message: dict) -> dict:
+        if self.eos:
+            raise ProtocolError(f"a {message['type']} message after Eos: the text has ended")
+        return message
 
     async def _receive_loop(self) -> None:
         slot = self.slot
         assert slot is not None
         loop = asyncio.get_running_loop()
         while not self.ws.closed:
-            while len(slot.texts) + slot.pending_words > MAX_PENDING_WORDS:  # backpressure
-                self.stepped.clear()
-                await self.stepped.wait()
+            await self._wait_while(lambda: len(slot.texts) + slot.pending_words > MAX_PENDING_WORDS)
             message = await self.ws.receive()
-            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            if message.type in CLIENT_GONE:
                 self.outbox.put_nowait((_DONE, "gone"))
                 return
-            if message.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
-                continue
-            try:
-                msg = dsm.parse(message.data, dsm.TTS_TYPES, self.limits.max_message_bytes)
-                if self.eos:
-                    raise ProtocolError(f"a {msg['type']} message after Eos: the text has ended")
-            except ProtocolError as exc:
-                self.engine.metrics.protocol_errors += 1
-                await self.ws.send_bytes(dsm.error(f"bad message: {exc}"))
+            msg = await self._parse(message, dsm.TTS_TYPES)
+            if msg is None:
                 continue
             self.last_input = loop.time()
             if msg["type"] == "Text":
@@ -110,9 +94,8 @@ class TtsSession:
         """Sends until the speech ends: "" when all is said, "gone" when the client left, else why it stopped."""
         loop = asyncio.get_running_loop()
         idle = self.limits.idle_timeout_s
-        last_output = loop.time()
         while True:
-            remaining = max(self.last_input, last_output) + idle - loop.time()
+            remaining = max(self.last_input, self.last_output) + idle - loop.time()
             if remaining <= 0 and self.outbox.empty():
                 return f"closed: no text received for {idle:g} s (idle timeout); send Eos at the end of the text"
             try:
@@ -121,38 +104,24 @@ class TtsSession:
                 continue
             if isinstance(item, tuple):
                 return item[1]
-            try:
-                await asyncio.wait_for(self.ws.send_bytes(item), self.limits.send_stall_s)
-                last_output = loop.time()
-            except asyncio.TimeoutError:
-                self.closed_because = f"the client read nothing for {self.limits.send_stall_s:g} s"
-                if self.request.transport is not None:
-                    self.request.transport.abort()
-                return "gone"
-            except (ConnectionError, RuntimeError):
+            if not await self.send(item):
                 return "gone"
 
 
 async def handle_tts(request: web.Request, engine: TtsEngine, limits: SessionLimits,
                      sessions: set) -> web.StreamResponse:
-    ws = web.WebSocketResponse(max_msg_size=limits.max_message_bytes + 1, heartbeat=30,
-                               timeout=limits.close_timeout_s, writer_limit=limits.send_buffer_bytes)
-    await ws.prepare(request)
-    if not await wait_ready(ws, engine, limits):
+    ws, ready = await accept(request, engine, limits)
+    if not ready:
         return ws
     try:
         query = TtsQuery.parse(dict(request.query), engine.options)
+    except ProtocolError as exc:
+        return await refuse(ws, str(exc))
+    encoder = TtsEncoder(query.format)
+    try:
         conditions = engine.conditions(engine.voice(query.voice), query.cfg_coef)
     except ProtocolError as exc:
-        await ws.send_bytes(dsm.error(str(exc)))
-        await ws.close()
-        return ws
-    session = TtsSession(request, ws, engine, limits)
+        return await refuse(ws, str(exc), encoder.messages)
+    session = TtsSession(request, ws, engine, limits, encoder)
     slot = engine.acquire(conditions, query.temperature, query.seed, session.on_output)
-    if slot is None:
-        await ws.send_bytes(dsm.error(f"server busy: every speech slot ({engine.max_sessions}) is taken, "
-                                      "try again later"))
-        await ws.close()
-        return ws
-    session.slot = slot
-    return await run_session(request, ws, engine, session, sessions, "tts")
+    return await run_session(request, ws, engine, session, slot, sessions, "tts", "speech")

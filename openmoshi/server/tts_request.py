@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ProtocolError
+from .tts_format import DEFAULT_FORMAT, check_format
 
 
 @dataclass
@@ -48,12 +49,11 @@ class TtsQuery:
     temperature: float
     cfg_coef: float
     seed: int | None
+    format: str = DEFAULT_FORMAT
 
     @classmethod
     def parse(cls, query: dict[str, str], options: TtsOptions) -> TtsQuery:
-        fmt = query.get("format", "PcmMessagePack")
-        if fmt != "PcmMessagePack":
-            raise ProtocolError(f"format={fmt!r} is not supported: use format=PcmMessagePack")
+        fmt = check_format(query.get("format", DEFAULT_FORMAT))
 
         def number(name: str, default: float, low: float, high: float) -> float:
             raw = query.get(name)
@@ -71,4 +71,4 @@ class TtsQuery:
         if seed is not None and not seed.strip().lstrip("-").isdigit():
             raise ProtocolError(f"query parameter seed={seed!r} is not an integer")
         return cls(query.get("voice") or None, number("temperature", options.temperature, 0.0, 10.0),
-                   number("cfg_alpha", options.cfg_coef, 0.0, 20.0), int(seed) if seed is not None else None)
+                   number("cfg_alpha", options.cfg_coef, 0.0, 20.0), int(seed) if seed is not None else None, fmt)
