@@ -279,11 +279,7 @@ class LMTask:
         cfg = self.cfg
         self._build(env.device)
         if cfg.lora.rank:
-            trainable = add_lora(self.lm, cfg.lora)
-        else:
-            trainable = [p for p in self.lm.parameters()]
-        ids = {id(p) for p in trainable}
-        named = [(n, p) for n, p in self.lm.named_parameters() if id(p) in ids]
+            add_lora(self.lm, cfg.lora)  # freezes all but the adapters (and embeddings if asked)
         self.user_text_head: nn.Linear | None = None
         if cfg.loss.user_text_weight:
             # starts as a copy of the text head: same vocabulary, and a useful reading of the hidden state
@@ -291,10 +287,13 @@ class LMTask:
             with torch.no_grad():
                 self.user_text_head.weight.copy_(self.lm.text_linear.weight)
             self.user_text_head.to(env.device)
-            named += [("user_text_head.weight", self.user_text_head.weight)]
             self.fwd = env.wrap(WithUserText(self.lm, self.user_text_head))
         else:
             self.fwd = env.wrap(self.lm)
+        # under FSDP the parameters are replaced by shards: list them after wrapping
+        named = [(n, p) for n, p in self.lm.named_parameters() if p.requires_grad]
+        if self.user_text_head is not None:
+            named += [("user_text_head.weight", self.user_text_head.weight)]
         o = cfg.optim
 
         def groups(params: list[tuple[str, nn.Parameter]]) -> list[dict]:
