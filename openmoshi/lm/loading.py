@@ -108,7 +108,7 @@ def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch
     with torch.device("meta"):  # built without memory, then the checkpoint tensors become the parameters
         lm = LMModel(cfg)
     logger.info("loading the LM from %s", weights)
-    state = read_safetensors(weights, device=device)
+    state = read_safetensors(weights, device=device, dtype=dtype)  # cast tensor by tensor: one copy in memory
     load_into(lm, state, weights, dtype=dtype, assign=True)
     del state
     if lora_weights is not None or cfg.lora:
