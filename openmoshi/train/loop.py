@@ -196,16 +196,16 @@ class Trainer:
         return ({k: fsdp.gather(m.state_dict(), keep) for k, m in models.items()},
                 {k: fsdp.gather(e.state_dict(), keep) for k, e in emas.items()})
 
-    def _eval_models(self, env: TrainEnv, models: dict, emas: dict, states: tuple[dict, dict] | None = None) -> dict:
-        """The modules evaluation and export run (EMA weights where kept); FSDP-sharded ones as plain copies.
-
-        Under FSDP every rank must call it (weights are gathered); the result is for rank 0.
-        """
+    def _eval_models(self, env: TrainEnv, models: dict, emas: dict, states: tuple[dict, dict] | None = None,
+                     device: torch.device | None = None) -> dict:
+        """The modules evaluation and export run (EMA weights where kept); FSDP-sharded ones as plain copies on
+        `device` (default env.device). Under FSDP every rank must call it (weights are gathered); the result is
+        for rank 0."""
         if any(fsdp.is_sharded(m) for m in models.values()):
             model_states, ema_states = states or self._weights(env, models, emas)
             if not env.dist.is_main:
                 return {}
-            return {name: env.plain(m, ema_states.get(name) or model_states[name]) if fsdp.is_sharded(m)
+            return {name: env.plain(m, ema_states.get(name) or model_states[name], device) if fsdp.is_sharded(m)
                     else (emas[name].module if name in emas else m) for name, m in models.items()}
         return {name: (emas[name].module if name in emas else m) for name, m in models.items()}
 
@@ -234,7 +234,7 @@ class Trainer:
         keep = env.dist.is_main
         weights = self._weights(env, models, emas)  # the same tensors as state_dict() without FSDP
         optimizers = {k: fsdp.gather(o.state_dict(), keep) for k, o in task.optimizers().items()}
-        export_models = self._eval_models(env, models, emas, weights)
+        export_models = self._eval_models(env, models, emas, weights, torch.device("cpu"))  # export: no GPU copy
         if env.dist.is_main:
             state = {
                 "step": step, "cursor": cursor, "world_size": env.dist.world_size,

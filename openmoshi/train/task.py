@@ -91,12 +91,14 @@ class TrainEnv:
                 for module, _ in self._sharded.values():
                     module.set_requires_gradient_sync(True)
 
-    def plain(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-        """For a module sharded by wrap(): an unsharded copy holding `state` (full tensors), on this device."""
+    def plain(self, module: nn.Module, state: dict[str, torch.Tensor], device: torch.device | None = None,
+              ) -> nn.Module:
+        """For a module sharded by wrap(): an unsharded copy holding `state` (full tensors) on `device`
+        (default this process's)."""
         entry = self._sharded.get(id(module))
         if entry is None:
             raise RuntimeError("plain() takes a module that wrap() sharded")
-        return fsdp.materialize(entry[1], state, self.device)
+        return fsdp.materialize(entry[1], state, device or self.device)
 
 
 class Task(Protocol):

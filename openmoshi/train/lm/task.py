@@ -235,11 +235,11 @@ class LMTask:
         self._items: LMItems | None = None
 
     # ---- models
-    def _build(self, device: torch.device) -> None:
+    def _build(self, device: torch.device, lm_device: torch.device) -> None:
         m = self.cfg.model
         if m.init:
             lm_cfg, _ = read_config(m.init)
-            lm = load_lm(m.init, device=device, dtype=torch.float32)
+            lm = load_lm(m.init, device=lm_device, dtype=torch.float32)
             source = ModelSource(m.init)
             tokenizer_path = m.tokenizer or source.require(lm_cfg.tokenizer_name, "text tokenizer")
             mimi = load_codec(m.codec or m.init, device)
@@ -250,7 +250,7 @@ class LMTask:
             if m.preset == "moshi_7b" and not m.tokenizer:
                 raise ConfigError("training the 7B from scratch needs --tokenizer (Kyutai's tokenizer_spm_32k_3.model)")
             tokenizer_path = m.tokenizer or str(ASSETS / lm_cfg.tokenizer_name)
-            lm = LMModel(lm_cfg).to(device)
+            lm = LMModel(lm_cfg).to(lm_device)
             if m.codec:
                 mimi = load_codec(m.codec, device, num_codebooks=max(lm_cfg.dep_q, lm_cfg.n_user)) \
                     if Path(m.codec).is_dir() or m.codec.startswith("hf://") \
@@ -277,7 +277,9 @@ class LMTask:
 
     def setup(self, env: TrainEnv) -> None:
         cfg = self.cfg
-        self._build(env.device)
+        # Under FSDP the LM stays on the CPU until wrap(): fully_shard moves each layer's shard to the device,
+        # so no GPU ever holds the whole model.
+        self._build(env.device, torch.device("cpu") if env.fsdp else env.device)
         if cfg.lora.rank:
             add_lora(self.lm, cfg.lora)  # freezes all but the adapters (and embeddings if asked)
         self.user_text_head: nn.Linear | None = None
