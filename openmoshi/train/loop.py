@@ -86,6 +86,8 @@ class Trainer:
             raise ConfigError(f"the global batch {cfg.batch_size} must split into {info.world_size} processes "
                               f"x {cfg.grad_accum} micro-batches; change --batch-size or train.grad_accum")
         env = TrainEnv(cfg, device, info, self.run_dir, micro_batches=cfg.grad_accum)
+        if cfg.parallel == "fsdp" and not info.enabled:
+            logger.info("train.parallel=fsdp with one process: nothing to shard (start with torchrun to shard)")
         try:
             return self._fit(env)
         finally:
