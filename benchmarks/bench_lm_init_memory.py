@@ -1,12 +1,13 @@
 """Peak RAM of `openmoshi train lm --init MODEL` before the first step, and the 7B LoRA's memory (meta build).
 
     python benchmarks/bench_lm_init_memory.py init MODEL --data MANIFEST [--mode meta|eager] [--lora-rank R]
+                                               [--fsdp N]   # N torchrun processes, --parallel fsdp
     python benchmarks/bench_lm_init_memory.py bf16 MODEL OUT     # MODEL's LM weights as bf16 (as Kyutai ships)
     python benchmarks/bench_lm_init_memory.py lora7b [--rank 128]
 
 `init` runs, in a child process, what `train lm --init` does before its first step (LMTask.setup: the LM
 built on the meta device and loaded once, Mimi, tokenizer, data, optimizer) and prints its peak RSS beside
-the bytes of the weights it holds. `--mode eager` builds the LM with real (random) parameters first and then
+the bytes of the weights it holds (with --fsdp N: each process, its shards). `--mode eager` builds the LM with real (random) parameters first and then
 copies the checkpoint in: the two-copies baseline. MODEL is a model folder, e.g. from
 `openmoshi init bench MODEL` (~0.4 B parameters).
 
@@ -22,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -45,13 +47,15 @@ def _setup(model: str, data: str, mode: str, lora_rank: int) -> None:
     from openmoshi.checkpoint import load_into, read_safetensors
     from openmoshi.lm.loading import _weights_path
     from openmoshi.lm.model import LMModel
-    from openmoshi.train.distributed import DistInfo
+    from openmoshi.train import distributed
     from openmoshi.train.lm import task as lm_task
     from openmoshi.train.lm.config import stage_config
     from openmoshi.train.task import TrainEnv
 
     cfg = stage_config("finetune")
     cfg.model.init, cfg.data.data, cfg.lora.rank = model, [data], lora_rank
+    cfg.train.parallel = "fsdp"  # with one process: nothing to shard
+    info = distributed.init("cpu")
     if mode == "eager":  # the baseline: real parameters first, then the checkpoint copied into them
 
         def eager_load(source, device="cpu", dtype=torch.float32):
@@ -63,28 +67,49 @@ def _setup(model: str, data: str, mode: str, lora_rank: int) -> None:
 
         lm_task.load_lm = eager_load
     base = _status()
+    peak_anon = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:  # the kernel keeps the peak of the whole RSS only: sample the private part
+        while not done.wait(0.005):
+            peak_anon[0] = max(peak_anon[0], _status()["RssAnon"])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     task = lm_task.LMTask(cfg)
-    task.setup(TrainEnv(cfg.train, torch.device("cpu"), DistInfo(), Path("/nonexistent")))
-    lm_bytes = sum(t.nbytes for t in task.lm.state_dict().values())
+    task.setup(TrainEnv(cfg.train, torch.device("cpu"), info, Path("/nonexistent")))
+    done.set()
+    sampler.join()
+    lm_bytes = sum(getattr(t, "_local_tensor", t).nbytes for t in task.lm.state_dict().values())  # shards
     mimi_bytes = sum(t.nbytes for t in task.mimi.state_dict().values())
-    print("REPORT " + json.dumps({"mode": mode, "lora_rank": lora_rank, "before": base, "after": _status(),
-                                  "lm_gb": lm_bytes / GB, "mimi_gb": mimi_bytes / GB}))
+    print("REPORT " + json.dumps({"rank": info.rank, "mode": mode, "lora_rank": lora_rank, "before": base, "after": _status(),
+                                  "peak_anon": peak_anon[0],
+                                  "lm_gb": lm_bytes / GB, "mimi_gb": mimi_bytes / GB}), flush=True)
+    distributed.shutdown()
 
 
 def init(args: argparse.Namespace) -> None:
-    cmd = [sys.executable, __file__, "_child", args.model, "--data", args.data, "--mode", args.mode,
+    run = [sys.executable] if args.fsdp <= 1 else ["torchrun", "--nproc-per-node", str(args.fsdp), "--master-port",
+                                                     "29650"]
+    cmd = [*run, __file__, "_child", args.model, "--data", args.data, "--mode", args.mode,
            "--lora-rank", str(args.lora_rank)]
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     if proc.returncode or not lines:
         sys.exit(f"child failed: {proc.stderr[-2000:]}")
-    r = json.loads(lines[-1][len("REPORT "):])
+    for line in sorted(lines):
+        _print(json.loads(line[len("REPORT "):]), args)
+
+
+def _print(r: dict, args: argparse.Namespace) -> None:
     weights = r["lm_gb"] + r["mimi_gb"]
     a = r["after"]
-    print(f"{args.mode:<6} lora {args.lora_rank}: weights held {weights:.2f} GB (LM {r['lm_gb']:.2f} + Mimi "
+    rank = f" rank {r['rank']}/{args.fsdp}" if args.fsdp > 1 else ""
+    print(f"{args.mode:<6}{rank} lora {args.lora_rank}: weights held {weights:.2f} GB (LM {r['lm_gb']:.2f} + Mimi "
           f"{r['mimi_gb']:.2f}); python+torch at start {r['before']['VmRSS']:.2f} GB; peak RSS {a['VmHWM']:.2f} GB "
-          f"= start + {(a['VmHWM'] - r['before']['VmRSS']) / weights:.2f} x weights; after setup RSS "
+          f"= start + {(a['VmHWM'] - r['before']['VmRSS']) / weights:.2f} x weights (anonymous peak "
+          f"{r['peak_anon']:.2f} GB); after setup RSS "
           f"{a['VmRSS']:.2f} GB (anonymous {a['RssAnon']:.2f}, file-backed {a['RssFile']:.2f})")
 
 
@@ -126,6 +151,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["meta", "eager"], default="meta",
                         help="init: meta = as `train lm --init` does; eager = real parameters then a copy")
     parser.add_argument("--lora-rank", type=int, default=0, help="init: LoRA rank (0 = full fine-tuning)")
+    parser.add_argument("--fsdp", type=int, default=1, help="init: run N torchrun processes with --parallel fsdp")
     parser.add_argument("--rank", type=int, default=128, help="lora7b: LoRA rank")
     args = parser.parse_args()
     if args.what == "lora7b":

@@ -92,6 +92,16 @@ def _read_header(path: Path) -> dict:
     return header
 
 
+def stored_float_dtype(path: str | Path) -> torch.dtype | None:
+    """The floating-point dtype most tensors of a safetensors file are stored in (None: no float tensors)."""
+    counts: dict[torch.dtype, int] = {}
+    for key, info in _read_header(Path(path)).items():
+        dtype = None if key.startswith("__") else _FROM_ST.get(info["dtype"])
+        if dtype is not None and dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
 def _read_cast(path: Path, header: dict, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Reads the file tensor by tensor (plain reads into one reused buffer), casting floating-point ones."""
     start = header.pop("__data_start__")

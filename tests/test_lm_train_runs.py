@@ -18,7 +18,7 @@ import torch
 from dialogue_utils import make_dialogue
 
 from openmoshi.bundle import init_model
-from openmoshi.checkpoint import read_safetensors
+from openmoshi.checkpoint import read_safetensors, save_safetensors
 from openmoshi.cli.main import main
 from openmoshi.train.checkpoint import KILL_DURING_WRITE_ENV
 
@@ -115,14 +115,20 @@ def test_two_processes_equal_one_process(dialogue, tmp_path):
 def test_fsdp_two_processes_equal_one_and_resume_after_kill_is_exact(dialogue, tmp_path):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
-    # full fine-tuning: every weight and Adam moment is sharded over the two processes, layer by layer
-    data = ["--init", str(dialogue["model"]), "--data", str(dialogue["manifest"])]
+    # Full fine-tuning (every weight and Adam moment sharded over the two processes, layer by layer) from bf16
+    # weights as Kyutai ships them: one process casts them to fp32 as it reads; FSDP maps the file and casts
+    # each layer just before sharding it.
+    model = tmp_path / "bf16"
+    shutil.copytree(dialogue["model"], model)
+    start = {k: v.to(torch.bfloat16) for k, v in read_safetensors(model / "model.safetensors").items()}
+    save_safetensors(start, model / "model.safetensors")
+    data = ["--init", str(model), "--data", str(dialogue["manifest"])]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     _run(one, *data)
     _run(two, *data, "--parallel", "fsdp", torchrun=2, port=29534)
-    start, a, b = read_safetensors(dialogue["model"] / "model.safetensors"), _weights(one), _weights(two)
-    assert a.keys() == b.keys() == start.keys()
-    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys() == start.keys() and {v.dtype for v in b.values()} == {torch.float32}
+    moved = max(float((a[k] - start[k].float()).abs().max()) for k in a)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies float noise
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05 * moved

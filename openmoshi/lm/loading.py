@@ -19,6 +19,7 @@ from ..checkpoint import (
     read_safetensors,
     save_safetensors,
     split_hf,
+    stored_float_dtype,
 )
 from ..errors import CheckpointError, ConfigError
 from .config import LMConfig
@@ -91,6 +92,12 @@ def _weights_path(source: str | Path, cfg: LMConfig) -> Path:
             raise CheckpointError(f"checkpoint file not found: {path}")
         return path
     return ModelSource.around(source).require(cfg.moshi_name, "LM weights")
+
+
+def stored_dtype(source: str | Path) -> torch.dtype:
+    """The dtype an LM's weights are stored in (bf16 for Kyutai's releases), without reading them."""
+    cfg, _ = read_config(source)
+    return stored_float_dtype(_weights_path(source, cfg)) or torch.float32
 
 
 def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

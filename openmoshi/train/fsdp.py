@@ -28,21 +28,44 @@ def default_layers(module: nn.Module) -> list[nn.Module]:
             if name.rsplit(".", 1)[-1] == "layers" and isinstance(sub, nn.ModuleList) for layer in sub]
 
 
-def skeleton(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose parameters are meta tensors (no memory); buffers and settings are copied."""
-    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-                            for p in module.parameters()}
-    return copy.deepcopy(module, memo)
+def _float(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
 
-def shard(module: nn.Module, layers: list[nn.Module], device: torch.device) -> DeviceMesh:
-    """fully_shard each of `layers`, then `module` (which takes every parameter left), over all processes."""
+def skeleton(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `module` whose parameters are meta tensors (no memory; floating ones as `dtype` if given);
+    buffers and settings are copied."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta", dtype=_float(p, dtype)),
+                                                requires_grad=p.requires_grad) for p in module.parameters()}
+    return cast_(copy.deepcopy(module, memo), dtype)
+
+
+def cast_(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Floating-point parameters and buffers of `module` cast to `dtype` in place (sharded ones left as they are)."""
+    if dtype is None:
+        return module
+    for sub in module.modules():
+        for tensors in (sub._parameters, sub._buffers):
+            for name, t in tensors.items():
+                if t is None or isinstance(t, DTensor) or t.dtype == _float(t, dtype):
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(dtype)
+                else:
+                    tensors[name] = t.to(dtype)
+    return module
+
+
+def shard(module: nn.Module, layers: list[nn.Module], device: torch.device, dtype: torch.dtype | None = None,
+          ) -> DeviceMesh:
+    """fully_shard each of `layers`, then `module` (which takes every parameter left), over all processes;
+    with `dtype`, each is cast just before its sharding (one full layer in that dtype at a time)."""
     # Our tasks never modify a model's outputs in place, the case this warning is about.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(cast_(layer, dtype), mesh=mesh)
+    fully_shard(cast_(module, dtype), mesh=mesh)
     return mesh
 
 

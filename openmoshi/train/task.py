@@ -45,19 +45,23 @@ class TrainEnv:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def wrap(self, module: nn.Module, layers: list[nn.Module] | None = None) -> nn.Module:
+    def wrap(self, module: nn.Module, layers: list[nn.Module] | None = None, dtype: torch.dtype | None = None,
+             ) -> nn.Module:
         """The module to run forward through: DDP-wrapped with several processes, itself otherwise.
 
         Gradients of a wrapped module are averaged over processes during backward. Buffers are not
         broadcast: a task keeps them identical itself (e.g. all-reduced codebook statistics).
         With train.parallel=fsdp the module is sharded in place (FSDP2: each of `layers`, by default every
         `layers` ModuleList element, then the module) and returned; wrap it before building its optimizer.
+        `dtype` casts floating-point weights first (under FSDP one layer at a time, just before sharding it).
         """
+        if dtype is not None and not self.fsdp:
+            fsdp.cast_(module, dtype)
         if not self.dist.enabled:
             return module
         if self.fsdp:
-            skel = fsdp.skeleton(module)
-            fsdp.shard(module, fsdp.default_layers(module) if layers is None else layers, self.device)
+            skel = fsdp.skeleton(module, dtype)
+            fsdp.shard(module, fsdp.default_layers(module) if layers is None else layers, self.device, dtype)
             self._sharded[id(module)] = (module, skel)
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
