@@ -122,7 +122,9 @@ def test_fsdp_two_processes_equal_one_and_resume_after_kill_is_exact(dialogue, t
     shutil.copytree(dialogue["model"], model)
     start = {k: v.to(torch.bfloat16) for k, v in read_safetensors(model / "model.safetensors").items()}
     save_safetensors(start, model / "model.safetensors")
-    data = ["--init", str(model), "--data", str(dialogue["manifest"])]
+    # With the auxiliary user-transcription head, FSDP shards the LM and the head as one module while the
+    # checkpoint keeps them apart (`lm`, `user_text_head`).
+    data = ["--init", str(model), "--data", str(dialogue["manifest"]), "--set", "loss.user_text_weight=0.5"]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     _run(one, *data)
     _run(two, *data, "--parallel", "fsdp", torchrun=2, port=29534)

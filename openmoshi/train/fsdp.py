@@ -70,7 +70,8 @@ def shard(module: nn.Module, layers: list[nn.Module], device: torch.device, dtyp
 
 
 def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
+    """Whether `module` holds sharded parameters (it, or a module around it, went through fully_shard)."""
+    return isinstance(module, FSDPModule) or any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def gather(obj: Any, keep: bool) -> Any:

@@ -28,7 +28,8 @@ class TrainEnv:
     step: int = 0  # optimizer steps done so far (the step being computed is step + 1)
     micro_batches: int = 1
     _wrapped: list[DistributedDataParallel] = field(default_factory=list)
-    _sharded: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, skeleton)
+    _fsdp_roots: list[nn.Module] = field(default_factory=list)
+    _skeletons: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, skeleton)
 
     @property
     def fsdp(self) -> bool:
@@ -62,7 +63,9 @@ class TrainEnv:
         if self.fsdp:
             skel = fsdp.skeleton(module, dtype)
             fsdp.shard(module, fsdp.default_layers(module) if layers is None else layers, self.device, dtype)
-            self._sharded[id(module)] = (module, skel)
+            self._fsdp_roots.append(module)
+            for name, sub in module.named_modules():  # a task may checkpoint parts of what it wrapped
+                self._skeletons[id(sub)] = (sub, skel.get_submodule(name))
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         with warnings.catch_warnings():  # broadcast_buffers=False is the documented way to keep local buffers
@@ -87,19 +90,19 @@ class TrainEnv:
             if skip:
                 for ddp in self._wrapped:
                     stack.enter_context(ddp.no_sync())
-            for module, _ in self._sharded.values():  # FSDP2: no reduce-scatter until the last micro-batch
+            for module in self._fsdp_roots:  # FSDP2: no reduce-scatter until the last micro-batch
                 module.set_requires_gradient_sync(not skip)
             try:
                 yield
             finally:
-                for module, _ in self._sharded.values():
+                for module in self._fsdp_roots:
                     module.set_requires_gradient_sync(True)
 
     def plain(self, module: nn.Module, state: dict[str, torch.Tensor], device: torch.device | None = None,
               ) -> nn.Module:
-        """For a module sharded by wrap(): an unsharded copy holding `state` (full tensors) on `device`
-        (default this process's)."""
-        entry = self._sharded.get(id(module))
+        """For a module sharded by wrap() (or a part of one): an unsharded copy holding `state` (full tensors) on
+        `device` (default this process's)."""
+        entry = self._skeletons.get(id(module))
         if entry is None:
             raise RuntimeError("plain() takes a module that wrap() sharded")
         return fsdp.materialize(entry[1], state, device or self.device)
