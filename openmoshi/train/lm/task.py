@@ -235,9 +235,11 @@ class LMTask:
         self._items: LMItems | None = None
 
     # ---- models
-    def _build(self, device: torch.device, lm_device: torch.device, as_stored: bool = False) -> None:
-        """Builds the LM on lm_device (in fp32, or with as_stored in the dtype of the --init file), Mimi on device."""
+    def _build(self, device: torch.device, lm_device: torch.device | None = None, as_stored: bool = False) -> None:
+        """Builds the LM on lm_device (default device; in fp32, or with as_stored in the dtype of the --init
+        file), Mimi on device."""
         m = self.cfg.model
+        lm_device = lm_device or device
         if m.init:
             lm_cfg, _ = read_config(m.init)
             lm = load_lm(m.init, device=lm_device, dtype=stored_dtype(m.init) if as_stored else torch.float32)
