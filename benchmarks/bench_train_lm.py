@@ -1,5 +1,5 @@
 """LM training throughput: openmoshi's forward + loss + backward beside Kyutai's reference LMModel's, on the same
-weights, batch and loss, in the same run; peak memory; the 7B LoRA's memory from a meta-device build.
+weights, batch and loss, in the same run; peak memory (the 7B LoRA's memory: bench_lm_init_memory.py lora7b).
 
   PYTHONPATH=. python benchmarks/bench_train_lm.py [--configs tiny bench] [--batch 2] [--seconds 4] [--threads 2]
 
@@ -81,21 +81,6 @@ def _measure(side: str, config: str, batch: int, frames: int, steps: int, device
             "peak_mb": peak, "loss": loss}
 
 
-def lora_7b_memory(rank: int = 128) -> dict:
-    """Bytes of a 7B LoRA fine-tune from a meta-device build: bf16 frozen base, fp32 adapters + grads + Adam."""
-    from openmoshi.lm.config import LMConfig
-    from openmoshi.lm.model import LMModel
-    from openmoshi.train.lm.lora import LoRAConfig, add_lora
-    with torch.device("meta"):
-        lm = LMModel(LMConfig.moshi_7b())
-        base = sum(p.numel() for p in lm.parameters())
-        trainable = sum(p.numel() for p in add_lora(lm, LoRAConfig(rank=rank)))
-    gib = 2**30
-    return {"base_params": base, "lora_params": trainable, "base_bf16_gib": 2 * base / gib,
-            "lora_train_state_gib": 16 * trainable / gib,  # fp32 weights, grads, Adam m and v
-            "total_before_activations_gib": (2 * base + 16 * trainable) / gib}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny", "bench"])
@@ -135,12 +120,6 @@ def main() -> None:
         if len(results) == 2:
             assert abs(results["ours"]["loss"] - results["reference"]["loss"]) < 1e-3 * results["reference"]["loss"], \
                 "the two sides computed different losses"
-    mem = lora_7b_memory()
-    print(f"\n7B LoRA rank 128 on every linear (meta-device build): {mem['base_params'] / 1e9:.2f} B frozen params "
-          f"= {mem['base_bf16_gib']:.1f} GiB in bf16; {mem['lora_params'] / 1e6:.1f} M adapter params, "
-          f"{mem['lora_train_state_gib']:.2f} GiB with grads and Adam (fp32); "
-          f"{mem['total_before_activations_gib']:.1f} GiB before activations "
-          f"(fits a 24 GB card only with activation checkpointing and short crops; an 80 GB card comfortably)")
 
 
 if __name__ == "__main__":

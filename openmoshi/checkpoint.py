@@ -50,10 +50,21 @@ def split_hf(source: str) -> tuple[str, str | None]:
     return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
 
 
-def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (mapped from the file where possible).
+
+    With `dtype`, floating-point tensors stored in another dtype are read and cast one at a time, so memory
+    holds the cast weights plus one tensor, never the whole file beside them (e.g. bf16 -> fp32).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if dtype is not None:
+        header = _read_header(path)
+        codes = {v["dtype"] for k, v in header.items() if not k.startswith("__")}
+        if any(_FROM_ST.get(c, torch.uint8).is_floating_point and _FROM_ST.get(c) != dtype for c in codes):
+            return _read_cast(path, header, dtype, torch.device(device))
     try:
         from safetensors.torch import load_file
         return load_file(str(path), device=str(device))
@@ -64,6 +75,57 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
 _ST_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
               torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
+_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
+
+
+def _read_header(path: Path) -> dict:
+    import json
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= os.path.getsize(path) - 8:
+                raise ValueError(f"header size {size} does not fit the file")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    header["__data_start__"] = 8 + size
+    return header
+
+
+def stored_float_dtype(path: str | Path) -> torch.dtype | None:
+    """The floating-point dtype most tensors of a safetensors file are stored in (None: no float tensors)."""
+    counts: dict[torch.dtype, int] = {}
+    for key, info in _read_header(Path(path)).items():
+        dtype = None if key.startswith("__") else _FROM_ST.get(info["dtype"])
+        if dtype is not None and dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _read_cast(path: Path, header: dict, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Reads the file tensor by tensor (plain reads into one reused buffer), casting floating-point ones."""
+    start = header.pop("__data_start__")
+    header.pop("__metadata__", None)
+    for key, info in header.items():
+        if info["dtype"] not in _FROM_ST:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which openmoshi cannot read")
+        begin, end = info["data_offsets"]
+        if end - begin != math.prod(info["shape"]) * _FROM_ST[info["dtype"]].itemsize:
+            raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
+    buffer = torch.empty(max([e - b for b, e in (i["data_offsets"] for i in header.values())] + [8]),
+                         dtype=torch.uint8)
+    out = {}
+    with open(path, "rb") as f:
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            raw = buffer[:end - begin]
+            f.seek(start + begin)
+            if f.readinto(memoryview(raw.numpy())) != end - begin:
+                raise CheckpointError(f"{path} is truncated (tensor {key})")
+            value = raw.view(_FROM_ST[info["dtype"]]).reshape(info["shape"])
+            value = value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value.clone()
+            out[key] = value.to(device)
+    return out
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,

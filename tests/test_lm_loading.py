@@ -46,6 +46,23 @@ def test_bf16_weights_load_in_the_requested_dtype(tmp_path):
     assert load_lm(folder, dtype=torch.bfloat16).linears[0].weight.dtype == torch.bfloat16
 
 
+def test_cast_reading_converts_tensor_by_tensor_and_checks_the_file(tmp_path):
+    state = {"w": torch.randn(3, 5).to(torch.bfloat16), "n": torch.arange(4), "e": torch.zeros(0, 2),
+             "s": torch.tensor(2.5, dtype=torch.float16)}
+    path = tmp_path / "m.safetensors"
+    save_safetensors(state, path)
+    got = read_safetensors(path, dtype=torch.float32)  # another dtype: read and cast one tensor at a time
+    assert got.keys() == state.keys() and got["n"].dtype == torch.int64 and torch.equal(got["n"], state["n"])
+    for key in ("w", "e", "s"):
+        assert got[key].dtype == torch.float32 and torch.equal(got[key], state[key].float())
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(path, dtype=torch.float32)
+    path.write_bytes(b"\xff" * 16)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        read_safetensors(path, dtype=torch.float32)
+
+
 def test_per_step_key_spellings_are_accepted(saved):
     lm, folder = saved
     state = read_safetensors(folder / "model.safetensors")

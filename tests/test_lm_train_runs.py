@@ -1,5 +1,6 @@
 """LM training end to end: training and generation agree (a memorised dialogue comes back from `openmoshi infer`
-word for word, at the right times), kill -9 + resume equals an uninterrupted run, 2 processes equal 1."""
+word for word, at the right times), kill -9 + resume equals an uninterrupted run, 2 processes equal 1 (DDP and
+FSDP2)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from dialogue_utils import make_dialogue
 
 from openmoshi.bundle import init_model
-from openmoshi.checkpoint import read_safetensors
+from openmoshi.checkpoint import read_safetensors, save_safetensors
 from openmoshi.cli.main import main
 from openmoshi.train.checkpoint import KILL_DURING_WRITE_ENV
 
@@ -57,13 +58,14 @@ def test_memorised_dialogue_comes_back_from_infer_at_the_right_times(dialogue, t
         assert abs(start - expected) < 0.08  # within one frame
 
 
-def _run(out: Path, *extra: str, env: dict | None = None, check: bool = True, torchrun: int = 0):
+def _run(out: Path, *extra: str, env: dict | None = None, check: bool = True, torchrun: int = 0,
+         port: int = 29533):
     args = ["train", "lm", "--stage", "finetune", "--out", str(out), "--duration", "1.6", "--batch-size", "4",
             "--max-steps", "6", "--lr", "3e-3", "--checkpoint-every", "2", "--eval-every", "3",
             "--set", "train.log_every=1", *QUIET, *extra]
     env = dict(env or os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     if torchrun:
-        cmd = ["torchrun", "--nproc-per-node", str(torchrun), "--master-port", "29533", "-m", "openmoshi", *args]
+        cmd = ["torchrun", "--nproc-per-node", str(torchrun), "--master-port", str(port), "-m", "openmoshi", *args]
     else:
         cmd = [sys.executable, "-m", "openmoshi", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, check=check, timeout=600)
@@ -107,3 +109,40 @@ def test_two_processes_equal_one_process(dialogue, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies float noise
         moved += int(a[key].abs().max() > 0)
     assert moved > 0  # the adapters were trained
+
+
+@pytest.mark.slow  # torchrun with two processes, three times
+def test_fsdp_two_processes_equal_one_and_resume_after_kill_is_exact(dialogue, tmp_path):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    # Full fine-tuning (every weight and Adam moment sharded over the two processes, layer by layer) from bf16
+    # weights as Kyutai ships them: one process casts them to fp32 as it reads; FSDP maps the file and casts
+    # each layer just before sharding it.
+    model = tmp_path / "bf16"
+    shutil.copytree(dialogue["model"], model)
+    start = {k: v.to(torch.bfloat16) for k, v in read_safetensors(model / "model.safetensors").items()}
+    save_safetensors(start, model / "model.safetensors")
+    # With the auxiliary user-transcription head, FSDP shards the LM and the head as one module while the
+    # checkpoint keeps them apart (`lm`, `user_text_head`).
+    data = ["--init", str(model), "--data", str(dialogue["manifest"]), "--set", "loss.user_text_weight=0.5"]
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    _run(one, *data)
+    _run(two, *data, "--parallel", "fsdp", torchrun=2, port=29534)
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys() == start.keys() and {v.dtype for v in b.values()} == {torch.float32}
+    moved = max(float((a[k] - start[k].float()).abs().max()) for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # Adam amplifies float noise
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05 * moved
+    for name in ("config.json", "mimi_config.json"):  # the same export as without FSDP
+        assert (two / "model" / name).read_text() == (one / "model" / name).read_text()
+    # killed in the middle of writing step 4's checkpoint; the same command resumes from step 2
+    proc = _run(killed, *data, "--parallel", "fsdp", torchrun=2, port=29534, check=False,
+                env=dict(os.environ, **{KILL_DURING_WRITE_ENV: "4"}))
+    assert proc.returncode != 0
+    assert (killed / "checkpoints" / "step_00000002.pt").exists()
+    assert not (killed / "checkpoints" / "step_00000004.pt").exists()
+    _run(killed, *data, "--parallel", "fsdp", torchrun=2, port=29534)
+    got = _weights(killed)
+    for key in b:
+        assert torch.equal(got[key], b[key]), key

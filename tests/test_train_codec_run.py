@@ -127,13 +127,14 @@ def test_codec_kill_9_during_checkpoint_then_resume_is_exact(tmp_path, speech_di
 
 
 @pytest.mark.slow  # torchrun with two processes
-def test_codec_two_processes_equal_one(tmp_path, speech_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_codec_two_processes_equal_one(tmp_path, speech_dir, parallel):
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
     extra = ("--checkpoint-every", "1", "--eval-every", "0", "--set", "train.plots=false")
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_train_cmd(speech_dir, one, 1, *extra), env=_cli_env(), check=True, capture_output=True)
-    cmd = _train_cmd(speech_dir, two, 1, *extra)
+    cmd = _train_cmd(speech_dir, two, 1, *extra, "--parallel", parallel)
     cmd = ["torchrun", "--nproc-per-node", "2", "--master-port", "29531", *cmd[1:]]
     proc = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """A toy training stage for the core's tests: a small MLP fitting a fixed random function.
 
-Run as a script (also under torchrun): python tests/train_toy.py RUN MAX_STEPS [BATCH] [ACCUM].
+Run as a script (also under torchrun): python tests/train_toy.py RUN MAX_STEPS [BATCH] [ACCUM];
+TOY_PARALLEL=fsdp shards it with FSDP2 under torchrun.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main(argv: list[str]) -> None:
         cfg.train.batch_size = int(argv[2])
     if len(argv) > 3:
         cfg.train.grad_accum = int(argv[3])
+    cfg.train.parallel = os.environ.get("TOY_PARALLEL", "ddp")
     torch.set_num_threads(1)
     Trainer(ToyTask(cfg), cfg.train, Path(argv[0]), cfg).fit()
 

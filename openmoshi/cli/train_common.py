@@ -20,6 +20,7 @@ COMMON_OPTIONS = {
     "num_workers": "train.num_workers",
     "device": "train.device",
     "threads": "train.threads",
+    "parallel": "train.parallel",
 }
 
 
@@ -41,6 +42,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, presets: dict[str, Cal
     parser.add_argument("--num-workers", type=int, help="data loader worker processes per training process")
     parser.add_argument("--device", help="cpu, cuda or auto (each torchrun process takes cuda:LOCAL_RANK)")
     parser.add_argument("--threads", type=int, help="CPU threads per process (0 = torch's default)")
+    parser.add_argument("--parallel", choices=["ddp", "fsdp"],
+                        help="how torchrun processes split the model: ddp (default; every process holds all "
+                             "weights) or fsdp (FSDP2: weights, gradients and optimizer state sharded per "
+                             "transformer layer; checkpoints and RUN/model stay the same)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config value, e.g. --set train.log_every=5 --set optim.lr=3e-4 "
                              "(repeatable; see RUN/config.json for every key)")

@@ -19,6 +19,7 @@ from ..checkpoint import (
     read_safetensors,
     save_safetensors,
     split_hf,
+    stored_float_dtype,
 )
 from ..errors import CheckpointError, ConfigError
 from .config import LMConfig
@@ -93,6 +94,12 @@ def _weights_path(source: str | Path, cfg: LMConfig) -> Path:
     return ModelSource.around(source).require(cfg.moshi_name, "LM weights")
 
 
+def stored_dtype(source: str | Path) -> torch.dtype:
+    """The dtype an LM's weights are stored in (bf16 for Kyutai's releases), without reading them."""
+    cfg, _ = read_config(source)
+    return stored_float_dtype(_weights_path(source, cfg)) or torch.float32
+
+
 def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             lora_weights: str | Path | None = None) -> LMModel:
     """Load a Moshi LM in eval mode, weights cast to `dtype` on `device`.
@@ -108,7 +115,7 @@ def load_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch
     with torch.device("meta"):  # built without memory, then the checkpoint tensors become the parameters
         lm = LMModel(cfg)
     logger.info("loading the LM from %s", weights)
-    state = read_safetensors(weights, device=device)
+    state = read_safetensors(weights, device=device, dtype=dtype)  # cast tensor by tensor: one copy in memory
     load_into(lm, state, weights, dtype=dtype, assign=True)
     del state
     if lora_weights is not None or cfg.lora:

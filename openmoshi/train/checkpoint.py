@@ -108,7 +108,8 @@ class Checkpointer:
     @staticmethod
     def load(path: Path) -> dict[str, Any]:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            # mmap: tensors are read from the file as they are used, not all copied into memory first
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read training checkpoint {path} ({exc}); delete it to resume from "
                                   "the previous one") from exc

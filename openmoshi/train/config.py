@@ -36,6 +36,8 @@ class TrainConfig:
     ema_decay: float = 0.99  # weight EMA used for evaluation and export; 0 turns it off
     device: str = "auto"  # cpu, cuda, auto (cuda when available; each process takes cuda:LOCAL_RANK)
     precision: str = "auto"  # fp32, bf16 (autocast, CUDA only), auto = bf16 on CUDA, fp32 on CPU
+    parallel: str = "ddp"  # with several processes: ddp (replicated weights) or fsdp (FSDP2: weights, gradients
+    #                        and optimizer state sharded per transformer layer over the processes)
     activation_checkpointing: bool = False  # recompute transformer layers in backward to save memory
     num_workers: int = 0  # data loader worker processes per training process
     threads: int = 0  # CPU threads per process for torch (0 = leave torch's default)
@@ -53,6 +55,8 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
 
 def to_dict(cfg: Any) -> Any:

@@ -1,9 +1,11 @@
 """The one training loop every stage runs: `Trainer(task, cfg, run_dir, full_config).fit()`.
 
 Per optimizer step: the process's slice of the global batch arrives as `grad_accum` micro-batches; the
-task's `train_step` runs on each (DDP gradient sync only on the last); then every optimizer is clipped,
-stepped and zeroed, schedulers and weight EMAs advance. Metrics are averaged over micro-batches and
+task's `train_step` runs on each (DDP / FSDP gradient sync only on the last); then every optimizer is
+clipped, stepped and zeroed, schedulers and weight EMAs advance. Metrics are averaged over micro-batches and
 processes. Evaluation (rank 0, EMA weights), plots, checkpoints and RUN/model exports follow on schedule.
+Under FSDP (train.parallel=fsdp) weights are gathered from every rank first, so checkpoints, evaluation and
+exports see the same full tensors as with DDP.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..data.order import ShardedBatchSampler
 from ..errors import ConfigError
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import TrainConfig, diff, from_dict, save_json, to_dict
 from .ema import WeightEMA
@@ -84,6 +86,8 @@ class Trainer:
             raise ConfigError(f"the global batch {cfg.batch_size} must split into {info.world_size} processes "
                               f"x {cfg.grad_accum} micro-batches; change --batch-size or train.grad_accum")
         env = TrainEnv(cfg, device, info, self.run_dir, micro_batches=cfg.grad_accum)
+        if cfg.parallel == "fsdp" and not info.enabled:
+            logger.info("train.parallel=fsdp with one process: nothing to shard (start with torchrun to shard)")
         try:
             return self._fit(env)
         finally:
@@ -99,8 +103,8 @@ class Trainer:
         seed_everything(cfg.seed)  # same on every process: identical initial weights
         task.setup(env)
         models = task.models()
-        emas = {name: WeightEMA(models[name], cfg.ema_decay) for name in task.ema_models()} \
-            if cfg.ema_decay > 0 else {}
+        emas = {name: (fsdp.ShardedEMA if fsdp.is_sharded(models[name]) else WeightEMA)(models[name], cfg.ema_decay)
+                for name in task.ema_models()} if cfg.ema_decay > 0 else {}
         checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
         step, cursor = 0, 0
         latest = checkpointer.latest()
@@ -176,22 +180,44 @@ class Trainer:
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
             max_norm = clips.get(name, 0.0)
             if max_norm and params:
-                out[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                if isinstance(params[0], fsdp.DTensor):  # FSDP: the norm over every shard, then clip
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params]).full_tensor()
+                    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                out[f"grad_norm_{name}"] = float(norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if name in schedulers:
                 schedulers[name].step()
         return out
 
-    def _eval_models(self, models: dict, emas: dict) -> dict:
+    def _weights(self, env: TrainEnv, models: dict, emas: dict) -> tuple[dict, dict]:
+        """Model and EMA state dicts as full tensors (gathered under FSDP: every rank calls this; rank 0 keeps)."""
+        keep = env.dist.is_main
+        return ({k: fsdp.gather(m.state_dict(), keep) for k, m in models.items()},
+                {k: fsdp.gather(e.state_dict(), keep) for k, e in emas.items()})
+
+    def _eval_models(self, env: TrainEnv, models: dict, emas: dict, states: tuple[dict, dict] | None = None,
+                     device: torch.device | None = None) -> dict:
+        """The modules evaluation and export run (EMA weights where kept); FSDP-sharded ones as plain copies on
+        `device` (default env.device). Under FSDP every rank must call it (weights are gathered); the result is
+        for rank 0."""
+        if any(fsdp.is_sharded(m) for m in models.values()):
+            model_states, ema_states = states or self._weights(env, models, emas)
+            if not env.dist.is_main:
+                return {}
+            return {name: env.plain(m, ema_states.get(name) or model_states[name], device) if fsdp.is_sharded(m)
+                    else (emas[name].module if name in emas else m) for name, m in models.items()}
         return {name: (emas[name].module if name in emas else m) for name, m in models.items()}
 
     def _evaluate(self, env: TrainEnv, models: dict, emas: dict, monitor: Monitor, step: int) -> None:
+        eval_models = self._eval_models(env, models, emas)
         if env.dist.is_main:
             # Evaluation must not move the training RNG, so that evaluated and resumed runs stay identical.
             saved = rng_state()
             with torch.no_grad():
-                metrics = self.task.evaluate(self._eval_models(models, emas), env)
+                metrics = self.task.evaluate(eval_models, env)
             set_rng_state(saved)
             if metrics:
                 monitor.log(step, "eval", metrics)
@@ -207,25 +233,27 @@ class Trainer:
               cursor: int) -> None:
         task = self.task
         rngs = distributed.gather_objects(rng_state())
+        keep = env.dist.is_main
+        weights = self._weights(env, models, emas)  # the same tensors as state_dict() without FSDP
+        optimizers = {k: fsdp.gather(o.state_dict(), keep) for k, o in task.optimizers().items()}
+        export_models = self._eval_models(env, models, emas, weights, torch.device("cpu"))  # export: no GPU copy
         if env.dist.is_main:
             state = {
                 "step": step, "cursor": cursor, "world_size": env.dist.world_size,
-                "models": {k: m.state_dict() for k, m in models.items()},
-                "ema": {k: e.state_dict() for k, e in emas.items()},
-                "optimizers": {k: o.state_dict() for k, o in task.optimizers().items()},
+                "models": weights[0], "ema": weights[1], "optimizers": optimizers,
                 "schedulers": {k: s.state_dict() for k, s in task.schedulers().items()},
                 "task": task.state_dict(), "rng": rngs, "config": to_dict(self.full_config),
             }
             checkpointer.save(state, step, json.dumps(to_dict(self.full_config), indent=2, sort_keys=True))
-            self._export(models, emas)
+            self._export(export_models)
         distributed.barrier()
 
-    def _export(self, models: dict, emas: dict) -> None:
+    def _export(self, models: dict) -> None:
         final = self.run_dir / "model"
         tmp = self.run_dir / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        self.task.export(self._eval_models(models, emas), tmp)
+        self.task.export(models, tmp)
         old = self.run_dir / "model.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -236,12 +264,13 @@ class Trainer:
     def _restore(self, state: dict, models: dict, emas: dict, info: distributed.DistInfo) -> tuple[int, int]:
         task = self.task
         for k, m in models.items():
-            m.load_state_dict(state["models"][k])
+            fsdp.load_full(m, state["models"][k])  # FSDP: each rank takes its shard of the full tensors
         for k, e in emas.items():
             if k in state["ema"]:
                 e.load_state_dict(state["ema"][k])
         for k, o in task.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
+            fsdp.reshard_optimizer(o)
         for k, s in task.schedulers().items():
             s.load_state_dict(state["schedulers"][k])
         task.load_state_dict(state.get("task", {}))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import fsdp
 from .config import TrainConfig
 from .distributed import DistInfo
 
@@ -27,6 +28,13 @@ class TrainEnv:
     step: int = 0  # optimizer steps done so far (the step being computed is step + 1)
     micro_batches: int = 1
     _wrapped: list[DistributedDataParallel] = field(default_factory=list)
+    _fsdp_roots: list[nn.Module] = field(default_factory=list)
+    _skeletons: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict)  # id -> (module, skeleton)
+
+    @property
+    def fsdp(self) -> bool:
+        """Models given to wrap() are sharded with FSDP2 (train.parallel=fsdp and several processes)."""
+        return self.dist.enabled and self.cfg.parallel == "fsdp"
 
     @property
     def bf16(self) -> bool:
@@ -38,13 +46,26 @@ class TrainEnv:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, layers: list[nn.Module] | None = None, dtype: torch.dtype | None = None,
+             ) -> nn.Module:
         """The module to run forward through: DDP-wrapped with several processes, itself otherwise.
 
         Gradients of a wrapped module are averaged over processes during backward. Buffers are not
         broadcast: a task keeps them identical itself (e.g. all-reduced codebook statistics).
+        With train.parallel=fsdp the module is sharded in place (FSDP2: each of `layers`, by default every
+        `layers` ModuleList element, then the module) and returned; wrap it before building its optimizer.
+        `dtype` casts floating-point weights first (under FSDP one layer at a time, just before sharding it).
         """
+        if dtype is not None and not self.fsdp:
+            fsdp.cast_(module, dtype)
         if not self.dist.enabled:
+            return module
+        if self.fsdp:
+            skel = fsdp.skeleton(module, dtype)
+            fsdp.shard(module, fsdp.default_layers(module) if layers is None else layers, self.device, dtype)
+            self._fsdp_roots.append(module)
+            for name, sub in module.named_modules():  # a task may checkpoint parts of what it wrapped
+                self._skeletons[id(sub)] = (sub, skel.get_submodule(name))
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         with warnings.catch_warnings():  # broadcast_buffers=False is the documented way to keep local buffers
@@ -69,7 +90,22 @@ class TrainEnv:
             if skip:
                 for ddp in self._wrapped:
                     stack.enter_context(ddp.no_sync())
-            yield
+            for module in self._fsdp_roots:  # FSDP2: no reduce-scatter until the last micro-batch
+                module.set_requires_gradient_sync(not skip)
+            try:
+                yield
+            finally:
+                for module in self._fsdp_roots:
+                    module.set_requires_gradient_sync(True)
+
+    def plain(self, module: nn.Module, state: dict[str, torch.Tensor], device: torch.device | None = None,
+              ) -> nn.Module:
+        """For a module sharded by wrap() (or a part of one): an unsharded copy holding `state` (full tensors) on
+        `device` (default this process's)."""
+        entry = self._skeletons.get(id(module))
+        if entry is None:
+            raise RuntimeError("plain() takes a module that wrap() sharded")
+        return fsdp.materialize(entry[1], state, device or self.device)
 
 
 class Task(Protocol):

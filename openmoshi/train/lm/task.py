@@ -23,7 +23,7 @@ from ...data.order import ItemRequest, item_generator
 from ...data.sources import DataError, read_manifest
 from ...errors import ConfigError
 from ...lm.config import PRESETS, LMConfig
-from ...lm.loading import CONFIG_NAME, LORA_NAME, load_lm, read_config
+from ...lm.loading import CONFIG_NAME, LORA_NAME, load_lm, read_config, stored_dtype
 from ...lm.model import LMModel
 from ..task import TrainEnv
 from .config import LMTrainConfig
@@ -235,11 +235,14 @@ class LMTask:
         self._items: LMItems | None = None
 
     # ---- models
-    def _build(self, device: torch.device) -> None:
+    def _build(self, device: torch.device, lm_device: torch.device | None = None, as_stored: bool = False) -> None:
+        """Builds the LM on lm_device (default device; in fp32, or with as_stored in the dtype of the --init
+        file), Mimi on device."""
         m = self.cfg.model
+        lm_device = lm_device or device
         if m.init:
             lm_cfg, _ = read_config(m.init)
-            lm = load_lm(m.init, device=device, dtype=torch.float32)
+            lm = load_lm(m.init, device=lm_device, dtype=stored_dtype(m.init) if as_stored else torch.float32)
             source = ModelSource(m.init)
             tokenizer_path = m.tokenizer or source.require(lm_cfg.tokenizer_name, "text tokenizer")
             mimi = load_codec(m.codec or m.init, device)
@@ -250,7 +253,7 @@ class LMTask:
             if m.preset == "moshi_7b" and not m.tokenizer:
                 raise ConfigError("training the 7B from scratch needs --tokenizer (Kyutai's tokenizer_spm_32k_3.model)")
             tokenizer_path = m.tokenizer or str(ASSETS / lm_cfg.tokenizer_name)
-            lm = LMModel(lm_cfg).to(device)
+            lm = LMModel(lm_cfg).to(lm_device)
             if m.codec:
                 mimi = load_codec(m.codec, device, num_codebooks=max(lm_cfg.dep_q, lm_cfg.n_user)) \
                     if Path(m.codec).is_dir() or m.codec.startswith("hf://") \
@@ -277,13 +280,11 @@ class LMTask:
 
     def setup(self, env: TrainEnv) -> None:
         cfg = self.cfg
-        self._build(env.device)
+        # Under FSDP the LM is loaded on the CPU as stored (a bf16 file stays mapped, its pages shared by every
+        # process); wrap() casts each layer to fp32 just before fully_shard moves its shard to the device.
+        self._build(env.device, torch.device("cpu") if env.fsdp else env.device, as_stored=env.fsdp)
         if cfg.lora.rank:
-            trainable = add_lora(self.lm, cfg.lora)
-        else:
-            trainable = [p for p in self.lm.parameters()]
-        ids = {id(p) for p in trainable}
-        named = [(n, p) for n, p in self.lm.named_parameters() if id(p) in ids]
+            add_lora(self.lm, cfg.lora)  # freezes all but the adapters (and embeddings if asked)
         self.user_text_head: nn.Linear | None = None
         if cfg.loss.user_text_weight:
             # starts as a copy of the text head: same vocabulary, and a useful reading of the hidden state
@@ -291,10 +292,13 @@ class LMTask:
             with torch.no_grad():
                 self.user_text_head.weight.copy_(self.lm.text_linear.weight)
             self.user_text_head.to(env.device)
-            named += [("user_text_head.weight", self.user_text_head.weight)]
-            self.fwd = env.wrap(WithUserText(self.lm, self.user_text_head))
+            self.fwd = env.wrap(WithUserText(self.lm, self.user_text_head), dtype=torch.float32)
         else:
-            self.fwd = env.wrap(self.lm)
+            self.fwd = env.wrap(self.lm, dtype=torch.float32)
+        # under FSDP the parameters are replaced by shards: list them after wrapping
+        named = [(n, p) for n, p in self.lm.named_parameters() if p.requires_grad]
+        if self.user_text_head is not None:
+            named += [("user_text_head.weight", self.user_text_head.weight)]
         o = cfg.optim
 
         def groups(params: list[tuple[str, nn.Parameter]]) -> list[dict]:
