@@ -4,6 +4,9 @@
     python benchmarks/bench_7b_memory.py quantize DIR    # `openmoshi quantize DIR/bf16 DIR/int4 --bits 4`
     python benchmarks/bench_7b_memory.py run DIR [--steps 20] [--threads 2] [--dtype float32|bfloat16]
 
+`--int4-scheme asymmetric` (quantize, run): the 5-bit format (a scale and a zero per group) in DIR/int4-asym
+instead of the default symmetric one (one scale per group, 4.5 bits) in DIR/int4.
+
 `write` streams a bf16 checkpoint (~15.4 GB: the LM of configs/moshi_7b_202409.json, random normal weights,
 norms at 1) tensor by tensor, so it never holds the model; Mimi at its official shape (random, fp32) and the
 bundled tiny tokenizer complete the folder. It is for measurement only: never commit it.
@@ -86,10 +89,14 @@ def child(cmd: list[str]) -> tuple[int, float, float]:
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024, time.perf_counter() - start
 
 
-def quantize(folder: Path, bits: int) -> None:
-    out = folder / f"int{bits}"
+def _int4_folder(folder: Path, scheme: str) -> Path:
+    return folder / ("int4" if scheme == "symmetric" else "int4-asym")
+
+
+def quantize(folder: Path, bits: int, scheme: str) -> None:
+    out = _int4_folder(folder, scheme) if bits == 4 else folder / f"int{bits}"
     code, peak, wall = child([sys.executable, "-m", "openmoshi", "quantize", str(folder / "bf16"), str(out),
-                              "--bits", str(bits), "--force"])
+                              "--bits", str(bits), "--int4-scheme", scheme, "--force"])
     print(f"openmoshi quantize --bits {bits}: exit {code}, peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), "
           f"{wall:.0f} s; folder {sum(f.stat().st_size for f in out.iterdir()) / 1e9:.2f} GB")
 
@@ -138,10 +145,11 @@ def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> 
     print("REPORT " + json.dumps(report))
 
 
-def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> None:
-    code, peak, wall = child([sys.executable, __file__, "worker", str(folder / "int4"), "--steps", str(steps),
+def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, scheme: str) -> None:
+    code, peak, wall = child([sys.executable, __file__, "worker", str(_int4_folder(folder, scheme)),
+                              "--steps", str(steps),
                               "--threads", str(threads), "--dtype", dtype, "--quiet", str(quiet_s)])
-    print(f"load int4 + {steps} steps ({dtype} activations, {threads} threads): exit {code}, "
+    print(f"load int4 ({scheme}) + {steps} steps ({dtype} activations, {threads} threads): exit {code}, "
           f"peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), {wall:.0f} s")
 
 
@@ -153,15 +161,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--int4-scheme", default="symmetric", choices=["symmetric", "asymmetric"])
     parser.add_argument("--quiet", type=int, default=0, help="run: pause the background training for this many "
                                                               "seconds (/work/bin/quiet) while the steps run")
     args = parser.parse_args()
     if args.what == "write":
         write(args.folder)
     elif args.what == "quantize":
-        quantize(args.folder, args.bits)
+        quantize(args.folder, args.bits, args.int4_scheme)
     elif args.what == "run":
-        run(args.folder, args.steps, args.threads, args.dtype, args.quiet)
+        run(args.folder, args.steps, args.threads, args.dtype, args.quiet, args.int4_scheme)
     else:
         worker(args.folder, args.steps, args.threads, args.dtype, args.quiet)
 

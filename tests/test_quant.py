@@ -43,12 +43,33 @@ def test_int4_round_trip_matches_hand_computed_values():
     assert deq[0, :4].tolist() == [-1.0, 0.875, 0.0, 0.25] and torch.all(deq[0, 4:] == 0.125)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_int4_round_trip_matches_hand_computed_values():
+    # group 1: largest magnitude -1 -> scale -1 / -8 = 0.125; group 2: largest 1 -> scale -0.125 (signed);
+    # group 3: -1 and 1 -> the first, scale 0.125, and 1 / 0.125 + 8 = 16 is clipped to 15; group 4: zeros
+    values = torch.zeros(4, 32)
+    values[0, :4] = torch.tensor([-1.0, 0.875, 0.0, 0.3])
+    values[0, 4:] = 0.1
+    values[1, :3] = torch.tensor([1.0, -0.5, 0.9])
+    values[2, :2] = torch.tensor([-1.0, 1.0])
+    packed, scale = quant.quantize_int4_symmetric(values.view(1, 128), group_size=32)
+    assert scale.dtype == torch.bfloat16 and scale.tolist() == [[0.125, -0.125, 0.125, 1.0]]
+    # q = round(w / scale + 8), two per byte, the even column in the high nibble
+    q = quant.unpack_int4(packed).view(4, 32)
+    assert q[0, :5].tolist() == [0, 15, 8, 10, 9] and q[1, :4].tolist() == [0, 12, 1, 8]
+    assert q[2, :3].tolist() == [0, 15, 8] and torch.all(q[3] == 8)
+    assert packed[0, :3].tolist() == [0x0F, 0x8A, 0x99]
+    deq = quant.dequantize_int4(packed, scale, None).view(4, 32)  # (q - 8) * scale
+    assert deq[0, :5].tolist() == [-1.0, 0.875, 0.0, 0.25, 0.125]
+    assert deq[1, :4].tolist() == [1.0, -0.5, 0.875, 0.0]
+    assert deq[2, :3].tolist() == [-1.0, 0.875, 0.0] and torch.all(deq[3] == 0)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (4, True), (4, False)])
 @pytest.mark.parametrize("rows", [1, 4, 40])
-def test_quantized_matmul_equals_the_dequantized_weights_matmul(bits, rows):
+def test_quantized_matmul_equals_the_dequantized_weights_matmul(bits, symmetric, rows):
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 128), torch.randn(96)
-    layer = QuantizedLinear.from_weight(weight, bits, bias)
+    layer = QuantizedLinear.from_weight(weight, bits, bias, symmetric=symmetric)
     x = torch.randn(rows, 128)
     with torch.no_grad():
         out = layer(x)
@@ -64,6 +85,19 @@ def test_quantized_matmul_equals_the_dequantized_weights_matmul(bits, rows):
     # and the quantization error itself is what int8 / int4 should give on Gaussian weights
     error = (deq - weight).norm() / weight.norm()
     assert error < (0.01 if bits == 8 else 0.12)
+
+
+def test_symmetric_int4_layers_of_any_shape_share_the_zeros_buffer():
+    # the kernels take [G, N, 2] scales and zeros; symmetric layers write their scales into one reused buffer
+    torch.manual_seed(0)
+    layers = [QuantizedLinear.from_weight(torch.randn(n, k), 4) for n, k in [(64, 256), (32, 64), (96, 128)]]
+    for layer in [*layers, *layers[::-1]]:
+        x = torch.randn(2, layer.in_features)
+        with torch.no_grad():
+            out = layer(x)
+        expected = x.bfloat16().float() @ layer.dequantized().T
+        assert ((out - expected).norm() / expected.norm()).item() < 2 ** -8
+    assert not quant._scratch.buf[1::2].any()  # the zeros stay zeros
 
 
 def test_stacked_per_step_weights_use_their_own_block():
@@ -194,6 +228,41 @@ def test_wrong_bit_width_and_corrupt_files_are_clear_errors(tiny_folder, tmp_pat
     (tmp_path / "q8" / "config.json").write_text(json.dumps(dict(raw, quantization={"bits": 5})))
     with pytest.raises(ConfigError, match="bits 5"):
         load_quantized_lm(tmp_path / "q8")
+
+
+def test_asymmetric_int4_folders_still_load_and_a_wrong_scheme_is_a_clear_error(tiny_folder, tmp_path):
+    from safetensors.torch import load_file
+    assert main(["quantize", str(tiny_folder), str(tmp_path / "a"), "--bits", "4", "--int4-scheme",
+                 "asymmetric"]) == 0
+    assert main(["quantize", str(tiny_folder), str(tmp_path / "s"), "--bits", "4"]) == 0
+    raw = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in "as"}
+    assert raw["a"]["quantization"]["scheme"] == "asymmetric" and raw["s"]["quantization"]["scheme"] == "symmetric"
+    keys = {n: set(load_file(str(tmp_path / n / raw[n]["moshi_name"]))) for n in "as"}
+    zeros = {k for k in keys["a"] if k.endswith("_zero")}
+    assert zeros and keys["a"] - zeros == keys["s"]  # the symmetric file: the same tensors but the zeros
+    # a folder written before the symmetric format (no "scheme") is asymmetric, and loads as stored
+    old = dict(raw["a"], quantization={"bits": 4, "group_size": 32})
+    (tmp_path / "a" / "config.json").write_text(json.dumps(old))
+    lm = load_quantized_lm(tmp_path / "a")
+    layer = lm.transformer.layers[0].gating.linear_in
+    assert not layer.symmetric and lm.cfg.quantization["scheme"] == "asymmetric"
+    reference = copy.deepcopy(load_model(tiny_folder).lm)
+    quantize_lm_(reference, 4, symmetric=False)
+    codes = random_codes(lm.cfg, 1, 6)
+    with torch.no_grad():
+        assert torch.equal(lm(codes).audio_logits.nan_to_num(), reference(codes).audio_logits.nan_to_num())
+    # config.json and the file disagree on the scheme, either way; an unknown scheme
+    for folder, scheme in (("a", "symmetric"), ("s", "asymmetric")):
+        (tmp_path / folder / "config.json").write_text(json.dumps(
+            dict(raw[folder], quantization={"bits": 4, "group_size": 32, "scheme": scheme})))
+        with pytest.raises(CheckpointError, match=f"says {scheme} int4 weights but the file holds"):
+            load_quantized_lm(tmp_path / folder)
+    (tmp_path / "s" / "config.json").write_text(json.dumps(
+        dict(raw["s"], quantization={"bits": 4, "group_size": 32, "scheme": "nf4"})))
+    with pytest.raises(ConfigError, match="scheme 'nf4'"):
+        load_model(tmp_path / "s")
+    with pytest.raises(SystemExit):  # argparse: "invalid choice"
+        main(["quantize", str(tiny_folder), str(tmp_path / "x"), "--bits", "4", "--int4-scheme", "nf4"])
 
 
 def test_save_needs_a_quantized_model(tmp_path):

@@ -26,12 +26,14 @@ def bf16_folder(tmp_path_factory):
     return package_model(init_model("tiny", root / "fp", seed=0), root / "bf16")
 
 
-def test_int4_layer_on_cpu_keeps_only_the_kernel_copy():
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_layer_on_cpu_keeps_only_the_kernel_copy(symmetric):
     if quant.cpu_int4_block() is None:
         pytest.skip("this torch's CPU int4 layout is not the one nn/quant.py inverts")
     torch.manual_seed(0)
     weight, bias = torch.randn(3 * 64, 96), torch.randn(64)
-    layer = QuantizedLinear.from_weight(weight, 4, bias, n=3)
+    layer = QuantizedLinear.from_weight(weight, 4, bias, n=3, symmetric=symmetric)
+    assert set(layer.state_dict()) == {"bias", *quant.int4_stored(symmetric)}
     stored = {k: v.clone() for k, v in layer.state_dict().items()}
     nbytes = layer.memory_bytes()
     x = torch.randn(1, 2, 96)
@@ -43,15 +45,18 @@ def test_int4_layer_on_cpu_keeps_only_the_kernel_copy():
         rows = slice(64 * i, 64 * (i + 1))
         packed = torch._convert_weight_to_int4pack_for_cpu(
             quant.unpack_int4(stored["weight"][rows]).to(torch.int32), 1)
-        scales = torch.stack([stored["weight_scale"][rows], stored["weight_zero"][rows]], -1).transpose(0, 1)
+        scale = stored["weight_scale"][rows]
+        zero = torch.zeros_like(scale) if symmetric else stored["weight_zero"][rows]
+        scales = torch.stack([scale, zero], -1).transpose(0, 1)
         ref = torch._weight_int4pack_mm_for_cpu(x[:, t].bfloat16(), packed, 32, scales.contiguous()).float()
         assert torch.equal(out[:, t], ref + bias)
     # the stored tensors come back exactly: state dict, attribute, dequantized weights
     again = layer.state_dict()
     assert again.keys() == stored.keys() and all(torch.equal(again[k], stored[k]) for k in stored)
     assert torch.equal(layer.weight, stored["weight"])
+    zero = None if symmetric else stored["weight_zero"][64:128]
     assert torch.equal(layer.dequantized(1), quant.dequantize_int4(
-        stored["weight"][64:128], stored["weight_scale"][64:128], stored["weight_zero"][64:128]))
+        stored["weight"][64:128], stored["weight_scale"][64:128], zero))
     # .to() puts them back as buffers; the next kernel call drops them again
     layer.to(torch.float32)
     assert torch.equal(layer._buffers["weight"], stored["weight"])

@@ -1,7 +1,8 @@
 """Write a model folder whose LM has int8 or int4 weights; it loads quantized, as stored, tensor by tensor.
 
   openmoshi quantize MODEL OUT --bits 8    # int8 per output channel: Kyutai's q8 layout, ~1/4 of fp32
-  openmoshi quantize MODEL OUT --bits 4    # int4 in groups of 32: ~1/7 of fp32
+  openmoshi quantize MODEL OUT --bits 4    # int4 in groups of 32, one scale each (4.5 bits): ~1/7 of fp32
+  openmoshi quantize MODEL OUT --bits 4 --int4-scheme asymmetric   # a scale and a zero per group (5 bits)
 
 MODEL is a float model folder (or hf://owner/repo). The float LM is read, quantized and written one weight at
 a time, so the model is never held in memory (Moshi 7B: ~1 GB peak). Embedding tables keep their stored
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=8, help="8 (int8, per output channel) or 4 (int4, groups "
                                                             "of --group-size input columns); default 8")
     parser.add_argument("--group-size", type=int, default=32, help="int4 group size (default 32, as the paper)")
+    parser.add_argument("--int4-scheme", default="symmetric", choices=["symmetric", "asymmetric"],
+                        help="int4: one bf16 scale per group (symmetric, 4.5 bits per weight, the default) or a "
+                             "scale and a zero (asymmetric, 5 bits; the format of folders written before)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
 
@@ -39,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.output} exists and is not empty; use --force to write into it")
     start = time.perf_counter()
     cfg, _ = read_config(args.model)
-    _, layers = write_quantized_lm(args.model, args.output, args.bits, args.group_size)
+    _, layers = write_quantized_lm(args.model, args.output, args.bits, args.group_size,
+                                   symmetric=args.int4_scheme == "symmetric")
     copy_model_files(args.model, args.output, cfg)
     size = sum(f.stat().st_size for f in args.output.iterdir()) / 1e6
     print(f"wrote {args.output}: {layers} int{args.bits} linear layers, {size:.1f} MB in all, "

@@ -4,13 +4,15 @@ A quantized folder is a Kyutai model folder whose LM file holds, for each linear
 nn/quant.py under the checkpoint's key names:
 
     transformer.layers.0.self_attn.in_proj_weight      int8 [N, K]         (int4: uint8 [N, K / 2])
-    transformer.layers.0.self_attn.in_proj_weight_scb  float32 [N]         (int4: ..._scale, ..._zero [N, K / 32])
+    transformer.layers.0.self_attn.in_proj_weight_scb  float32 [N]         (int4: ..._scale [N, K / 32])
     transformer.layers.0.gating.linear_in.weight       int8 ...
     transformer.layers.0.gating.linear_in.weight_scb   float32 ...
 
 config.json marks it: int8 with Kyutai's own `"quantize": true` (the layout of kyutai/moshiko-pytorch-q8, so
-such a folder also loads in Kyutai's package on GPU), int4 with `"quantization": {"bits": 4, "group_size": 32}`.
-Loading assigns the tensors as they are read: nothing is quantized again.
+such a folder also loads in Kyutai's package on GPU), int4 with `"quantization": {"bits": 4, "group_size": 32,
+"scheme": "symmetric"}` (scales only) or `"scheme": "asymmetric"` (scales and `..._zero` tensors; a folder
+without "scheme", written before the symmetric format, is asymmetric). Loading assigns the tensors as they are
+read: nothing is quantized again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from ..checkpoint import ModelSource, save_safetensors, write_safetensors
 from ..errors import CheckpointError, ConfigError
-from ..nn.quant import INT4_GROUP, QuantizedLinear, check_bits, quantize_modules_
+from ..nn.quant import INT4_GROUP, INT4_SCHEMES, QuantizedLinear, check_bits, quantize_modules_
 from .config import LMConfig
 from .loading import CONFIG_NAME, _weights_path, load_lm, read_config
 from .model import LMModel, TokenEmbedding
@@ -48,17 +50,28 @@ def stored_bits(cfg: LMConfig) -> int | None:
     return 8 if cfg.quantize else None
 
 
-def quantization_config(bits: int, group_size: int = INT4_GROUP) -> dict:
+def stored_symmetric(cfg: LMConfig) -> bool:
+    """Whether a config's int4 weights are the symmetric format (no "scheme": an older, asymmetric folder)."""
+    scheme = (cfg.quantization or {}).get("scheme", "asymmetric")
+    if scheme not in INT4_SCHEMES:
+        raise ConfigError(f"config.json: int4 quantization scheme {scheme!r} is not one of "
+                          f"{', '.join(INT4_SCHEMES)}")
+    return scheme == "symmetric"
+
+
+def quantization_config(bits: int, group_size: int = INT4_GROUP, symmetric: bool = True) -> dict:
     """The config.json fields marking a folder quantized to `bits`."""
     if check_bits(bits) == 8:
         return {"quantize": True, "quantization": {}}
-    return {"quantize": False, "quantization": {"bits": 4, "group_size": group_size}}
+    return {"quantize": False, "quantization": {"bits": 4, "group_size": group_size,
+                                                "scheme": INT4_SCHEMES[0 if symmetric else 1]}}
 
 
-def quantize_lm_(lm: LMModel, bits: int, group_size: int = INT4_GROUP) -> list[str]:
-    """Quantize every linear layer of the LM in place (temporal + depth transformers, projections, heads)."""
-    names = quantize_modules_(lm, bits, group_size)
-    lm.cfg = lm.cfg.replace(**quantization_config(bits, group_size))
+def quantize_lm_(lm: LMModel, bits: int, group_size: int = INT4_GROUP, symmetric: bool = True) -> list[str]:
+    """Quantize every linear layer of the LM in place (temporal + depth transformers, projections, heads);
+    `symmetric`: the int4 format (nn/quant.py)."""
+    names = quantize_modules_(lm, bits, group_size, symmetric=symmetric)
+    lm.cfg = lm.cfg.replace(**quantization_config(bits, group_size, symmetric))
     return names
 
 
@@ -164,7 +177,7 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
         else:
             module._buffers[leaf] = value
         if (build_kernels and isinstance(module, QuantizedLinear) and module.bits == 4
-                and not any(module._buffers[name].is_meta for name in ("weight", "weight_scale", "weight_zero"))):
+                and not any(module._buffers[name].is_meta for name in module.stored_names())):
             module.kernels()  # as soon as its tensors are in: its stored copy is freed before the next is read
     for name, buffer in list(lm.named_buffers()):  # non-persistent ones (QuantizedLinear.activation_like)
         if buffer.is_meta:
@@ -174,7 +187,7 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
 
 def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                       quantize: int | None = None, group_size: int = INT4_GROUP,
-                      build_kernels: bool = True) -> LMModel:
+                      build_kernels: bool = True, symmetric: bool = True) -> LMModel:
     """Load an LM with quantized linear layers, in eval mode.
 
     A quantized folder loads as stored (read tensor by tensor, no re-quantization); `quantize` must then be
@@ -183,6 +196,7 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
     stored in a narrower float dtype than `dtype` stay so (their rows are widened exactly when looked up).
     `build_kernels`: convert int4 weights to the CPU kernels' layout now, one layer at a time (each then
     holds only that copy); False to write the model out instead of running it (openmoshi quantize).
+    `symmetric`: the int4 format when quantizing here (a quantized folder loads in its own).
     """
     cfg, _ = read_config(source)
     bits = stored_bits(cfg)
@@ -198,12 +212,12 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
             raise ConfigError(f"{source}: LoRA weights cannot be fused into quantized weights; quantize the "
                               "model after fusing the LoRA (openmoshi quantize on the float model)")
         lm = load_lm(source, device=device, dtype=dtype)
-        quantize_lm_(lm, int(quantize))
+        quantize_lm_(lm, int(quantize), symmetric=symmetric)
         return lm
     weights = _weights_path(source, cfg)
     checkpoint = _LazyCheckpoint(weights)
     try:
-        lm = _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size,
+        lm = _load_into_meta_lm(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size, symmetric,
                                 build_kernels and torch.device(device).type == "cpu")
     finally:
         checkpoint.close()
@@ -227,7 +241,7 @@ _Tensors = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint, weights: Path,
-          device: str | torch.device, dtype: torch.dtype, group_size: int
+          device: str | torch.device, dtype: torch.dtype, group_size: int, symmetric: bool
           ) -> tuple[LMModel, _Tensors, Callable[[str, torch.dtype], torch.dtype]]:
     """The quantized LM's structure on the meta device, tensors(key, meta target) giving each of its tensors
     from the checkpoint (quantizing float weights on first request), and the dtype a float tensor gets."""
@@ -245,6 +259,13 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
     if bits is not None:
         if bits == 4:
             group_size = int(cfg.quantization.get("group_size", INT4_GROUP))
+            symmetric = stored_symmetric(cfg)
+            zeros = any(k.endswith("_zero") for k in checkpoint.sources)
+            if zeros == symmetric:
+                said = INT4_SCHEMES[0 if symmetric else 1]
+                held = "zeros (the asymmetric format)" if zeros else "no zeros (the symmetric format)"
+                raise CheckpointError(f"{weights}: config.json says {said} int4 weights but the file holds "
+                                      f"{held}; the folder is inconsistent, write it again with openmoshi quantize")
         suffix = "_scb" if bits == 8 else "_scale"
         found = {b for b, sfx in ((8, "_scb"), (4, "_scale")) if any(k.endswith(sfx) for k in checkpoint.sources)}
         if found != {bits}:
@@ -255,7 +276,9 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
         def stored_quantized(name: str) -> bool:
             return f"{name}.weight{suffix}" in checkpoint
 
-        quantize_modules_(lm, bits, group_size, skip=lambda name: not stored_quantized(name))
+        quantize_modules_(lm, bits, group_size, skip=lambda name: not stored_quantized(name), symmetric=symmetric)
+        if bits == 4:  # the scheme spelled out (a folder from before the symmetric format has none)
+            lm.cfg = cfg.replace(**quantization_config(bits, group_size, symmetric))
         _check_quantized_dtypes(lm, checkpoint, weights, bits)
 
         def tensor(key: str, target: torch.Tensor) -> torch.Tensor:
@@ -269,7 +292,7 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
     else:
         assert quantize is not None
         bits = quantize
-        quantize_modules_(lm, bits, group_size)
+        quantize_modules_(lm, bits, group_size, symmetric=symmetric)
         quantized = {name: module for name, module in lm.named_modules() if isinstance(module, QuantizedLinear)}
         pending: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -282,7 +305,7 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
             if key not in checkpoint:
                 raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
             return as_float(key, checkpoint.get(key))
-        lm.cfg = cfg.replace(**quantization_config(bits, group_size))
+        lm.cfg = cfg.replace(**quantization_config(bits, group_size, symmetric))
     extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
     if extra:
         raise CheckpointError(f"{weights} does not match the model: unexpected tensor(s) {extra[:5]}")
@@ -291,8 +314,8 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
 
 def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,
                        weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int,
-                       build_kernels: bool) -> LMModel:
-    lm, tensor, _ = _plan(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size)
+                       symmetric: bool, build_kernels: bool) -> LMModel:
+    lm, tensor, _ = _plan(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size, symmetric)
     _assign(lm, tensor, weights, dtype, device, build_kernels)
     for module in lm.modules():
         if isinstance(module, TokenEmbedding) and module.weight.dtype != dtype:
@@ -316,7 +339,8 @@ def _quantized_tensor(layer: QuantizedLinear, name: str, leaf: str, checkpoint: 
         if tuple(weight.shape) != (layer.n * layer.out_features, layer.in_features):
             raise CheckpointError(f"{source}: tensor {_to_file_key(key)} has shape {tuple(weight.shape)}, the "
                                   f"model expects {(layer.n * layer.out_features, layer.in_features)}")
-        fresh = QuantizedLinear.from_weight(weight, layer.bits, n=layer.n, group_size=group_size)
+        fresh = QuantizedLinear.from_weight(weight, layer.bits, n=layer.n, group_size=group_size,
+                                            symmetric=layer.symmetric)
         parts = {k: v.to(device) for k, v in fresh.state_dict().items()}
     value = parts.pop(leaf)
     if parts:
@@ -342,18 +366,18 @@ def save_quantized_lm(lm: LMModel, folder: str | Path, config: LMConfig | None =
         raise ConfigError("the LM has no quantized layer: quantize it first (quantize_lm_)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    group = next(m.group_size for m in lm.modules() if isinstance(m, QuantizedLinear))
+    first = next(m for m in lm.modules() if isinstance(m, QuantizedLinear))
+    fields = quantization_config(bits, first.group_size, first.symmetric)
     name = f"model.q{bits}.safetensors"
-    cfg = (config or lm.cfg).replace(moshi_name=name, lora=False, lora_name=None,
-                                     **quantization_config(bits, group))
+    cfg = (config or lm.cfg).replace(moshi_name=name, lora=False, lora_name=None, **fields)
     save_safetensors(quantized_state_dict(lm), folder / name,
-                     metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group})})
+                     metadata={"openmoshi_quantization": json.dumps(fields["quantization"] or {"bits": 8})})
     (folder / CONFIG_NAME).write_text(json.dumps(cfg.to_kyutai(), indent=2) + "\n")
     return folder
 
 
-def write_quantized_lm(source: str | Path, folder: str | Path, bits: int, group_size: int = INT4_GROUP
-                       ) -> tuple[Path, int]:
+def write_quantized_lm(source: str | Path, folder: str | Path, bits: int, group_size: int = INT4_GROUP,
+                       symmetric: bool = True) -> tuple[Path, int]:
     """Quantize the float LM of `source` straight into folder/model.q{bits}.safetensors + config.json, one
     tensor at a time: read, quantize, write, drop (the model is never held; peak ~ one float weight).
 
@@ -369,13 +393,15 @@ def write_quantized_lm(source: str | Path, folder: str | Path, bits: int, group_
     folder = Path(folder)
     name = f"model.q{bits}.safetensors"
     if cfg.lora:  # the adapters are fused into the float weights first: through the whole model
-        lm = load_quantized_lm(source, quantize=bits, group_size=group_size, build_kernels=False)
+        lm = load_quantized_lm(source, quantize=bits, group_size=group_size, build_kernels=False,
+                               symmetric=symmetric)
         save_quantized_lm(lm, folder, config=lm.cfg.replace(moshi_name=cfg.moshi_name))
         return folder, sum(isinstance(m, QuantizedLinear) for m in lm.modules())
     weights = _weights_path(source, cfg)
     checkpoint = _LazyCheckpoint(weights)
     try:
-        lm, tensor, float_dtype = _plan(cfg, None, bits, checkpoint, weights, "cpu", torch.float32, group_size)
+        lm, tensor, float_dtype = _plan(cfg, None, bits, checkpoint, weights, "cpu", torch.float32, group_size,
+                                        symmetric)
         targets = {_to_file_key(k): (k, t) for k, t in lm.state_dict().items()}
         specs = {}
         for file_key, (key, target) in targets.items():
@@ -392,11 +418,12 @@ def write_quantized_lm(source: str | Path, folder: str | Path, bits: int, group_
                                       f"expects {tuple(target.shape)}")
             return out
         folder.mkdir(parents=True, exist_ok=True)
+        fields = quantization_config(bits, group_size, symmetric)
         write_safetensors(folder / name, specs, value,
-                          metadata={"openmoshi_quantization": json.dumps({"bits": bits, "group_size": group_size})})
+                          metadata={"openmoshi_quantization": json.dumps(fields["quantization"] or {"bits": 8})})
     finally:
         checkpoint.close()
-    out_cfg = cfg.replace(moshi_name=name, lora=False, lora_name=None, **quantization_config(bits, group_size))
+    out_cfg = cfg.replace(moshi_name=name, lora=False, lora_name=None, **fields)
     (folder / CONFIG_NAME).write_text(json.dumps(out_cfg.to_kyutai(), indent=2) + "\n")
     return folder, sum(isinstance(m, QuantizedLinear) for m in lm.modules())
 

@@ -4,9 +4,13 @@ Formats (what a checkpoint stores, per linear weight W [N, K]):
 
 - int8, per output channel, Kyutai's (bitsandbytes) layout: `weight` int8 [N, K] and `weight_scb` float32 [N],
   the absolute maximum of each row: W ~ weight * weight_scb / 127.
-- int4, groups of `group_size` (32) input columns, asymmetric: `weight` uint8 [N, K / 2] (column 2j in the high
-  nibble, 2j + 1 in the low one), `weight_scale` and `weight_zero` bfloat16 [N, K / group_size] (1/8 byte per weight):
-  W ~ (q - 8) * scale + zero, q in 0..15 (torch's int4 kernels' convention).
+- int4, groups of `group_size` (32) input columns: `weight` uint8 [N, K / 2] (column 2j in the high nibble,
+  2j + 1 in the low one), q in 0..15, and per group, bfloat16 [N, K / group_size]:
+  - symmetric (the default, 4.5 bits per weight): `weight_scale` only, W ~ (q - 8) * scale. The scale is the
+    group's value of largest magnitude over -8 (signed), so that value is exact and all 16 levels are used.
+  - asymmetric (5 bits per weight): `weight_scale` and `weight_zero`, W ~ (q - 8) * scale + zero (torch's int4
+    kernels' convention: they take [G, N, 2] scales and zeros; a symmetric layer hands them zeros built per
+    call in a reused buffer, so only its scales stay resident).
 
 Why bfloat16 activations: on CPU, torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are fast only
 with bfloat16 inputs (4096 x 4096, 1 vector, 2 Zen 4 threads: 1.5 ms int8 and 1.9 ms int4 in bfloat16, 15 ms
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import typing as tp
 
 import torch
@@ -37,7 +42,12 @@ INT4_GROUP = 32
 # dequantized weight and one float matmul is faster, measured on a 2-core Zen 4).
 MAX_KERNEL_ROWS = 16
 _INT4_INNER_K_TILES = 8  # CUDA tinygemm layout
-_INT4_STORED = ("weight", "weight_scale", "weight_zero")
+INT4_SCHEMES = ("symmetric", "asymmetric")
+
+
+def int4_stored(symmetric: bool) -> tuple[str, ...]:
+    """The buffers an int4 layer stores (and a checkpoint holds per weight)."""
+    return ("weight", "weight_scale") if symmetric else ("weight", "weight_scale", "weight_zero")
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +103,20 @@ def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP
     return pack_int4(q), scale.to(torch.bfloat16), zero.to(torch.bfloat16)
 
 
+@torch.no_grad()
+def quantize_int4_symmetric(weight: torch.Tensor, group_size: int = INT4_GROUP
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (packed uint8 [N, K / 2], scale bfloat16 [N, G]): scale = m / -8 for m the group's value of
+    largest magnitude (so m -> q = 0 exactly; a value of -m would need 16 and is clipped to 15)."""
+    n, k = weight.shape
+    w = weight.float().view(n, k // group_size, group_size)
+    extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    scale = _bf16(extreme / -8)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group: any scale, q = 8
+    q = torch.round(w / scale[..., None] + 8).clamp(0, 15).to(torch.uint8).view(n, k)
+    return pack_int4(q), scale.to(torch.bfloat16)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Values 0..15 [N, K] -> uint8 [N, K / 2], even columns in the high nibble."""
     q = q.to(torch.uint8)
@@ -104,13 +128,31 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
 
 
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q - 8) * scale (+ zero: None for the symmetric format) -> [N, K]."""
     q = unpack_int4(packed).float()
     n, k = q.shape
     groups = scale.shape[1]
-    w = (q.view(n, groups, -1) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    w = (q.view(n, groups, -1) - 8) * scale.float()[..., None]
+    if zero is not None:
+        w = w + zero.float()[..., None]
     return w.view(n, k).to(dtype)
+
+
+_scratch = threading.local()
+
+
+def _with_zeros(scales: torch.Tensor) -> torch.Tensor:
+    """Scales [G, N] -> [G, N, 2] scales and zeros for torch's CPU int4 kernel, in a buffer reused by every
+    symmetric layer of this thread: its odd elements (the zeros of any [G, N, 2] view) are never written."""
+    size = scales.numel() * 2
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < size or buf.dtype != scales.dtype:
+        buf = _scratch.buf = torch.zeros(size, dtype=scales.dtype)
+    out = buf[:size].view(*scales.shape, 2)
+    out[..., 0] = scales
+    return out
 
 
 # ---- kernels
@@ -149,6 +191,7 @@ class _Kernel:
 
     `exact_inverse`: the CPU int4 layout was built by _to_cpu_int4 (which matched torch's converter), so
     `stored()` can give the stored tensors back and the layer may drop its own copy (half the weight memory).
+    int4 `zero` None: the symmetric format; on CPU only its scales [G, N] are kept (zeros added per call).
     """
 
     def __init__(self, bits: int, group_size: int, weight: torch.Tensor, scale: torch.Tensor,
@@ -157,14 +200,18 @@ class _Kernel:
         self.device = weight.device
         self.compute_dtype = torch.bfloat16  # the dtype the kernels are fast in (CPU) or need (CUDA int4)
         self.exact_inverse = False
+        self.symmetric = bits == 4 and zero is None
         with torch.no_grad():
             if bits == 8:
                 self.weight = weight.contiguous()
                 self.scales = int8_scale(scale).to(self.compute_dtype).contiguous()
             else:
-                assert zero is not None
-                self.scales = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).to(
-                    self.compute_dtype).contiguous()  # [G, N, 2]
+                if self.symmetric and self.device.type == "cpu":
+                    self.scales = scale.transpose(0, 1).to(self.compute_dtype).contiguous()  # [G, N]
+                else:
+                    zeros = torch.zeros_like(scale) if zero is None else zero
+                    self.scales = torch.stack([scale.float(), zeros.float()], dim=-1).transpose(0, 1).to(
+                        self.compute_dtype).contiguous()  # [G, N, 2]
                 if self.device.type == "cuda":
                     self.weight = torch._convert_weight_to_int4pack(weight.contiguous(), _INT4_INNER_K_TILES)
                 else:
@@ -188,11 +235,14 @@ class _Kernel:
         self.block, self.exact_inverse = block, True
         return out
 
-    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(packed weight, scale, zero) in the stored layout, rebuilt from the kernel's copy."""
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        """(packed weight, scale[, zero]) in the stored layout (int4_stored), rebuilt from the kernel's copy."""
         assert self.exact_inverse
+        weight = _from_cpu_int4(self.weight, self.block)
+        if self.symmetric:
+            return weight, self.scales.transpose(0, 1).contiguous()
         scale, zero = self.scales.transpose(0, 1).unbind(-1)
-        return _from_cpu_int4(self.weight, self.block), scale.contiguous(), zero.contiguous()
+        return weight, scale.contiguous(), zero.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype).contiguous()
@@ -201,7 +251,8 @@ class _Kernel:
         elif self.device.type == "cuda":
             out = torch._weight_int4pack_mm(xc, self.weight, self.group_size, self.scales)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(xc, self.weight, self.group_size, self.scales)
+            scales = _with_zeros(self.scales) if self.symmetric else self.scales
+            out = torch._weight_int4pack_mm_for_cpu(xc, self.weight, self.group_size, scales)
         return out.to(x.dtype)
 
 
@@ -213,11 +264,13 @@ class QuantizedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = INT4_GROUP,
-                 bias: bool = False, n: int = 1, device: torch.device | str | None = None) -> None:
+                 bias: bool = False, n: int = 1, device: torch.device | str | None = None,
+                 symmetric: bool = True) -> None:
         super().__init__()
         check_bits(bits)
         self.in_features, self.out_features, self.n = in_features, out_features, n
         self.bits, self.group_size = bits, group_size
+        self.symmetric = bits == 4 and symmetric  # int4: scales only (4.5 bits / weight) or scales and zeros
         rows = n * out_features
         if bits == 8:
             self.register_buffer("weight", torch.zeros(rows, in_features, dtype=torch.int8, device=device))
@@ -226,7 +279,9 @@ class QuantizedLinear(nn.Module):
             groups = in_features // group_size
             self.register_buffer("weight", torch.zeros(rows, in_features // 2, dtype=torch.uint8, device=device))
             self.register_buffer("weight_scale", torch.ones(rows, groups, dtype=torch.bfloat16, device=device))
-            self.register_buffer("weight_zero", torch.zeros(rows, groups, dtype=torch.bfloat16, device=device))
+            if not self.symmetric:
+                self.register_buffer("weight_zero", torch.zeros(rows, groups, dtype=torch.bfloat16,
+                                                                device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         # follows the model's float dtype and device (model.to(...)): the dtype of the activations
         self.register_buffer("activation_like", torch.empty(0, device=device), persistent=False)
@@ -235,12 +290,15 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int, bias: torch.Tensor | None = None, n: int = 1,
-                    group_size: int = INT4_GROUP) -> QuantizedLinear:
+                    group_size: int = INT4_GROUP, symmetric: bool = True) -> QuantizedLinear:
         rows, in_features = weight.shape
-        module = cls(in_features, rows // n, bits, group_size, bias is not None, n, device="meta")
+        module = cls(in_features, rows // n, bits, group_size, bias is not None, n, device="meta",
+                     symmetric=symmetric)
         if bits == 8:
             q, scb = quantize_int8(weight)
             module.weight, module.weight_scb = q, scb
+        elif module.symmetric:
+            module.weight, module.weight_scale = quantize_int4_symmetric(weight, group_size)
         else:
             packed, scale, zero = quantize_int4(weight, group_size)
             module.weight, module.weight_scale, module.weight_zero = packed, scale, zero
@@ -250,16 +308,20 @@ class QuantizedLinear(nn.Module):
         return module
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group = (f", group_size={self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'}"
+                 if self.bits == 4 else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}"
                 + (f", n={self.n}" if self.n > 1 else ""))
+
+    def stored_names(self) -> tuple[str, ...]:
+        return ("weight", "weight_scb") if self.bits == 8 else int4_stored(self.symmetric)
 
     # ---- int4 on CPU: once the kernels are built, their copy (another layout of the same bytes) is the only
     # one kept; the stored tensors are rebuilt from it, exactly, whenever they are asked for.
 
     def __getattr__(self, name: str) -> tp.Any:
-        if name in _INT4_STORED and self.__dict__.get("_kernel_only"):
-            return self._stored_from_kernels()[_INT4_STORED.index(name)]
+        if self.__dict__.get("_kernel_only") and name in self.stored_names():
+            return self._stored_from_kernels()[self.stored_names().index(name)]
         return super().__getattr__(name)
 
     def _stored_from_kernels(self) -> tuple[torch.Tensor, ...]:
@@ -269,7 +331,7 @@ class QuantizedLinear(nn.Module):
 
     def _restore_stored(self) -> None:
         if self._kernel_only:
-            for name, tensor in zip(_INT4_STORED, self._stored_from_kernels()):
+            for name, tensor in zip(self.stored_names(), self._stored_from_kernels()):
                 self._buffers[name] = tensor
             self._kernel_only = False
         self._kernels = None
@@ -277,7 +339,7 @@ class QuantizedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._kernel_only:
-            for name, tensor in zip(_INT4_STORED, self._stored_from_kernels()):
+            for name, tensor in zip(self.stored_names(), self._stored_from_kernels()):
                 destination[prefix + name] = tensor
 
     def _load_from_state_dict(self, *args: tp.Any, **kwargs: tp.Any) -> None:
@@ -290,18 +352,19 @@ class QuantizedLinear(nn.Module):
 
     def _block(self, i: int) -> tuple[torch.Tensor, ...]:
         if self._kernel_only:
-            return self.kernels()[i].stored()
+            stored = self.kernels()[i].stored()
+            return stored if len(stored) == 3 else (*stored, None)
         rows = slice(i * self.out_features, (i + 1) * self.out_features)
         if self.bits == 8:
             return self.weight[rows], self.weight_scb[rows], None
-        return self.weight[rows], self.weight_scale[rows], self.weight_zero[rows]
+        return self.weight[rows], self.weight_scale[rows], None if self.symmetric else self.weight_zero[rows]
 
     def kernels(self) -> list[_Kernel]:
         if self._kernels is None or self._kernels[0].device != self.activation_like.device:
             self._restore_stored()
             self._kernels = [_Kernel(self.bits, self.group_size, *self._block(i)) for i in range(self.n)]
             if self.bits == 4 and all(kernel.exact_inverse for kernel in self._kernels):
-                for name in _INT4_STORED:
+                for name in self.stored_names():
                     del self._buffers[name]
                 self._kernel_only = True
         return self._kernels
@@ -339,23 +402,25 @@ class QuantizedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in held)
 
 
-def _quantized(weight: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None = None,
-               n: int = 1) -> QuantizedLinear:
+def _quantized(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+               bias: torch.Tensor | None = None, n: int = 1) -> QuantizedLinear:
     if weight.is_meta:  # structure only: a checkpoint of quantized tensors will be assigned into it
         rows, in_features = weight.shape
-        return QuantizedLinear(in_features, rows // n, bits, group_size, bias is not None, n, device="meta")
-    module = QuantizedLinear.from_weight(weight, bits, bias, n, group_size)
+        return QuantizedLinear(in_features, rows // n, bits, group_size, bias is not None, n, device="meta",
+                               symmetric=symmetric)
+    module = QuantizedLinear.from_weight(weight, bits, bias, n, group_size, symmetric)
     return module.to(weight.device)
 
 
 @torch.no_grad()
 def quantize_modules_(root: nn.Module, bits: int, group_size: int = INT4_GROUP,
-                      skip: tp.Callable[[str], bool] | None = None) -> list[str]:
+                      skip: tp.Callable[[str], bool] | None = None, symmetric: bool = True) -> list[str]:
     """Replace, in place, every linear weight under `root` by an int8 / int4 one; returns their names.
 
     Covers nn.Linear, the transformers' stacked per-step `out_proj` (StackedLinear) and `in_proj_weight`.
     Weights whose shape the kernels cannot take stay float (logged). `skip(name)` keeps a layer float.
-    On the meta device only the structure changes (to load a quantized checkpoint into).
+    On the meta device only the structure changes (to load a quantized checkpoint into). `symmetric`: the int4
+    format (module docstring).
     """
     from .transformer import Attention, StackedLinear
     check_bits(bits)
@@ -374,15 +439,15 @@ def quantize_modules_(root: nn.Module, bits: int, group_size: int = INT4_GROUP,
         for child_name, child in list(module.named_children()):
             name = dot + child_name
             if type(child) is nn.Linear and fits(name, child.weight.shape):
-                setattr(module, child_name, _quantized(child.weight, bits, group_size, child.bias))
+                setattr(module, child_name, _quantized(child.weight, bits, group_size, symmetric, child.bias))
                 done.append(name)
             elif type(child) is StackedLinear and fits(name, child.weight.shape):
-                setattr(module, child_name, _quantized(child.weight, bits, group_size, n=child.n))
+                setattr(module, child_name, _quantized(child.weight, bits, group_size, symmetric, n=child.n))
                 done.append(name)
         if isinstance(module, Attention) and module.in_proj is None and fits(dot + "in_proj",
                                                                               module.in_proj_weight.shape):
             weight = module.in_proj_weight
             del module.in_proj_weight
-            module.in_proj = _quantized(weight, bits, group_size, n=module.cfg.num_weight_sets)
+            module.in_proj = _quantized(weight, bits, group_size, symmetric, n=module.cfg.num_weight_sets)
             done.append(dot + "in_proj")
     return done
