@@ -2,6 +2,9 @@
 
     python benchmarks/bench_quant.py [--config bench] [--threads 2] [--steps 30] [--batch 1 4]
                                      [--quality-steps 200] [--no-reference] [--no-mimi] [--no-quality]
+                                     [--no-speed]
+
+int4 is the symmetric format (one scale per group of 32); int4-asym the 5-bit one (a scale and a zero).
 
 Speed: median `Generator.step` time (one 80 ms frame) of the LM at fp32, int8 and int4 (ours) and fp32
 (Kyutai's reference, moshi==0.2.13), rounds alternating between them; Mimi streaming encode + decode per
@@ -188,21 +191,23 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--no-mimi", action="store_true")
     parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.config]()
     fp32, ref = build_models(cfg, not args.no_reference)
     models: dict = {"fp32": fp32}
-    for bits in (8, 4):
+    for name, bits, symmetric in (("int8", 8, True), ("int4", 4, True), ("int4-asym", 4, False)):
         model = copy.deepcopy(fp32)
-        quantize_lm_(model, bits)
-        models[f"int{bits}"] = model.eval()
+        quantize_lm_(model, bits, symmetric=symmetric)
+        models[name] = model.eval()
     if ref is not None:
         models["reference"] = ref
     print(f"LM config {args.config!r}, {args.threads} threads; weights: " + ", ".join(
         f"{n} {weight_bytes(m) / 1e6:.0f} MB" for n, m in models.items() if n != "reference"))
-    speed = bench_lm_speed(models, cfg.n_user, args.batch, args.steps, args.warmup)
-    print(f"{'batch':>5} | " + " | ".join(f"{n + ' ms':>14}" for n in models) + " | int8/fp32 | int4/fp32")
+    speed = {} if args.no_speed else bench_lm_speed(models, cfg.n_user, args.batch, args.steps, args.warmup)
+    if speed:
+        print(f"{'batch':>5} | " + " | ".join(f"{n + ' ms':>14}" for n in models) + " | int8/fp32 | int4/fp32")
     for batch, row in speed.items():
         print(f"{batch:>5} | " + " | ".join(f"{row[n]:14.1f}" for n in models)
               + f" | {row['int8'] / row['fp32']:9.2f} | {row['int4'] / row['fp32']:9.2f}")

@@ -8,7 +8,9 @@ Parameter names equal the keys of Kyutai's checkpoints.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,27 @@ class LMOutput:
     hidden: torch.Tensor | None = None  # [B, T, dim] temporal output of step t (it has seen codes[..., :t])
 
 
+def drop_pages(mapped: torch.Tensor) -> None:
+    """Unmap the resident pages of a tensor mapped from a file (madvise DONTNEED: the next read maps them
+    again from the file cache); pages it shares with the tensors beside it in the file are read again too."""
+    import ctypes
+    import mmap
+    start = mapped.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    length = mapped.data_ptr() + mapped.nbytes - start
+    if sys.platform.startswith("linux") and _libc() is not None:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 4)  # MADV_DONTNEED (Linux)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 class TokenEmbedding(nn.Embedding):
     """Embedding of tokens [...] -> [..., dim] where the token -1 means "no token" (a zero vector).
 
@@ -51,9 +74,14 @@ class TokenEmbedding(nn.Embedding):
     `row_dtype`: when set, the table is kept in a narrower float dtype than the model computes in (a bf16
     checkpoint's table in an fp32 model: half the memory) and the rows looked up are cast to `row_dtype`,
     which gives exactly the rows of the widened table.
+
+    `mapped`: the table is a copy-on-write mapping of the checkpoint file (lm/quantized.py, Moshi 7B: 0.6 GB of
+    tables that need not be RAM); after each lookup its pages are dropped from this process (the rows stay
+    in the system's file cache), so it takes no RAM of its own. Such a table is read-only.
     """
 
     row_dtype: torch.dtype | None = None
+    mapped: int | None = None  # data_ptr of the file-mapped weight (a copy made by .to() is ordinary memory)
 
     def __init__(self, num_embeddings: int, dim: int, low_rank: int | None = None, demux: bool = False) -> None:
         super().__init__(num_embeddings, low_rank or dim)
@@ -71,6 +99,8 @@ class TokenEmbedding(nn.Embedding):
 
     def _lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(tokens, self.weight)
+        if self.mapped is not None and self.mapped == self.weight.data_ptr():
+            drop_pages(self.weight)
         return rows if self.row_dtype is None else rows.to(self.row_dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

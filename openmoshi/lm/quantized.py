@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import re
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from ..errors import CheckpointError, ConfigError
 from ..nn.quant import INT4_GROUP, INT4_SCHEMES, QuantizedLinear, check_bits, quantize_modules_
 from .config import LMConfig
 from .loading import CONFIG_NAME, _weights_path, load_lm, read_config
-from .model import LMModel, TokenEmbedding
+from .model import LMModel, TokenEmbedding, drop_pages
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class _LazyCheckpoint:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.mapping: mmap.mmap | None = None
+        self.mapped_ptrs: set[int] = set()
         try:
             self.file = open(path, "rb")  # noqa: SIM115 (held for reads until close())
             size = os.fstat(self.file.fileno()).st_size
@@ -152,8 +155,22 @@ class _LazyCheckpoint:
                                       "again")
         return out
 
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """The tensor as a copy-on-write mapping of the file (its pages are read when touched), or None when
+        it is not one stored tensor."""
+        names = self.sources[_to_file_key(key)]
+        dtype, shape, begin, end = self.entries[names[0]]
+        if len(names) != 1 or end == begin or (self.start + begin) % dtype.itemsize:
+            return None
+        if self.mapping is None:
+            self.mapping = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
+        out = torch.frombuffer(self.mapping, dtype=dtype, count=math.prod(shape),
+                               offset=self.start + begin).view(shape)  # keeps the mapping alive
+        self.mapped_ptrs.add(out.data_ptr())
+        return out
+
     def close(self) -> None:
-        self.file.close()
+        self.file.close()  # a mapping stays valid while tensors use it
 
     def get(self, key: str) -> torch.Tensor:
         parts = [self._read(k) for k in self.sources[_to_file_key(key)]]
@@ -193,7 +210,8 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
     A quantized folder loads as stored (read tensor by tensor, no re-quantization); `quantize` must then be
     None or its bit width. A float checkpoint is quantized to `quantize` bits while it is read, one weight at
     a time, so the float model is never whole in memory (Moshi 7B int4 fits a laptop). Embedding tables
-    stored in a narrower float dtype than `dtype` stay so (their rows are widened exactly when looked up).
+    stored in a narrower float dtype than `dtype` stay so (their rows are widened exactly when looked up); on
+    CPU such tables are mapped from the file, not read (TokenEmbedding.mapped: no RAM of their own).
     `build_kernels`: convert int4 weights to the CPU kernels' layout now, one layer at a time (each then
     holds only that copy); False to write the model out instead of running it (openmoshi quantize).
     `symmetric`: the int4 format when quantizing here (a quantized folder loads in its own).
@@ -241,10 +259,11 @@ _Tensors = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint, weights: Path,
-          device: str | torch.device, dtype: torch.dtype, group_size: int, symmetric: bool
-          ) -> tuple[LMModel, _Tensors, Callable[[str, torch.dtype], torch.dtype]]:
+          device: str | torch.device, dtype: torch.dtype, group_size: int, symmetric: bool,
+          map_tables: bool = False) -> tuple[LMModel, _Tensors, Callable[[str, torch.dtype], torch.dtype]]:
     """The quantized LM's structure on the meta device, tensors(key, meta target) giving each of its tensors
-    from the checkpoint (quantizing float weights on first request), and the dtype a float tensor gets."""
+    from the checkpoint (quantizing float weights on first request), and the dtype a float tensor gets.
+    `map_tables` (CPU): embedding tables kept in their stored dtype are mappings of the file, not read."""
     with torch.device("meta"):
         lm = LMModel(cfg)
     tables = {f"{name}.weight" for name, module in lm.named_modules() if isinstance(module, TokenEmbedding)}
@@ -256,6 +275,14 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
 
     def as_float(key: str, value: torch.Tensor) -> torch.Tensor:
         return value.to(device=device, dtype=float_dtype(key, value.dtype))
+
+    def read(key: str) -> torch.Tensor:
+        if map_tables and key in tables:
+            stored = checkpoint.dtype(key)
+            mapped = checkpoint.mapped(key) if float_dtype(key, stored) == stored else None
+            if mapped is not None:
+                return mapped
+        return checkpoint.get(key)
     if bits is not None:
         if bits == 4:
             group_size = int(cfg.quantization.get("group_size", INT4_GROUP))
@@ -285,7 +312,7 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
             if key not in checkpoint:
                 raise CheckpointError(f"{weights} does not match the model: tensor {_to_file_key(key)} is "
                                       f"missing (a int{bits} checkpoint written by another model?)")
-            value = checkpoint.get(key)
+            value = read(key)
             if value.dtype.is_floating_point and not key.endswith(("_scale", "_zero")):  # bf16 as stored
                 return as_float(key, value)
             return value.to(device)
@@ -304,7 +331,7 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
                                          pending)
             if key not in checkpoint:
                 raise CheckpointError(f"{weights} does not match the model: tensor {key} is missing")
-            return as_float(key, checkpoint.get(key))
+            return as_float(key, read(key))
         lm.cfg = cfg.replace(**quantization_config(bits, group_size, symmetric))
     extra = sorted(set(checkpoint.sources) - {_to_file_key(k) for k in lm.state_dict()})
     if extra:
@@ -315,11 +342,15 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
 def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _LazyCheckpoint,
                        weights: Path, device: str | torch.device, dtype: torch.dtype, group_size: int,
                        symmetric: bool, build_kernels: bool) -> LMModel:
-    lm, tensor, _ = _plan(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size, symmetric)
+    lm, tensor, _ = _plan(cfg, bits, quantize, checkpoint, weights, device, dtype, group_size, symmetric,
+                          map_tables=build_kernels and cfg.model_type != "hibiki")
     _assign(lm, tensor, weights, dtype, device, build_kernels)
     for module in lm.modules():
         if isinstance(module, TokenEmbedding) and module.weight.dtype != dtype:
             module.row_dtype = dtype
+        if isinstance(module, TokenEmbedding) and module.weight.data_ptr() in checkpoint.mapped_ptrs:
+            module.mapped = module.weight.data_ptr()
+            drop_pages(module.weight)
     if cfg.model_type == "hibiki":  # as in load_lm: read EOS as PAD
         with torch.no_grad():
             lm.text_emb.weight[2] = lm.text_emb.weight[3]
