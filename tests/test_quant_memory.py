@@ -4,6 +4,8 @@ embedding tables give the rows of the widened table, and safetensors files are w
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from lm_utils import random_codes
@@ -159,3 +161,46 @@ def test_lazy_kv_cache_is_zero_and_takes_ram_only_where_written():
     assert rss_kb() - before < 4096
     small = lazy_zeros((4, 4), torch.device("cpu"), torch.bfloat16)
     assert small.dtype == torch.bfloat16 and not small.any()
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile"))
+
+
+def test_embedding_tables_mapped_from_the_file_take_no_ram(tmp_path):
+    from openmoshi.lm.quantized import _LazyCheckpoint
+    table = torch.randn(4096, 1024).bfloat16()  # 8 MiB
+    save_safetensors({"before": torch.ones(3), "table": table}, tmp_path / "t.safetensors")
+    checkpoint = _LazyCheckpoint(tmp_path / "t.safetensors")
+    mapped = checkpoint.mapped("table")
+    checkpoint.close()
+    assert mapped is not None and mapped.dtype == torch.bfloat16 and torch.equal(mapped, table)
+    emb = TokenEmbedding(4096, 1024).to(torch.bfloat16)
+    emb.weight = torch.nn.Parameter(mapped, requires_grad=False)
+    emb.mapped, emb.row_dtype = mapped.data_ptr(), torch.float32
+    tokens = torch.arange(4096).view(8, 512)
+    with torch.no_grad():
+        rows = emb(tokens)  # every row read, then the table's pages dropped from this process
+        assert rows.dtype == torch.float32 and torch.equal(rows, table.float()[tokens])
+        before = _rss_file_kb()  # (after the first call: the library code it ran is mapped from files too)
+        emb(tokens)
+    assert _rss_file_kb() - before < 1024
+    emb.mapped = None  # an ordinary table: its pages stay
+    with torch.no_grad():
+        emb(tokens)
+    assert _rss_file_kb() - before > 6 * 1024
+
+
+def test_quantized_folder_maps_its_bf16_tables(bf16_folder, tmp_path):
+    assert main(["quantize", str(bf16_folder), str(tmp_path / "q4"), "--bits", "4"]) == 0
+    lm = load_quantized_lm(tmp_path / "q4")
+    tables = [m for m in lm.modules() if isinstance(m, TokenEmbedding)]
+    assert tables and all(m.mapped == m.weight.data_ptr() for m in tables)
+    held = copy.deepcopy(lm)  # the same tables in ordinary memory
+    assert not any(m.mapped == m.weight.data_ptr() for m in held.modules() if isinstance(m, TokenEmbedding))
+    codes = random_codes(lm.cfg, 1, 6)
+    with torch.no_grad():
+        assert torch.equal(lm(codes).audio_logits.nan_to_num(), held(codes).audio_logits.nan_to_num())
+    assert not any(m.mapped for m in load_quantized_lm(tmp_path / "q4", build_kernels=False).modules()
+                   if isinstance(m, TokenEmbedding))  # a model to write out reads its tables
