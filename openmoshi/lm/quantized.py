@@ -321,7 +321,7 @@ def _plan(cfg: LMConfig, bits: int | None, quantize: int | None, checkpoint: _La
         bits = quantize
         quantize_modules_(lm, bits, group_size, symmetric=symmetric)
         quantized = {name: module for name, module in lm.named_modules() if isinstance(module, QuantizedLinear)}
-        pending: dict[str, dict[str, torch.Tensor]] = {}
+        pending: dict[str, dict[str, torch.Tensor | None]] = {}
 
         def tensor(key: str, target: torch.Tensor) -> torch.Tensor:
             module_name, _, leaf = key.rpartition(".")
@@ -359,10 +359,14 @@ def _load_into_meta_lm(cfg: LMConfig, bits: int | None, quantize: int | None, ch
 
 def _quantized_tensor(layer: QuantizedLinear, name: str, leaf: str, checkpoint: _LazyCheckpoint, source: Path,
                       device: str | torch.device, group_size: int,
-                      pending: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-    """One buffer of `layer`, quantizing its float weight from the checkpoint on first request."""
+                      pending: dict[str, dict[str, torch.Tensor | None]]) -> torch.Tensor:
+    """One buffer of `layer`, quantizing its float weight from the checkpoint on first request.
+
+    The other buffers wait in `pending`, but for the packed weight when a scale is asked first (the writer's
+    order: every bf16 tensor before the uint8 ones): it is quantized again when asked, rather than every
+    layer's packed weight being held until then (Moshi 7B: 3.7 GB)."""
     parts = pending.pop(name, None)
-    if parts is None:
+    if parts is None or parts.get(leaf) is None:
         key = f"{name}.weight"
         if key not in checkpoint:
             raise CheckpointError(f"{source} does not match the model: tensor {_to_file_key(key)} is missing")
@@ -372,8 +376,14 @@ def _quantized_tensor(layer: QuantizedLinear, name: str, leaf: str, checkpoint: 
                                   f"model expects {(layer.n * layer.out_features, layer.in_features)}")
         fresh = QuantizedLinear.from_weight(weight, layer.bits, n=layer.n, group_size=group_size,
                                             symmetric=layer.symmetric)
-        parts = {k: v.to(device) for k, v in fresh.state_dict().items()}
+        state = fresh.state_dict()
+        if parts is None:
+            parts = {k: v.to(device) for k, v in state.items()}
+        else:
+            parts[leaf] = state[leaf].to(device)
     value = parts.pop(leaf)
+    if leaf != "weight" and "weight" in parts:
+        parts["weight"] = None  # quantized again when asked
     if parts:
         pending[name] = parts
     return value
