@@ -35,14 +35,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout, not another installed one
 
 
-def rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process in MB (from /proc/self/status)."""
+def rss_mb() -> tuple[float, float, float]:
+    """(current RSS, peak RSS, current RSS of file-backed pages: library code, mapped tables) of this process
+    in MiB (from /proc/self/status)."""
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssFile"):
             fields[key] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
+    return fields["VmRSS"], fields["VmHWM"], fields["RssFile"]
 
 
 def write(folder: Path, seed: int = 0) -> None:
@@ -81,8 +82,12 @@ def write(folder: Path, seed: int = 0) -> None:
     print(f"wrote {out}: {size:.2f} GB in {time.perf_counter() - start:.0f} s")
 
 
+def _sizes(mib: float) -> str:
+    return f"{mib:.0f} MiB ({mib * 2 ** 20 / 1e9:.2f} GB, {mib / 1024:.2f} GiB)"
+
+
 def child(cmd: list[str]) -> tuple[int, float, float]:
-    """Run cmd; (exit status, peak RSS in MB, wall seconds)."""
+    """Run cmd; (exit status, peak RSS in MiB, wall seconds)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
     _, status, usage = os.wait4(proc.pid, 0)
@@ -97,7 +102,7 @@ def quantize(folder: Path, bits: int, scheme: str) -> None:
     out = _int4_folder(folder, scheme) if bits == 4 else folder / f"int{bits}"
     code, peak, wall = child([sys.executable, "-m", "openmoshi", "quantize", str(folder / "bf16"), str(out),
                               "--bits", str(bits), "--int4-scheme", scheme, "--force"])
-    print(f"openmoshi quantize --bits {bits}: exit {code}, peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), "
+    print(f"openmoshi quantize --bits {bits}: exit {code}, peak RSS {_sizes(peak)}, "
           f"{wall:.0f} s; folder {sum(f.stat().st_size for f in out.iterdir()) / 1e9:.2f} GB")
 
 
@@ -150,7 +155,7 @@ def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, scheme
                               "--steps", str(steps),
                               "--threads", str(threads), "--dtype", dtype, "--quiet", str(quiet_s)])
     print(f"load int4 ({scheme}) + {steps} steps ({dtype} activations, {threads} threads): exit {code}, "
-          f"peak RSS {peak:.0f} MB ({peak / 1024:.2f} GiB), {wall:.0f} s")
+          f"peak RSS {_sizes(peak)}, {wall:.0f} s")
 
 
 def main() -> None:
