@@ -3,6 +3,7 @@
     python benchmarks/bench_7b_memory.py write DIR       # DIR/bf16: random weights of the moshiko structure
     python benchmarks/bench_7b_memory.py quantize DIR    # `openmoshi quantize DIR/bf16 DIR/int4 --bits 4`
     python benchmarks/bench_7b_memory.py run DIR [--steps 20] [--threads 2] [--dtype float32|bfloat16]
+    python benchmarks/bench_7b_memory.py zeros-ab DIR [--steps 20]   # symmetric int4: zeros per call vs held
 
 `--int4-scheme asymmetric` (quantize, run): the 5-bit format (a scale and a zero per group) in DIR/int4-asym
 instead of the default symmetric one (one scale per group, 4.5 bits) in DIR/int4.
@@ -150,6 +151,48 @@ def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> 
     print("REPORT " + json.dumps(report))
 
 
+def zeros_ab(folder: Path, steps: int, threads: int, quiet_s: int) -> None:
+    """Symmetric int4 only: the same loaded model stepped with the kernels' zeros built per call (as it runs)
+    and held beside the scales (as an asymmetric layer holds them, +0.5 bit per weight), step by step
+    alternating; prints the median step of each."""
+    from openmoshi.bundle import load_model
+    from openmoshi.generation.generator import Generator
+    from openmoshi.nn.quant import QuantizedLinear, _with_zeros
+
+    torch.set_num_threads(threads)
+    lm = load_model(folder / "int4").lm
+    kernels = [k for m in lm.modules() if isinstance(m, QuantizedLinear) and m.bits == 4 for k in m.kernels()]
+    own = {id(k): k.scales for k in kernels if k.symmetric}
+    held = {id(k): _with_zeros(k.scales).clone() for k in kernels if k.symmetric}
+    print(f"{len(held)} symmetric int4 kernels; held zeros would take "
+          f"{sum(t.nbytes - own[i].nbytes for i, t in held.items()) / 2 ** 20:.0f} MiB", flush=True)
+
+    def use(per_call: bool) -> None:
+        for k in kernels:
+            if id(k) in own:
+                k.symmetric, k.scales = (True, own[id(k)]) if per_call else (False, held[id(k)])
+    gen = Generator(lm)
+    user = torch.randint(0, 2048, (1, lm.cfg.n_user, 1), generator=torch.Generator().manual_seed(0))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    quiet = subprocess.Popen(["/work/bin/quiet", "sleep", str(quiet_s)]) if quiet_s else None
+    time.sleep(2 if quiet else 0)
+    with torch.inference_mode(), gen.streaming(1):
+        for i in range(2 * steps + 2):
+            per_call = i % 2 == 0
+            use(per_call)
+            start = time.perf_counter()
+            gen.step(user)
+            if i >= 2:
+                times[per_call].append(time.perf_counter() - start)
+    if quiet is not None:
+        print(f"quiet period left: {quiet.poll() is None}")
+        quiet.wait()
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    print(f"step median over {steps}: zeros built per call {med[True]:.0f} ms, held {med[False]:.0f} ms "
+          f"({med[True] / med[False]:.2f}x); all: per call {[round(t * 1000) for t in times[True]]}, "
+          f"held {[round(t * 1000) for t in times[False]]}")
+
+
 def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, scheme: str) -> None:
     code, peak, wall = child([sys.executable, __file__, "worker", str(_int4_folder(folder, scheme)),
                               "--steps", str(steps),
@@ -160,7 +203,7 @@ def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, scheme
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["write", "quantize", "run", "worker"])
+    parser.add_argument("what", choices=["write", "quantize", "run", "worker", "zeros-ab"])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
@@ -174,6 +217,8 @@ def main() -> None:
         write(args.folder)
     elif args.what == "quantize":
         quantize(args.folder, args.bits, args.int4_scheme)
+    elif args.what == "zeros-ab":
+        zeros_ab(args.folder, args.steps, args.threads, args.quiet)
     elif args.what == "run":
         run(args.folder, args.steps, args.threads, args.dtype, args.quiet, args.int4_scheme)
     else:

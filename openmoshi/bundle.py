@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError
 from .lm.config import LMConfig
 from .lm.loading import read_config, save_lm
 from .lm.model import LMModel
-from .lm.quantized import load_quantized_lm, stored_bits
+from .lm.quantized import load_quantized_lm, release_freed_memory, stored_bits
 from .nn.quant import quantize_modules_
 
 logger = logging.getLogger(__name__)
@@ -84,13 +84,14 @@ def generation_defaults(cfg: LMConfig) -> dict:
 
 
 def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMConfig | None = None,
-               num_codebooks: int | None = None) -> Mimi:
+               num_codebooks: int | None = None, mapped: bool = True) -> Mimi:
     """The Mimi of a model folder, using as many codebooks as the LM reads per audio stream (`num_codebooks`
-    overrides; a codec-only folder without an LM config uses all its codebooks by default)."""
+    overrides; a codec-only folder without an LM config uses all its codebooks by default). `mapped`: see
+    checkpoint.read_safetensors."""
     model = ModelSource(source)
     raw = model.config() if cfg is None else None
     if raw is not None and "mimi_name" in raw and "dim" not in raw:  # a codec-only folder (`train codec`)
-        mimi = load_mimi(source, num_codebooks=1, device=device)  # names and config from its config.json
+        mimi = load_mimi(source, num_codebooks=1, device=device, mapped=mapped)  # names, config: its config.json
         try:
             mimi.set_num_codebooks(num_codebooks or mimi.total_codebooks)
         except ValueError as exc:
@@ -113,7 +114,7 @@ def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMCo
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     mimi_path = model.require(cfg.mimi_name, "Mimi weights")
-    return load_mimi(mimi_path, num_codebooks=n_codebooks, device=device, config=mimi_cfg)
+    return load_mimi(mimi_path, num_codebooks=n_codebooks, device=device, config=mimi_cfg, mapped=mapped)
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -127,14 +128,16 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
     cfg, _ = read_config(source)
     if cfg.model_type not in ("moshi", "hibiki", "stt", "tts"):
         raise ConfigError(f"{source}: unknown model_type {cfg.model_type!r}")
-    mimi = load_codec(source, device, cfg)
+    quantized = quantize is not None or stored_bits(cfg) is not None
+    mimi = load_codec(source, device, cfg, mapped=not quantized)  # quantized: its float weights must go
     tokenizer = load_tokenizer(model.require(cfg.tokenizer_name, "text tokenizer"))
     if tokenizer.get_piece_size() > cfg.text_card:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.get_piece_size()} pieces but the LM's "
                               f"text vocabulary is {cfg.text_card}")
     lm = load_quantized_lm(source, device=device, dtype=dtype, quantize=quantize)
-    if quantize is not None or stored_bits(cfg) is not None:
+    if quantized:
         quantize_mimi_(mimi)
+        release_freed_memory()  # the float weights of its transformers (~200 MB for the official Mimi)
     return MoshiBundle(mimi, lm, tokenizer, lm.cfg, generation_defaults(lm.cfg), str(source))
 
 

@@ -50,12 +50,15 @@ def split_hf(source: str) -> tuple[str, str | None]:
     return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
 
 
-def read_safetensors(path: str | Path, device: str | torch.device = "cpu",
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     mapped: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (mapped from the file where possible).
 
     With `dtype`, floating-point tensors stored in another dtype are read and cast one at a time, so memory
     holds the cast weights plus one tensor, never the whole file beside them (e.g. bf16 -> fp32).
+    `mapped` (CPU): tensors not cast are views of a mapping of the file (no copy; pages read stay resident
+    while the mapping lives, even those of tensors dropped since); False: copies of the process's own, the
+    file unmapped (a model that replaces some of its weights, as quantizing Mimi does).
     """
     path = Path(path)
     if not path.is_file():
@@ -66,6 +69,10 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu",
         if any(_FROM_ST.get(c, torch.uint8).is_floating_point and _FROM_ST.get(c) != dtype for c in codes):
             return _read_cast(path, header, dtype, torch.device(device))
     try:
+        if not mapped:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt", device=str(device)) as f:
+                return {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (not a dict)
         from safetensors.torch import load_file
         return load_file(str(path), device=str(device))
     except Exception as exc:

@@ -64,11 +64,12 @@ def _locate(source: str | Path) -> tuple[Path, MimiConfig | None]:
 
 
 def load_mimi(source: str | Path, num_codebooks: int = 8, device: str | torch.device = "cpu",
-              config: MimiConfig | dict | None = None) -> Mimi:
+              config: MimiConfig | dict | None = None, mapped: bool = True) -> Mimi:
     """Mimi from a safetensors file, a model folder, or `hf://owner/repo[/file]`, in eval mode.
 
     `num_codebooks` picks how many of the checkpoint's levels encode and decode use (Moshi uses 8).
     The shapes come from `config`, else from the file's metadata or the folder's config, else the official ones.
+    `mapped`: see checkpoint.read_safetensors (False when some weights will be replaced, e.g. quantized).
     """
     weights, folder_cfg = _locate(source)
     if isinstance(config, dict):
@@ -78,7 +79,7 @@ def load_mimi(source: str | Path, num_codebooks: int = 8, device: str | torch.de
         raise ConfigError(f"num_codebooks must be in 1..{cfg.quantizer.n_q} for this Mimi, got {num_codebooks}")
     with torch.device("meta"):
         model = Mimi(cfg)
-    load_into(model, read_safetensors(weights, device), weights, dtype=torch.float32, assign=True)
+    load_into(model, read_safetensors(weights, device, mapped=mapped), weights, dtype=torch.float32, assign=True)
     model.set_num_codebooks(num_codebooks)
     return model.to(device).eval()
 

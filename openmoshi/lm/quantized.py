@@ -240,11 +240,11 @@ def load_quantized_lm(source: str | Path, device: str | torch.device = "cpu", dt
     finally:
         checkpoint.close()
     if build_kernels and torch.device(device).type == "cpu":
-        _release_freed_memory()
+        release_freed_memory()
     return lm
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Give the C heap's free pages back to the system (glibc): the stored copies freed while the kernels
     were built lie between live tensors, where the heap cannot shrink on its own (~1 GB for Moshi 7B)."""
     import ctypes
