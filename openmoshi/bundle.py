@@ -130,14 +130,14 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
         raise ConfigError(f"{source}: unknown model_type {cfg.model_type!r}")
     quantized = quantize is not None or stored_bits(cfg) is not None
     mimi = load_codec(source, device, cfg, mapped=not quantized)  # quantized: its float weights must go
+    if quantized:  # before the LM is read, so that the float copy is gone by then
+        quantize_mimi_(mimi)
+        release_freed_memory()  # the float weights of its transformers (~200 MB for the official Mimi)
     tokenizer = load_tokenizer(model.require(cfg.tokenizer_name, "text tokenizer"))
     if tokenizer.get_piece_size() > cfg.text_card:
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.get_piece_size()} pieces but the LM's "
                               f"text vocabulary is {cfg.text_card}")
     lm = load_quantized_lm(source, device=device, dtype=dtype, quantize=quantize)
-    if quantized:
-        quantize_mimi_(mimi)
-        release_freed_memory()  # the float weights of its transformers (~200 MB for the official Mimi)
     return MoshiBundle(mimi, lm, tokenizer, lm.cfg, generation_defaults(lm.cfg), str(source))
 
 
