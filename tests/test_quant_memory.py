@@ -204,3 +204,16 @@ def test_quantized_folder_maps_its_bf16_tables(bf16_folder, tmp_path):
         assert torch.equal(lm(codes).audio_logits.nan_to_num(), held(codes).audio_logits.nan_to_num())
     assert not any(m.mapped for m in load_quantized_lm(tmp_path / "q4", build_kernels=False).modules()
                    if isinstance(m, TokenEmbedding))  # a model to write out reads its tables
+
+
+def test_weights_read_unmapped_leave_no_file_pages(tmp_path):
+    from openmoshi.checkpoint import read_safetensors
+    state = {"a": torch.randn(2048, 1024), "b": torch.arange(5)}  # 8 MiB
+    save_safetensors(state, tmp_path / "w.safetensors")
+    read_safetensors(tmp_path / "w.safetensors", mapped=False)["a"].sum()  # (library code mapped once)
+    before = _rss_file_kb()
+    own = read_safetensors(tmp_path / "w.safetensors", mapped=False)  # Mimi of a quantized bundle
+    assert own.keys() == state.keys() and all(torch.equal(own[k], state[k]) for k in state)
+    assert _rss_file_kb() - before < 1024
+    mapped = read_safetensors(tmp_path / "w.safetensors")
+    assert torch.equal(mapped["a"], state["a"]) and _rss_file_kb() - before > 6 * 1024
