@@ -182,6 +182,7 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
             dtype: torch.dtype, device: str | torch.device, build_kernels: bool = False) -> None:
     """Replace every (meta) parameter and buffer of `lm` by tensors(key, target); `build_kernels`: int4
     layers build their CPU kernels (and drop their stored copy) as soon as their tensors are assigned."""
+    built = 0
     for key, target in list(lm.state_dict(keep_vars=True).items()):
         module_name, _, leaf = key.rpartition(".")
         module = lm.get_submodule(module_name)
@@ -196,6 +197,9 @@ def _assign(lm: LMModel, tensors: Callable[[str, torch.Tensor], torch.Tensor], s
         if (build_kernels and isinstance(module, QuantizedLinear) and module.bits == 4
                 and not any(module._buffers[name].is_meta for name in module.stored_names())):
             module.kernels()  # as soon as its tensors are in: its stored copy is freed before the next is read
+            built += 1
+            if built % 16 == 0:  # the freed copies lie between live tensors: give their pages back as we go
+                release_freed_memory()
     for name, buffer in list(lm.named_buffers()):  # non-persistent ones (QuantizedLinear.activation_like)
         if buffer.is_meta:
             module_name, _, leaf = name.rpartition(".")
