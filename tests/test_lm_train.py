@@ -237,3 +237,23 @@ def test_user_embeddings_can_start_as_copies_of_moshis(corpus):
     assert not torch.equal(lm.emb[0].weight, lm.emb[1].weight)
     for k in range(lm.cfg.n_user):
         assert torch.equal(lm.emb[lm.cfg.dep_q + k].weight, lm.emb[k].weight)
+
+
+def test_text_delay_moves_moshis_words_ahead_of_its_audio(corpus):
+    from openmoshi.data.order import ItemRequest
+    from openmoshi.train.lm.config import stage_config
+    from openmoshi.train.lm.task import LMTask
+    rows = {}
+    for delay in (0.0, 0.16):
+        cfg = stage_config("finetune")
+        cfg.model.init, cfg.data.data, cfg.data.codes, cfg.data.duration = \
+            str(corpus["model"]), [str(corpus["dialogue"])], str(corpus["codes"]), 1.6
+        cfg.data.text_delay = delay
+        task = LMTask(cfg)
+        task._build(torch.device("cpu"))
+        task._build_data()
+        grid, _ = task.dataset()[ItemRequest(serial=0, index=0)]
+        rows[delay] = grid[0].tolist()
+    # "hello" at 0.32 s starts on frame 4 (EPAD on 3); 0.16 s (2 frames) early: frame 2
+    assert rows[0.0][2:] == rows[0.16][:-2]
+    assert rows[0.0][4] == rows[0.16][2] and rows[0.16][1] == 0  # EPAD

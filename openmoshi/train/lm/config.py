@@ -42,7 +42,8 @@ class LMDataSection:
     codes: str = ""  # folder of precomputed codes (`openmoshi data encode`); "" = encode on the fly
     duration: float = 10.0  # seconds (frames for text: duration * 12.5 tokens) per item
     text_batch_every: int = 0  # every n-th step is a text-only batch (2 = half of them); 0 = none
-    delay_jitter: float = 0.0  # text-audio delay drawn uniformly in [-x, x] seconds per item
+    text_delay: float = 0.0  # seconds Moshi's text runs ahead of its audio (> 0) or behind it (< 0)
+    delay_jitter: float = 0.0  # text-audio delay drawn uniformly in text_delay + [-x, x] seconds per item
     text_mask_prob: float = 0.0  # probability that an item's text stream is hidden (no input, no target)
     keep_and_shift: bool = False  # stream builder: queue overlapping words instead of cutting the previous one
     augment_user: bool = False  # augment the user channel before encoding (openmoshi.data.augment: gain, noise,

@@ -165,7 +165,7 @@ class LMItems(torch.utils.data.Dataset):
         interleave = self.audio.interleave
         if data.delay_jitter:
             delay = (torch.rand((), generator=gen).item() * 2 - 1) * data.delay_jitter
-            interleave = replace(interleave, delay=delay)
+            interleave = replace(interleave, delay=interleave.delay + delay)
         grid = self.audio.item(req.index, interleave, gen)
         if data.text_mask_prob and torch.rand((), generator=gen).item() < data.text_mask_prob:
             grid[0] = NO_TOKEN
@@ -337,7 +337,7 @@ class LMTask:
             raise DataError("audio data needs the model's codec")
         interleave = InterleaveConfig(pad_id=self.lm.cfg.existing_text_padding_id,
                                       epad_id=self.lm.cfg.existing_text_end_padding_id,
-                                      keep_and_shift=self.cfg.data.keep_and_shift)
+                                      keep_and_shift=self.cfg.data.keep_and_shift, delay=self.cfg.data.text_delay)
         return AudioLMDataset(items, self.lm.cfg, self.tokenizer, self.cfg.data.duration, interleave,
                               mimi=None if shards else self.mimi, shards=shards, user_augment=self.user_augment,
                               seed=self.cfg.train.seed, user_shift=self.cfg.data.user_shift)
