@@ -165,14 +165,10 @@ class AsrSession(DsmSession):
         while not self.ws.closed:
             if await self._wait_while(lambda: len(slot.frames) > self.max_queued):  # read on once caught up
                 last_input = loop.time()
-            remaining = max(last_input, self.last_output) + idle - loop.time()
-            if remaining <= 0:
+            message = await self.receive_until_idle(last_input)
+            if message is None:
                 await self.end(f"closed: no audio received for {idle:g} s (idle timeout)")
                 return
-            try:
-                message = await self.ws.receive(timeout=remaining)
-            except asyncio.TimeoutError:
-                continue
             if message.type in CLIENT_GONE:
                 return
             msg = await self._parse(message, dsm.ASR_TYPES)

@@ -93,14 +93,10 @@ class ChatSession(WsSession):
         idle = self.limits.idle_timeout_s
         last_audio = loop.time()
         while not self.ws.closed:
-            remaining = max(last_audio, self.last_output) + idle - loop.time()
-            if remaining <= 0:
+            message = await self.receive_until_idle(last_audio)
+            if message is None:
                 await self.end(f"closed: no audio received for {idle:g} s (idle timeout); reconnect to talk again")
                 return
-            try:
-                message = await self.ws.receive(timeout=remaining)
-            except asyncio.TimeoutError:
-                continue
             if message.type == WSMsgType.BINARY:
                 try:
                     kind, payload = protocol.parse_client_message(message.data, self.limits.max_message_bytes)

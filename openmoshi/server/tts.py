@@ -92,10 +92,9 @@ class TtsSession(DsmSession):
 
     async def _send_loop(self) -> str:
         """Sends until the speech ends: "" when all is said, "gone" when the client left, else why it stopped."""
-        loop = asyncio.get_running_loop()
         idle = self.limits.idle_timeout_s
         while True:
-            remaining = max(self.last_input, self.last_output) + idle - loop.time()
+            remaining = self.idle_left(self.last_input)
             if remaining <= 0 and self.outbox.empty():
                 return f"closed: no text received for {idle:g} s (idle timeout); send Eos at the end of the text"
             try:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import typing as tp
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, WSMessage, web
 
 from .limits import SessionLimits
 
@@ -45,6 +45,21 @@ class WsSession:
 
     async def _send_loop(self) -> tp.Any:
         raise NotImplementedError
+
+    def idle_left(self, last_input: float) -> float:
+        """Seconds until the idle timeout: nothing received since `last_input`, nothing sent since last_output."""
+        return max(last_input, self.last_output) + self.limits.idle_timeout_s - asyncio.get_running_loop().time()
+
+    async def receive_until_idle(self, last_input: float) -> WSMessage | None:
+        """The client's next message, or None once the idle timeout passes first."""
+        while True:
+            remaining = self.idle_left(last_input)
+            if remaining <= 0:
+                return None
+            try:
+                return await self.ws.receive(timeout=remaining)
+            except asyncio.TimeoutError:
+                continue
 
     @staticmethod
     async def _beside(main: tp.Awaitable, side: tp.Coroutine) -> tp.Any:
