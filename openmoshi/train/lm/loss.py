@@ -48,6 +48,16 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tupl
     return ce, hits
 
 
+def _text_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, cfg: LMLossConfig,
+               pad_ids: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text cross-entropy averaged over `mask` with PAD / EPAD targets at pad_weight -> (loss, per-position ce,
+    hits, is_pad)."""
+    ce, hits = _ce(logits, targets, mask)
+    is_pad = (targets == pad_ids[0]) | (targets == pad_ids[1])
+    w = mask.float() * torch.where(is_pad, cfg.pad_weight, 1.0)
+    return (ce * w).sum() / w.sum().clamp(min=1e-8), ce, hits, is_pad
+
+
 def lm_loss(out: LMOutput, codes: torch.Tensor, cfg: LMLossConfig, pad_ids: tuple[int, int],
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of teacher-forced outputs on codes [B, 1 + n_q, T]; returns (loss, detached metrics).
@@ -55,12 +65,8 @@ def lm_loss(out: LMOutput, codes: torch.Tensor, cfg: LMLossConfig, pad_ids: tupl
     Metrics: text_ce (nats, unweighted mean over real text targets), text_acc, text_pad_frac (share of PAD/EPAD
     targets), audio_ce (the weighted mean), ce_cb{k} and acc_cb{k} for each of Moshi's codebooks."""
     dep_q = out.audio_logits.shape[1]
-    text_targets = codes[:, :1]
     text_mask = out.text_mask
-    text_ce, text_hits = _ce(out.text_logits, text_targets, text_mask)
-    is_pad = (text_targets == pad_ids[0]) | (text_targets == pad_ids[1])
-    text_w = text_mask.float() * torch.where(is_pad, cfg.pad_weight, 1.0)
-    text_loss = (text_ce * text_w).sum() / text_w.sum().clamp(min=1e-8)
+    text_loss, text_ce, text_hits, is_pad = _text_loss(out.text_logits, codes[:, :1], text_mask, cfg, pad_ids)
 
     audio_targets = codes[:, 1:1 + dep_q]
     audio_ce, audio_hits = _ce(out.audio_logits, audio_targets, out.audio_mask)
@@ -91,10 +97,7 @@ def user_text_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: LMLossConfi
     """The auxiliary transcription of the user: logits [B, T, V] of step t, targets [B, T] (the user's text
     stream, -1 = none) -> (weighted loss, metrics user_text_ce and user_word_acc: accuracy on word tokens)."""
     mask = targets != -1
-    ce, hits = _ce(logits, targets.clamp(min=0), mask)
-    is_pad = (targets == pad_ids[0]) | (targets == pad_ids[1])
-    w = mask.float() * torch.where(is_pad, cfg.pad_weight, 1.0)
-    loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
+    loss, ce, hits, is_pad = _text_loss(logits, targets.clamp(min=0), mask, cfg, pad_ids)
     with torch.no_grad():
         words = mask & ~is_pad
         metrics = {"user_text_ce": (ce * mask).sum() / mask.sum().clamp(min=1),
