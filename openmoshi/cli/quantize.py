@@ -5,7 +5,7 @@
   openmoshi quantize MODEL OUT --bits 4 --int4-scheme asymmetric   # a scale and a zero per group (5 bits)
 
 MODEL is a float model folder (or hf://owner/repo). The float LM is read, quantized and written one weight at
-a time, so the model is never held in memory (Moshi 7B: ~1 GB peak). Embedding tables keep their stored
+a time, so the model is never held in memory (Moshi 7B: ~2.1 GB peak). Embedding tables keep their stored
 dtype (bf16 in Kyutai's files). Mimi and the tokenizer are copied unchanged (Mimi's
 transformers are quantized to int8 when the folder is loaded). Then:
   openmoshi infer --model OUT speech.wav      openmoshi serve --model OUT
