@@ -11,7 +11,8 @@ checkpoint):
   synth       stereo dialogues (one Moshi voice, many user voices; test voices held out) + exact word timings
   mono        each channel as mono speech with its own words (audio pretraining and codec data)
   tokenizer   a 512-piece SentencePiece tokenizer of the domain's text
-  codec       a tiny Mimi (2.6 M parameters, 8 x 1024 codes) trained on the mono speech
+  codec       a tiny Mimi (2.6 M parameters, 8 x 1024 codes) trained on the mono speech, its semantic level
+              distilled from the phonemes of the aligned words (--codec-teacher)
   encode      the Mimi codes of every file, once
   audio       LM audio pretraining on mono speech (the paper's stage 2, tiny learning rates scaled up)
   multistream LM multi-stream post-training on the dialogues (Moshi = left channel)
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", help="stop after this stage")
     parser.add_argument("--adversarial", action=argparse.BooleanOptionalAction, default=None,
                         help="train the codec's last tenth with the discriminator (default: on GPU only)")
+    parser.add_argument("--codec-teacher", default="phonemes", choices=["phonemes", "letters", "none"],
+                        help="what the codec's semantic level is distilled from: the phonemes (espeak-ng) or "
+                             "letters of the aligned words sounding in each frame, so that codebook 0 says what "
+                             "is said whoever says it (no WavLM weights needed); none = no distillation")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every training stage's steps (e.g. 0.5 for a quicker, weaker model)")
     args = parser.parse_args(argv)
@@ -164,13 +169,14 @@ class Recipe:
         steps = self.steps(s.codec_steps)
         adversarial = self.args.adversarial if self.args.adversarial is not None else self.args.device != "cpu"
         adv_start = steps - steps // 10 if adversarial else steps + 1
+        teacher = [] if self.args.codec_teacher == "none" else ["--teacher", self.args.codec_teacher]
         self.openmoshi("codec", "train", "codec", "--preset", "tiny", "--data",
                        str(self.data / "mono_train" / "mono.jsonl"), "--eval-data",
                        str(self.data / "mono_test" / "mono.jsonl"), "--out", str(self.work / "codec"),
                        "--max-steps", str(steps), "--batch-size", str(s.codec_batch),
                        "--checkpoint-every", str(s.checkpoint_every), "--eval-every", str(s.checkpoint_every * 5),
                        "--set", "losses.preset=encodec", "--set", f"losses.adv_start={adv_start}",
-                       *self.common())
+                       *teacher, *self.common())
 
     def lm_manifests(self) -> tuple[Path, Path]:
         """(mono, dialogues) manifests of the LM stages: the first `lm_dialogues` train dialogues and their

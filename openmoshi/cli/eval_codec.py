@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-codebooks", "-k", type=int, default=8, help="RVQ levels to use (default 8)")
     parser.add_argument("--seconds", type=float, default=0.0, help="evaluate only the first S seconds of each file")
     parser.add_argument("--max-files", type=int, default=0, help="evaluate at most this many files (0 = all)")
-    parser.add_argument("--teacher", default="", help="WavLM/HuBERT folder or id: also report teacher cosine")
+    parser.add_argument("--teacher", default="", help="WavLM/HuBERT folder or id, or phonemes / letters (word "
+                        "alignments beside the files): also report teacher cosine")
     parser.add_argument("--teacher-layer", type=int, default=-1, help="teacher hidden-state index")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

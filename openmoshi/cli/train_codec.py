@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", help="start from an existing codec (folder, .safetensors or hf://...), e.g. "
                                        "Kyutai's Mimi to adapt it to a new language or domain")
     parser.add_argument("--teacher", help="semantic teacher for distillation: a WavLM/HuBERT folder or Hugging "
-                                          "Face id (needs transformers); omitted = no distillation")
+                                          "Face id (needs transformers), or `phonemes` / `letters`: targets "
+                                          "from the word alignments beside the audio files (NAME.json; "
+                                          "phonemes need espeak-ng); omitted = no distillation")
     parser.add_argument("--teacher-layer", type=int, help="teacher hidden-state index (default -1, the last)")
     parser.add_argument("--losses", choices=["adversarial", "encodec"],
                         help="adversarial = hinge + feature matching (final Mimi); encodec = + L1 and mel, "

@@ -27,14 +27,14 @@ def evaluate_codec(checkpoint: str | Path, data: list[str | Path], num_codebooks
     files = list_audio(list(data))[: max_files or None]
     sem = None
     if teacher:
-        from ..train.codec.teacher import SemanticTeacher
+        from ..train.codec.teacher import make_teacher
         proj_path = Path(checkpoint) / "distill_projection.pt"
         if not proj_path.exists():
             raise ConfigError(f"--teacher needs the distillation projection {proj_path} written by training")
         state = torch.load(proj_path)
         proj = torch.nn.Conv1d(state["weight"].shape[1], state["weight"].shape[0], 1)
         proj.load_state_dict(state)
-        sem = (SemanticTeacher(teacher, teacher_layer, device), proj.to(device).eval())
+        sem = (make_teacher(teacher, teacher_layer, device, dim=proj.out_channels), proj.to(device).eval())
     sums: dict[str, float] = {}
     all_codes = []
     with torch.no_grad():
@@ -49,7 +49,7 @@ def evaluate_codec(checkpoint: str | Path, data: list[str | Path], num_codebooks
             if sem is not None:
                 model, proj = sem
                 student = proj(mimi.quantizer.decode(codes[:, :1]))
-                target = model.features(wav.cpu(), mimi.frame_size, mimi.sample_rate).to(device)
+                target = model.file_features(path, mimi.frame_size, mimi.sample_rate)[None].to(device)
                 frames = min(student.shape[-1], target.shape[1])
                 cos = F.cosine_similarity(student[..., :frames].transpose(1, 2), target[:, :frames], dim=-1)
                 metrics["teacher_cosine"] = float(cos.mean())

@@ -93,10 +93,13 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""  # WavLM/HuBERT folder or Hugging Face id; empty = no distillation
+    # WavLM/HuBERT folder or Hugging Face id; `phonemes` / `letters`: targets from the data's word alignments
+    # (NAME.json beside each file; for codecs trained without a speech model); empty = no distillation
+    teacher: str = ""
     layer: int = -1  # hidden-state index of the teacher (-1 = last layer)
     cache_dir: str = ""  # where teacher features are cached (default RUN/teacher_cache)
     teacher_dim: int = 0  # filled from the teacher at setup (kept so the projection can be rebuilt)
+    alignment_dim: int = 256  # width of the alignment teacher's unit embeddings
 
 
 @dataclass

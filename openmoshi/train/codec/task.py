@@ -31,7 +31,7 @@ from .discriminator import MultiScaleSTFTDiscriminator
 from .losses import Balancer, MultiScaleMelLoss, feature_matching, hinge_discriminator, hinge_generator
 from .model import (TrainableMimi, apply_weight_norm, export_mimi, fold_weight_norm,
                     variance_preserving_init_)
-from .teacher import FeatureCache, SemanticTeacher
+from .teacher import FeatureCache, make_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CodecTask:
         self.weights = cfg.losses.weights()
         self.balancer = Balancer(self.weights, cfg.losses.balancer_total_norm, cfg.losses.balancer_ema) \
             if cfg.losses.balancer else None
-        self.teacher: SemanticTeacher | None = None
+        self.teacher = None  # SemanticTeacher | AlignmentTeacher
         self.throughput_unit = ("audio_s", 0.0)
 
     # ---- construction
@@ -115,7 +115,7 @@ class CodecTask:
         d = self.cfg.distill
         if not d.teacher:
             return None
-        self.teacher = SemanticTeacher(d.teacher, d.layer, env.device)
+        self.teacher = make_teacher(d.teacher, d.layer, env.device, d.alignment_dim)
         d.teacher_dim = self.teacher.dim
         cache = FeatureCache(Path(d.cache_dir) if d.cache_dir else self.run_dir / "teacher_cache",
                              self.teacher, self.teacher.key())

@@ -1,4 +1,5 @@
-"""Semantic teacher for distillation: WavLM or HuBERT (transformers, optional) features at Mimi's frame rate.
+"""Semantic teacher for distillation: WavLM or HuBERT (transformers, optional) features at Mimi's frame rate
+(or targets from word alignments, alignment_teacher.py).
 
     wav 24 kHz [1, F * 1920] -> 16 kHz [1, F * 1280] -> teacher layer L at 50 Hz [4F - 1, D]
         -> average pool (kernel 8, stride 4, non-causal) -> [F, D] at 12.5 Hz, frame f aligned with Mimi's f
@@ -70,11 +71,27 @@ class SemanticTeacher:
         hidden = out.hidden_states[self.layer]  # [B, N, D] at 50 Hz
         return pool_to_frames(hidden.float(), frames).cpu()
 
+    def file_features(self, audio: Path, frame_size: int, sample_rate: int) -> torch.Tensor:
+        """[F, D] for a whole file, 30 s per teacher call so that memory stays bounded on long files."""
+        wav = load_audio(audio, sample_rate).wav[None]  # [1, 1, T]
+        chunk = frame_size * 375
+        return torch.cat([self.features(wav[..., i:i + chunk], frame_size, sample_rate)[0]
+                          for i in range(0, wav.shape[-1], chunk)])
+
+
+def make_teacher(source: str, layer: int = -1, device: str | torch.device = "cpu", dim: int = 256):
+    """`phonemes` / `letters`: targets from the files' word alignments (alignment_teacher.py); anything else:
+    a WavLM / HuBERT folder or Hugging Face id."""
+    from .alignment_teacher import UNITS, AlignmentTeacher
+    if source in UNITS:
+        return AlignmentTeacher(source, dim=dim)
+    return SemanticTeacher(source, layer, device)
+
 
 class FeatureCache:
     """Teacher features of whole audio files, stored as .pt files under `root` (one per file and teacher)."""
 
-    def __init__(self, root: Path, teacher: SemanticTeacher | None, teacher_key: str) -> None:
+    def __init__(self, root: Path, teacher, teacher_key: str) -> None:
         self.root, self.teacher, self.teacher_key = Path(root), teacher, teacher_key
 
     def path(self, audio: Path) -> Path:
@@ -89,11 +106,7 @@ class FeatureCache:
             return torch.load(path)
         if self.teacher is None:
             raise ConfigError(f"no cached teacher features for {audio} and no teacher to compute them")
-        wav = load_audio(audio, sample_rate).wav[None]  # [1, 1, T]
-        chunk = frame_size * 375  # 30 s per teacher call keeps memory bounded on long files
-        parts = [self.teacher.features(wav[..., i:i + chunk], frame_size, sample_rate)[0]
-                 for i in range(0, wav.shape[-1], chunk)]
-        feats = torch.cat(parts).to(torch.float16)
+        feats = self.teacher.file_features(audio, frame_size, sample_rate).to(torch.float16)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(feats, tmp)
