@@ -139,6 +139,61 @@ def test_stereo_codes_stacked_from_its_channels(model, dialogue, tmp_path):
         stack_channel_codes(out, key, {tmp_path / "x.wav": [tmp_path / "missing.ch0.wav"]})
 
 
+def test_augmented_user_channels_precomputed_and_drawn(model, dialogue, tmp_path):
+    import hashlib
+
+    from mimi_utils import fill_codebooks
+
+    from openmoshi.data.augment import UserAugmenter
+    from openmoshi.data.codes import variant_key, write_shards, write_user_variants
+    from openmoshi.data.format import write_manifest
+    stereo = dialogue.parent / "stereo_only.jsonl"
+    write_manifest(stereo, [(i.path.name, i.duration) for i in read_manifest(dialogue) if i.path.stem == "talk"])
+    item = read_manifest(stereo)[0]
+    wav = read_channels(item.path)
+    # the command line: clean codes and two augmented user channels per dialogue, counted in the index
+    out = tmp_path / "codes"
+    assert main(["data", "encode", "--model", str(model), "--data", str(stereo), "--out", str(out), "--quiet",
+                 "--user-variants", "2", "--augment-seed", "5"]) == 0
+    shards = CodeShards(out, codec_key(load_codec(model)))
+    assert shards.user_variants(item) == 2 and shards.codes_with_user_variant(item, 2).shape == shards.codes(item).shape
+    # a codec whose codebooks were filled from the speech (a random one gives the same codes for any input)
+    mimi = load_codec(model)
+    fill_codebooks(mimi, wav[:, None])
+    out = tmp_path / "codes_filled"
+    write_shards(mimi, [item], out)
+    write_user_variants(mimi, [item], out, 2, seed=5)
+    shards = CodeShards(out, codec_key(mimi))
+    clean = encode_channels(mimi, wav)
+    base = int.from_bytes(hashlib.sha1(item.path.name.encode()).digest()[:6], "little")
+    augmented, _ = UserAugmenter(seed=5)(wav, index=base * 1_000 + 2)
+    v2 = shards.codes_with_user_variant(item, 2)  # the augmenter's output for (seed 5, this file, 2), encoded
+    assert torch.equal(v2[0], clean[0]) and torch.equal(v2[1], encode_channels(mimi, augmented[1:2])[0])
+    assert not torch.equal(v2[1], clean[1]) and not torch.equal(v2, shards.codes_with_user_variant(item, 1))
+    # training draws one of the three user channels per item, from the item's generator; Moshi's rows stay
+    data = AudioLMDataset([item], LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6, shards=shards,
+                          user_variants=True)
+    grids = [data.item(0, gen=torch.Generator().manual_seed(s)) for s in range(12)]
+    assert len({tuple(g[9:].flatten().tolist()) for g in grids}) == 3
+    assert all(torch.equal(g[:9], grids[0][:9]) for g in grids)
+    # resumable: a rerun adds nothing, a larger count adds only the new versions
+    before = json.loads((shards.folder / "index.json").read_text())["items"]
+    write_user_variants(mimi, [item], out, 2, seed=5)
+    assert json.loads((shards.folder / "index.json").read_text())["items"] == before
+    write_user_variants(mimi, [item], out, 3, seed=5)
+    after = json.loads((shards.folder / "index.json").read_text())["items"]
+    assert set(after) - set(before) == {variant_key(item.path, 3)} and all(after[k] == v for k, v in before.items())
+    # asked for but never computed, or for mono speech: clear errors
+    bare = tmp_path / "bare"
+    write_shards(mimi, [item], bare)
+    plain = AudioLMDataset([item], LMConfig.tiny(), load_tokenizer(TOKENIZER), 1.6,
+                           shards=CodeShards(bare, codec_key(mimi)), user_variants=True)
+    with pytest.raises(DataError, match="--user-variants"):
+        plain[0]
+    with pytest.raises(DataError, match="stereo dialogues"):
+        write_user_variants(mimi, [i for i in read_manifest(dialogue) if i.path.stem == "mono"], out, 1)
+
+
 def test_text_corpus(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"the cat number {i} sat on the mat"}) for i in range(20)))

@@ -42,7 +42,8 @@ class AudioLMDataset:
     def __init__(self, items: list[AudioItem], cfg: LMConfig, tokenizer, duration: float,
                  interleave: InterleaveConfig | None = None, mimi: Mimi | None = None,
                  shards: CodeShards | None = None, user_augment: UserAugment | None = None,
-                 frame_rate: float = 12.5, sample_rate: int = 24_000, seed: int = 0, user_shift: int = 1) -> None:
+                 frame_rate: float = 12.5, sample_rate: int = 24_000, seed: int = 0, user_shift: int = 1,
+                 user_variants: bool = False) -> None:
         if mimi is None and shards is None:
             raise DataError("audio data needs a codec (the model's Mimi) or precomputed codes")
         if mimi is not None and mimi.num_codebooks < max(cfg.dep_q, cfg.n_user):
@@ -52,6 +53,7 @@ class AudioLMDataset:
         self.interleave = interleave or InterleaveConfig(
             frame_rate=frame_rate, pad_id=cfg.existing_text_padding_id, epad_id=cfg.existing_text_end_padding_id)
         self.mimi, self.shards, self.user_augment, self.seed = mimi, shards, user_augment, seed
+        self.user_variants = user_variants  # draw one of the precomputed augmented user channels per item
         self.frame_rate, self.sample_rate = frame_rate, sample_rate
         if user_shift < 0:
             raise DataError(f"user_shift must be >= 0, got {user_shift}")
@@ -68,6 +70,14 @@ class AudioLMDataset:
         length = self.frames + self.user_shift
         if self.shards is not None:
             codes = self.shards.codes(item)
+            if self.user_variants and codes.shape[0] == 2:
+                count = self.shards.user_variants(item)
+                if not count:
+                    raise DataError(f"{item.path} has no augmented user channels in {self.shards.folder}: run "
+                                    "`openmoshi data encode --user-variants N` on this data, or train without "
+                                    "data.augment_user")
+                variant = int(torch.randint(count + 1, (), generator=gen))  # 0 = the user as recorded
+                codes = self.shards.codes_with_user_variant(item, variant)
             first = round(start * self.frame_rate)
             codes = codes[..., first:first + length]
             return torch.nn.functional.pad(codes, (0, length - codes.shape[-1]), value=NO_TOKEN)

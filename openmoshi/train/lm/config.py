@@ -47,7 +47,8 @@ class LMDataSection:
     text_mask_prob: float = 0.0  # probability that an item's text stream is hidden (no input, no target)
     keep_and_shift: bool = False  # stream builder: queue overlapping words instead of cutting the previous one
     augment_user: bool = False  # augment the user channel before encoding (openmoshi.data.augment: gain, noise,
-    #                             reverb, echo of Moshi); needs on-the-fly encoding
+    #                             reverb, echo of Moshi); with --codes, each item draws one of the augmented user
+    #                             channels `data encode --user-variants N` precomputed (or the recorded one)
     user_shift: int = 1  # the user's codes one frame ahead, as generation feeds them (0 = moshi-finetune's)
     user_text_delay: float = 0.24  # seconds the user's words come late on the auxiliary transcription target
     #                                (loss.user_text_weight > 0): the model has heard that much of a word

@@ -227,7 +227,7 @@ class LMTask:
 
     def __init__(self, cfg: LMTrainConfig, user_augment: UserAugment | None = None) -> None:
         self.cfg = cfg
-        if user_augment is None and cfg.data.augment_user:
+        if user_augment is None and cfg.data.augment_user and not cfg.data.codes:
             user_augment = default_user_augment(cfg.train.seed)
         self.user_augment = user_augment
         frames = math.ceil(cfg.data.duration * 12.5 - 1e-6)
@@ -330,7 +330,8 @@ class LMTask:
         shards = None
         if self.cfg.data.codes:
             if self.user_augment is not None:
-                raise ConfigError("user augmentation happens before encoding: drop --codes to use it")
+                raise ConfigError("a user augmentation function runs before encoding: drop --codes to use it (or "
+                                  "precompute augmented user channels: `openmoshi data encode --user-variants N`)")
             assert self.mimi is not None
             shards = CodeShards(self.cfg.data.codes, codec_key(self.mimi))
         if self.mimi is None:
@@ -340,6 +341,7 @@ class LMTask:
                                       keep_and_shift=self.cfg.data.keep_and_shift, delay=self.cfg.data.text_delay)
         return AudioLMDataset(items, self.lm.cfg, self.tokenizer, self.cfg.data.duration, interleave,
                               mimi=None if shards else self.mimi, shards=shards, user_augment=self.user_augment,
+                              user_variants=bool(shards) and self.cfg.data.augment_user,
                               seed=self.cfg.train.seed, user_shift=self.cfg.data.user_shift)
 
     def _text_dataset(self, sources: list[str]) -> TextLMDataset:
