@@ -179,7 +179,7 @@ def train(args: argparse.Namespace) -> None:
             sys.exit(f"train failed: {proc.stderr.read()[-2000:]}")
         steps = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         steps = [m for m in steps if m.get("split") == "train"]
-    step_s = [m[k] for m in steps for k in ("step_s", "step_time", "time") if k in m]
+    step_s = [round(m["step_s"], 1) for m in steps if "step_s" in m]
     print(f"LoRA rank {args.lora_rank}, frozen base {args.base_dtype}: peak RSS {usage.ru_maxrss * 1024 / GB:.2f} GB; "
           f"{args.steps} steps of batch 1 x {args.duration:g} s, whole run {wall:.1f} s; losses "
           f"{[round(m['loss'], 4) for m in steps]}" + (f"; step s {step_s}" if step_s else ""))
