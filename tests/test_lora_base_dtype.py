@@ -183,12 +183,11 @@ def test_train_lm_on_a_bf16_checkpoint_holds_a_bf16_base_and_its_loss_falls(bf16
         assert main(_cli(out, bf16_run, "--max-steps", "12", "--lora-base-dtype", choice)) == 0
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[choice] = [m["loss"] for m in metrics if m["split"] == "train"]
-        state = torch.load(sorted((out / "checkpoints").glob("*.pt"))[-1], weights_only=False)["models"]["lm"]
+        state = torch.load(max((out / "checkpoints").glob("*.pt")), weights_only=False)["models"]["lm"]
         attn = state["transformer.layers.0.self_attn.parametrizations.in_proj_weight.original"]
         assert attn.dtype == (torch.bfloat16 if choice == "auto" else torch.float32)
     assert runs["auto"][-1] < 0.8 * runs["auto"][0]
-    # the same values computed the same way: the runs differ only by float noise amplified by Adam
-    assert runs["auto"] == pytest.approx(runs["fp32"], rel=1e-3)
+    assert runs["auto"] == runs["fp32"]  # the same values computed the same way
     lora = read_safetensors(tmp_path / "auto" / "model" / "lora.safetensors")
     assert {v.dtype for v in lora.values()} == {torch.float32}
     assert load_lm(tmp_path / "auto" / "model") is not None
