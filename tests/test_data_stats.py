@@ -85,9 +85,10 @@ def test_stats_prints_a_reference_column_beside_the_data_sets_figures(tmp_path, 
     text = capsys.readouterr().out
     assert "reference: hand-made" in text
     gap_all = next(line for line in text.splitlines() if line.startswith("gap") and " all " in line).split()
-    assert gap_all[2:] == ["3", "22.50", "9.75", "0.433", "0.500", "12.50", "4.25"]  # 1.3 s of gaps in 8 s
+    # 1.3 s of gaps in 8 s; the reference's implied mean gap: 4.25 / 12.5 = 0.34 s
+    assert gap_all[2:] == ["3", "22.50", "9.75", "0.433", "0.500", "12.50", "4.25", "0.340"]
     pause_all = next(line for line in text.splitlines() if line.startswith("pause") and " all " in line).split()
-    assert pause_all[-2:] == ["-", "-"]  # not in the reference
+    assert pause_all[-3:] == ["-", "-", "-"]  # not in the reference
     assert main(["data", "stats", str(data), "--reference", str(ref), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["reference"]["events"]["gap"]["per_minute"] == 12.5
     ref.write_text(json.dumps({"events": {"gaps": {"per_minute": 1}}}))

@@ -2,7 +2,9 @@
 share of text-stream frames that hold padding, and turn-taking as in the Moshi paper's Table 9 (IPU, pause,
 gap, overlap: events per minute and cumulated seconds per minute, as Table 9, then mean and median duration)
 per channel, with PNG histograms. `--reference FILE` prints a reference's per-minute figures beside the
-data set's (a JSON table, see openmoshi.data.stats.read_reference; none is built in).
+data set's, and the mean duration they imply (seconds per minute / events per minute: what a synth
+`--turn-taking` distribution's mean is compared with); a JSON table, see openmoshi.data.stats.read_reference;
+none is built in.
 
   openmoshi data stats synth/                 # a folder of manifests (or of wav + json)
   openmoshi data stats synth/train.jsonl --json --plots plots/
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     head = f"{'event':8s} {'speaker':14s} {'count':>7s} {'/min':>7s} {'s/min':>7s} {'mean s':>7s} {'median':>7s}"
     if reference:
         print(f"\nreference: {reference['name']} (both speakers)")
-        head += f" {'ref /min':>9s} {'ref s/min':>9s}"
+        head += f" {'ref /min':>9s} {'ref s/min':>9s} {'ref mean':>9s}"  # mean = s/min / (/min)
     print(("" if reference else "\n") + head)
     for kind in EVENTS:
         for who in speakers:
@@ -67,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                 r = ref.get(kind, {})
                 line += "".join(f" {r[k]:9.2f}" if k in r else f" {'-':>9s}"
                                 for k in ("per_minute", "seconds_per_minute"))
+                both = r.get("per_minute") and "seconds_per_minute" in r
+                line += f" {r['seconds_per_minute'] / r['per_minute']:9.3f}" if both else f" {'-':>9s}"
             print(line)
     for p in summary.get("plots", []):
         print(f"wrote {p}")
