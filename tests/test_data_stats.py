@@ -60,6 +60,9 @@ def test_stats_command_json_and_plots(tmp_path, capsys):
     tt = out["turn_taking"]
     assert tt["gap"]["all"]["count"] == 6 and tt["gap"]["all"]["mean"] == pytest.approx(1.3 / 3, abs=1e-4)
     assert tt["gap"]["all"]["per_minute"] == pytest.approx(6 / (16 / 60), abs=1e-3)
+    # Table 9's second unit: cumulated seconds per minute of dialogue (gaps 2 x 1.3 s in 16 s)
+    assert tt["gap"]["all"]["seconds_per_minute"] == pytest.approx(2.6 / (16 / 60), abs=1e-3)
+    assert tt["overlap"][U]["seconds_per_minute"] == pytest.approx(0.6 / (16 / 60), abs=1e-3)
     assert tt["pause"][M]["mean"] == pytest.approx(0.5) and tt["overlap"]["all"]["median"] == pytest.approx(0.25)
     assert tt["ipu"][M]["count"] == 8 and tt["ipu"][U]["mean"] == pytest.approx(1.9 / 3, abs=1e-4)
     for kind in ("ipu", "pause", "gap", "overlap"):
@@ -68,6 +71,29 @@ def test_stats_command_json_and_plots(tmp_path, capsys):
     assert main(["data", "stats", str(data / "train.jsonl")]) == 0
     text = capsys.readouterr().out
     assert "2 dialogues" in text and "50.0 % of frames are padding" in text
+
+
+def test_stats_prints_a_reference_column_beside_the_data_sets_figures(tmp_path, capsys):
+    data = tmp_path / "set"
+    data.mkdir()
+    sf.write(data / "one.wav", np.zeros((8 * 24_000, 2), dtype=np.float32), 24_000)
+    (data / "one.json").write_text(json.dumps({"alignments": [[t, [s, e], spk] for t, s, e, spk in WORDS]}))
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"name": "hand-made", "events": {"gap": {"per_minute": 12.5,
+                                                                        "seconds_per_minute": 4.25}}}))
+    assert main(["data", "stats", str(data), "--reference", str(ref)]) == 0
+    text = capsys.readouterr().out
+    assert "reference: hand-made" in text
+    gap_all = next(line for line in text.splitlines() if line.startswith("gap") and " all " in line).split()
+    # 1.3 s of gaps in 8 s; the reference's implied mean gap: 4.25 / 12.5 = 0.34 s
+    assert gap_all[2:] == ["3", "22.50", "9.75", "0.433", "0.500", "12.50", "4.25", "0.340"]
+    pause_all = next(line for line in text.splitlines() if line.startswith("pause") and " all " in line).split()
+    assert pause_all[-3:] == ["-", "-", "-"]  # not in the reference
+    assert main(["data", "stats", str(data), "--reference", str(ref), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reference"]["events"]["gap"]["per_minute"] == 12.5
+    ref.write_text(json.dumps({"events": {"gaps": {"per_minute": 1}}}))
+    assert main(["data", "stats", str(data), "--reference", str(ref)]) == 1
+    assert "kinds among" in capsys.readouterr().err
 
 
 def test_stats_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):

@@ -246,6 +246,16 @@ def test_turn_taking_distributions_match_configuration(tmp_path):
         assert ks_2samp(got, ref).pvalue > 1e-3, (kind, ks_2samp(got, ref))
     share = counts["overlap"] / (counts["overlap"] + counts["gap"])
     assert abs(share - tt.overlap_prob) < 0.12, share
+    # `data stats` reports the same set in Table 9's units: events and cumulated seconds per minute
+    from openmoshi.data.stats import dataset_stats
+    summary = dataset_stats(tmp_path).summary()
+    minutes = summary["hours"] * 60
+    for kind, dist in (("gap", tt.gap), ("pause", tt.pause), ("overlap", tt.overlap)):
+        row = summary["turn_taking"][kind]["all"]
+        assert row["count"] == len(measured[kind])
+        assert row["per_minute"] == pytest.approx(len(measured[kind]) / minutes, rel=1e-3)
+        assert row["seconds_per_minute"] == pytest.approx(sum(measured[kind]) / minutes, rel=1e-3)
+        assert abs(row["mean"] - dist.sample(rng, 20_000).mean()) < 0.12 * dist.mean
 
 
 def _fake_speech(words: list[str], word_s: float = 0.3) -> Speech:

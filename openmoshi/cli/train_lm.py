@@ -40,6 +40,7 @@ STAGE_OPTIONS = {
     "lora_rank": "lora.rank",
     "lora_scaling": "lora.scaling",
     "lora_targets": "lora.targets",
+    "lora_base_dtype": "lora.base_dtype",
 }
 
 
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-scaling", type=float, help="LoRA scaling, a raw multiplier of B @ A (Kyutai: 2.0)")
     parser.add_argument("--lora-targets", nargs="+",
                         help="linear layers given LoRA: 'all' or name parts (e.g. self_attn gating)")
+    parser.add_argument("--lora-base-dtype", choices=["auto", "bf16", "fp32"],
+                        help="dtype of LoRA's frozen base weights (adapters, their optimizer state and activations "
+                             "stay fp32); auto (default) = bf16 when the --init checkpoint is bf16, as Kyutai's are")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,11 @@ computed from word alignments:
 - pause: silence between two IPUs of the same speaker while the other is silent too;
 - gap: silence between an IPU of one speaker and the next IPU of the other (credited to the one who starts);
 - overlap: time when both speak (credited to the speaker who started while the other was talking).
+
+Table 9 (and dGSLM's table) gives, per event kind, the number of events per minute of dialogue and their
+cumulated duration per minute (seconds per minute); `summary()` reports both (the `all` column adds the two
+speakers), beside mean and median durations. A reference (e.g. Fisher's figures) can be read from a JSON file
+(`read_reference`) to print side by side; none is built in: the figures could not be read from here.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class DatasetStats:
             for who in [*speakers, "all"]:
                 vals = np.array(self.events.values(kind, None if who == "all" else who))
                 row[who] = {"count": len(vals), "per_minute": round(len(vals) / minutes, 3) if minutes else 0.0,
+                            "seconds_per_minute": round(float(vals.sum()) / minutes, 3) if minutes else 0.0,
                             "mean": round(float(vals.mean()), 4) if len(vals) else None,
                             "median": round(float(np.median(vals)), 4) if len(vals) else None,
                             "total_share": round(float(vals.sum()) / (minutes * 60), 4) if minutes else 0.0}
@@ -130,6 +136,28 @@ class DatasetStats:
             "text_pad_fraction": round(self.pad_frames / self.frames, 4) if self.frames else None,
             "turn_taking": table,
         }
+
+
+def read_reference(path: Path) -> dict:
+    """A reference table to print beside a data set's turn-taking: JSON
+    `{"name": "...", "events": {"ipu": {"per_minute": x, "seconds_per_minute": y}, "pause": ..., ...}}`
+    (event kinds and values optional; values are for both speakers together, as Table 9's)."""
+    import json
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OpenMoshiError(f"{path}: cannot read the reference table: {exc}") from exc
+    events = obj.get("events") if isinstance(obj, dict) else None
+    if not isinstance(events, dict) or set(events) - set(EVENTS):
+        raise OpenMoshiError(f"{path}: expected {{\"name\": ..., \"events\": {{kind: {{\"per_minute\": x, "
+                             f"\"seconds_per_minute\": y}}}}}} with kinds among {list(EVENTS)}")
+    table = {}
+    for kind, row in events.items():
+        if not isinstance(row, dict) or set(row) - {"per_minute", "seconds_per_minute"} or not all(
+                isinstance(v, (int, float)) for v in row.values()):
+            raise OpenMoshiError(f"{path}: {kind}: expected numbers per_minute and/or seconds_per_minute")
+        table[kind] = {k: float(v) for k, v in row.items()}
+    return {"name": str(obj.get("name", Path(path).stem)), "events": table}
 
 
 def find_dialogues(root: Path) -> list[tuple[Path, float]]:

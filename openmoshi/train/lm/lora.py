@@ -9,6 +9,10 @@ Kyutai's `moshi` wraps *every* linear layer of the LM when a config says `lora: 
 lora.safetensors lists every one of them: layers left out of the targets are saved with zero pairs.
 Names: `<linear>.lora_A.weight` / `<linear>.lora_B.weight`, e.g. `transformer.layers.0.self_attn.in_projs.0`,
 `transformer.layers.0.gating.linear_in`, `depformer_in.3`, `linears.7`, `text_linear`.
+
+The frozen base can be held in bf16 (`base_dtype`, hold_frozen_base): the weights that carry adapters and the
+frozen embedding tables, while adapters, norms and activations stay fp32. Each use of a weight widens it to the
+adapters' dtype before adding B @ A, so a bf16 checkpoint computes exactly as if it had been loaded in fp32.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...lm.model import LMModel
+from ...lm.model import LMModel, TokenEmbedding
 
 _ATTN = re.compile(r"^(.*\.self_attn)\.(in_proj_weight|out_proj\.weight)$")
 _EMBEDDINGS = re.compile(r"(^|\.)(emb|text_emb|depformer_emb|depformer_text_emb)(\.|$)")
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -34,10 +39,14 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["all"])  # substrings of linear names, or "all"
     train_embeddings: bool = False  # also train the embedding tables (moshi-finetune's ft_embed)
     merged: bool = False  # export merged weights (a plain model folder) instead of lora.safetensors
+    base_dtype: str = "auto"  # frozen base weights: bf16, fp32, or auto = bf16 when the --init checkpoint stores
+    #                           bf16 (as Kyutai's do; same values, same compute, half the memory), else fp32
 
     def __post_init__(self) -> None:
         if self.rank < 0 or self.scaling <= 0:
             raise ValueError("lora rank must be >= 0 and lora scaling > 0")
+        if self.base_dtype not in ("auto", *BASE_DTYPES):
+            raise ValueError(f"lora base_dtype must be auto, fp32 or bf16, got {self.base_dtype!r}")
 
 
 class LoRADelta(nn.Module):
@@ -56,7 +65,9 @@ class LoRADelta(nn.Module):
         return torch.bmm(self.lora_B, self.lora_A).flatten(0, 1) * self.scaling
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta().to(weight.dtype)
+        # a bf16 base with fp32 adapters: widened first (exact), so B @ A is never rounded to the base's precision
+        dtype = torch.promote_types(weight.dtype, self.lora_A.dtype)
+        return weight.to(dtype) + self.delta().to(dtype)
 
 
 def linear_weights(lm: LMModel) -> list[tuple[str, nn.Module, str, int, list[str]]]:
@@ -107,6 +118,32 @@ def add_lora(lm: LMModel, cfg: LoRAConfig) -> list[nn.Parameter]:
                 param.requires_grad_(True)
                 trainable.append(param)
     return trainable
+
+
+def hold_frozen_base(lm: LMModel, dtype: torch.dtype, compute: torch.dtype = torch.float32) -> None:
+    """After add_lora: frozen weights that carry adapters and frozen embedding tables held in `dtype`, every other
+    floating-point parameter and buffer (adapters, norms, linears without adapters) in `compute`. Embedding rows
+    are widened to `compute` as they are looked up, so activations stay in `compute`."""
+    narrow: set[int] = set()
+    for _, owner, attr, _, _ in linear_weights(lm):
+        if parametrize.is_parametrized(owner, attr):
+            narrow.add(id(owner.parametrizations[attr].original))
+    for module in lm.modules():
+        if isinstance(module, TokenEmbedding) and not module.weight.requires_grad:
+            narrow.add(id(module.weight))
+            module.row_dtype = None if dtype == compute else compute
+    for module in lm.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                want = dtype if id(t) in narrow else compute
+                if t.dtype == want:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(want)
+                else:
+                    tensors[name] = t.to(want)
 
 
 def _deltas(lm: LMModel) -> dict[str, tuple[nn.Module, str, int, list[str], LoRADelta | None]]:

@@ -27,7 +27,15 @@ from ...lm.loading import CONFIG_NAME, LORA_NAME, load_lm, read_config, stored_d
 from ...lm.model import LMModel
 from ..task import TrainEnv
 from .config import LMTrainConfig
-from .lora import add_lora, base_state_dict, has_lora, lora_state_dict, merged_state_dict
+from .lora import (
+    BASE_DTYPES,
+    add_lora,
+    base_state_dict,
+    has_lora,
+    hold_frozen_base,
+    lora_state_dict,
+    merged_state_dict,
+)
 from .loss import lm_loss, user_text_loss
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,24 @@ def is_audio_manifest(path: str) -> bool:
         return "path" in json.loads(first)
     except ValueError:
         return False
+
+
+def frozen_base_dtype(cfg: LMTrainConfig, fsdp: bool) -> torch.dtype | None:
+    """The dtype LoRA's frozen base is held in (None: no LoRA, the model is trained in fp32 as a whole).
+    auto = bf16 when the --init checkpoint stores bf16: the widened weights are exactly the file's values, so
+    the compute is unchanged and only the memory halves; an fp32 checkpoint would be rounded, so it stays fp32."""
+    choice = cfg.lora.base_dtype
+    if not cfg.lora.rank:
+        if choice == "bf16":
+            raise ConfigError("lora.base_dtype=bf16 holds LoRA's frozen base: it needs --lora-rank > 0")
+        return None
+    if choice == "auto":
+        stored = stored_dtype(cfg.model.init) if cfg.model.init else torch.float32
+        choice = "bf16" if stored == torch.bfloat16 and not fsdp else "fp32"
+    if choice == "bf16" and fsdp:
+        raise ConfigError("lora.base_dtype=bf16 does not work with --parallel fsdp (FSDP2 shards one dtype per "
+                          "layer): use --parallel ddp, or lora.base_dtype=fp32")
+    return BASE_DTYPES[choice]
 
 
 class WarmupCosine:
@@ -282,9 +308,15 @@ class LMTask:
         cfg = self.cfg
         # Under FSDP the LM is loaded on the CPU as stored (a bf16 file stays mapped, its pages shared by every
         # process); wrap() casts each layer to fp32 just before fully_shard moves its shard to the device.
-        self._build(env.device, torch.device("cpu") if env.fsdp else env.device, as_stored=env.fsdp)
+        # A bf16 frozen base is loaded as stored too, then only the parts trained or computed in fp32 are widened.
+        base = frozen_base_dtype(cfg, env.fsdp)
+        self._build(env.device, torch.device("cpu") if env.fsdp else env.device,
+                    as_stored=env.fsdp or base == torch.bfloat16)
         if cfg.lora.rank:
             add_lora(self.lm, cfg.lora)  # freezes all but the adapters (and embeddings if asked)
+        if base is not None and not env.fsdp:
+            hold_frozen_base(self.lm, base)  # adapters, norms and the rest in fp32
+        cast = None if base is not None and not env.fsdp else torch.float32
         self.user_text_head: nn.Linear | None = None
         if cfg.loss.user_text_weight:
             # starts as a copy of the text head: same vocabulary, and a useful reading of the hidden state
@@ -292,9 +324,9 @@ class LMTask:
             with torch.no_grad():
                 self.user_text_head.weight.copy_(self.lm.text_linear.weight)
             self.user_text_head.to(env.device)
-            self.fwd = env.wrap(WithUserText(self.lm, self.user_text_head), dtype=torch.float32)
+            self.fwd = env.wrap(WithUserText(self.lm, self.user_text_head), dtype=cast)
         else:
-            self.fwd = env.wrap(self.lm, dtype=torch.float32)
+            self.fwd = env.wrap(self.lm, dtype=cast)
         # under FSDP the parameters are replaced by shards: list them after wrapping
         named = [(n, p) for n, p in self.lm.named_parameters() if p.requires_grad]
         if self.user_text_head is not None:
