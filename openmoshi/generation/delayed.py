@@ -286,15 +286,18 @@ class DelayedSpeechOutput(SpeechOutput):
         return torch.zeros(0)
 
     def words(self, transcript: list[tuple[str, int]], end_step: int | None, finished: bool) -> list[SpokenWord]:
-        """Words whose end is known, within the audio made so far (the whole speech's once finished)."""
+        """Words whose end is known: the next one started (its step, ahead of the audio), or (finished) the audio
+        stopped. Equal to `speak`'s when the text ends; a speech cut short may time its words past its audio."""
         known = len(transcript) if finished else len(transcript) - 1
         stop = self.frames if end_step is None else min(max(end_step - self.shift, 0), self.frames)
         out = []
         while self.said < known:
             j = self.said
             word, s = transcript[j]
-            begin = min(max(s - self.shift, 0), stop)
-            finish = min(transcript[j + 1][1] - self.shift, stop) if j + 1 < len(transcript) else stop
+            begin = max(s - self.shift, 0)
+            finish = transcript[j + 1][1] - self.shift if j + 1 < len(transcript) else stop
+            if end_step is not None:
+                begin, finish = min(begin, stop), min(finish, stop)
             out.append(SpokenWord(word, round(begin / self.rate, 3), round(max(finish, begin) / self.rate, 3)))
             self.said += 1
         return out

@@ -137,7 +137,7 @@ class TtsEngine:
         root = self.options.voice_dir
         first = next(iter(sorted(root.rglob("*.safetensors"))), None) if root is not None else None
         if first is not None:
-            return voice_condition(str(first))
+            return voices_condition([str(first)])
         dim = self.bundle.config.conditioners["speaker_wavs"]["tensor"]["dim"]
         return voices_condition([torch.zeros(1, dim, 1)])
 
