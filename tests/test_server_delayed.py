@@ -12,9 +12,17 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from conftest import init_preset, read_speech
-from test_server_dsm import KEY, assert_same_words, LIMITS, SR, _one_message, _serve, speak_over_ws, transcribe_over_ws
+from test_server_dsm import (
+    KEY,
+    LIMITS,
+    SR,
+    _one_message,
+    _serve,
+    assert_same_words,
+    speak_over_ws,
+    transcribe_over_ws,
+)
 
 from openmoshi.bundle import load_model
 from openmoshi.checkpoint import read_safetensors, save_safetensors

@@ -32,8 +32,17 @@ from ..errors import ConfigError
 from ..lm.families import DelayedMode, SttSettings
 from .generator import Generator
 from .stt import DEFAULT_EOS_HEAD, DEFAULT_EOS_THRESHOLD, StreamingTranscriber, SttStep
-from .tts import (ForcingState, Speech, SpokenWord, TextForcer, TtsRun, TtsSettings, TtsTokens, Word,
-                  script_to_words)
+from .tts import (
+    ForcingState,
+    Speech,
+    SpokenWord,
+    TextForcer,
+    TtsRun,
+    TtsSettings,
+    TtsTokens,
+    Word,
+    script_to_words,
+)
 from .tts_stream import SpeechOutput
 
 

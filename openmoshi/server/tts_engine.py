@@ -24,8 +24,8 @@ from ..bundle import MoshiBundle
 from ..errors import ConfigError, ProtocolError
 from ..generation.tts import Synthesizer, voices_condition
 from ..generation.tts_stream import SpeechOutput
-from ..lm.families import DelayedMode
 from ..lm.conditioners import TensorInput
+from ..lm.families import DelayedMode
 from .metrics import Metrics
 from .tts_request import TtsOptions, resolve_voice
 
