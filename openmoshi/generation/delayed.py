@@ -33,6 +33,7 @@ from ..lm.families import DelayedMode, SttSettings
 from .generator import Generator
 from .stt import DEFAULT_EOS_HEAD, DEFAULT_EOS_THRESHOLD, StreamingTranscriber, SttStep
 from .tts import (
+    TEXT_TOP_K,
     ForcingState,
     Speech,
     SpokenWord,
@@ -135,14 +136,14 @@ class DelayedSynthesizer:
 
     def __init__(self, bundle: MoshiBundle, temp: float = 0.6, padding_bonus: float = 0.0, max_padding: int = 8,
                  initial_padding: int = 2, final_padding: int = 4, max_steps: int = 30_000,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, top_k: int = 250) -> None:
         self.mode = _mode(bundle, "tts")
         cfg = bundle.config
         self.bundle = bundle
         self.tokens = TtsTokens(cfg.text_card + 1, new_word=cfg.existing_text_end_padding_id,
                                 pad=cfg.existing_text_padding_id)
         self.forcer = MoshiTextForcer(self.tokens, 0, max_padding, initial_padding)
-        self.temp, self.padding_bonus = temp, padding_bonus
+        self.temp, self.padding_bonus, self.top_k = temp, padding_bonus, top_k
         self.final_padding, self.max_steps, self.seed = final_padding, max_steps, seed
 
     def words(self, text: str | tp.Sequence[str]) -> list[Word]:
@@ -232,7 +233,8 @@ class DelayedStepper:
                    for i, token in enumerate(sampled.tolist())]
             return torch.tensor(fed, dtype=torch.long, device=sampled.device)
 
-        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=250, top_k_text=25, seed=synth.seed,
+        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=synth.top_k,
+                             top_k_text=min(synth.top_k, TEXT_TOP_K), seed=synth.seed,
                              text_logits_hook=on_logits, text_hook=on_text)
         self._user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
             if cfg.n_user else None
@@ -255,7 +257,7 @@ class DelayedStepper:
         mask = torch.zeros(len(self.states), dtype=torch.bool)
         mask[i] = True
         self.gen.reset(mask)
-        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, 25),
+        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
                                 text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from .generator import Generator
 logger = logging.getLogger(__name__)
 
 MAX_SPEAKERS = 5  # voice slots of the cross-attention source
+TEXT_TOP_K = 25  # the text's top-k (Kyutai's TTS default); a smaller audio top-k lowers it too
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,8 @@ class TtsStepper:
                     audio[i] = torch.where(forced != -2, forced, audio[i])
             return audio
 
-        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=250, top_k_text=25, seed=synth.seed,
+        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=synth.top_k,
+                             top_k_text=min(synth.top_k, TEXT_TOP_K), seed=synth.seed,
                              text_logits_hook=on_logits, text_hook=on_text, audio_hook=on_audio,
                              conditions=conditions, cfg_coef=guidance, cfg_null_text=True,
                              cfg_masked_until=masked_until)
@@ -362,7 +364,7 @@ class TtsStepper:
         mask[i] = True
         self.gen.reset(mask)
         self.gen.set_conditions(i, conditions)
-        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, 25),
+        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
                                 text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
 
     @torch.no_grad()
@@ -392,7 +394,7 @@ class Synthesizer:
 
     def __init__(self, bundle: MoshiBundle, temp: float = 0.6, cfg_coef: float = 1.0, padding_bonus: float = 0.0,
                  max_padding: int = 8, initial_padding: int = 2, final_padding: int = 4,
-                 max_steps: int = 30_000, seed: int | None = None) -> None:
+                 max_steps: int = 30_000, seed: int | None = None, top_k: int = 250) -> None:
         if bundle.config.model_type != "tts":
             raise ConfigError(f"speech synthesis needs a 'tts' model, this one is {bundle.config.model_type!r}")
         if bundle.lm.condition_provider is None:
@@ -401,7 +403,7 @@ class Synthesizer:
         self.settings = TtsSettings.from_bundle(bundle)
         self.tokens = TtsTokens(bundle.config.text_card + 1)
         self.forcer = TextForcer(self.tokens, self.settings.second_stream_ahead, max_padding, initial_padding)
-        self.temp, self.cfg_coef, self.padding_bonus = temp, cfg_coef, padding_bonus
+        self.temp, self.cfg_coef, self.padding_bonus, self.top_k = temp, cfg_coef, padding_bonus, top_k
         self.final_padding, self.max_steps, self.seed = final_padding, max_steps, seed
         conditioners = bundle.lm.condition_provider.conditioners
         self.multi_speaker = "speaker_wavs" in conditioners
