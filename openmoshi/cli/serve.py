@@ -62,10 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "optional)")
     tts.add_argument("--voice", default=None, help="voice used when a client names none (a NAME of --voice-dir)")
     tts.add_argument("--tts-temp", type=float, default=0.6, help="sampling temperature (0 = greedy); clients may "
-                                                                 "set ?temperature=")
+                                                                 "set ?temperature= (and ?top_k=, ?seed=, "
+                                                                 "?max_seq_len=, ?voices=: see the README)")
     tts.add_argument("--cfg-coef", type=float, default=2.0, help="classifier-free guidance; clients may set "
                                                                  "?cfg_alpha=")
-    tts.add_argument("--max-speech-seconds", type=float, default=300.0, help="longest speech of one session")
+    tts.add_argument("--max-speech-seconds", type=float, default=300.0,
+                     help="longest speech of one session (clients may ask for less with ?max_seq_len=STEPS)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
 

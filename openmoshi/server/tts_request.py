@@ -15,7 +15,8 @@ from .tts_format import DEFAULT_FORMAT, check_format
 
 @dataclass
 class TtsOptions:
-    """Server-side TTS defaults; a session may change temperature, seed and guidance in its query."""
+    """Server-side TTS defaults; a session may change temperature, top-k, seed, guidance and its step limit in
+    its query."""
 
     voice_dir: Path | None = None
     default_voice: str | None = None
