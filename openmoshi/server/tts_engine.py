@@ -32,7 +32,6 @@ from .tts_request import TtsOptions, resolve_voice
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Ended:
     """Why a session's speech ended: "" = all said; `error` False = a limit the client set (max_seq_len)."""
@@ -215,7 +214,8 @@ class TtsEngine:
                         self.metrics.steps_failed += 1
                         for slot, *_ in work:
                             if self.slots[slot.index] is slot:
-                                slot.on_output((np.zeros(0, np.float32), [], Ended("the server failed to step the model")))
+                                failed = Ended("the server failed to step the model")
+                                slot.on_output((np.zeros(0, np.float32), [], failed))
                         continue
                     if not outputs:  # nobody could step: wait for text
                         break
@@ -317,7 +317,9 @@ class TtsEngine:
         return outputs
 
     def _ended(self, slot: TtsSlot) -> Ended:
-        if self.stepper.item_finished(slot.index):
+        """Why a finished session's speech ended: all said (its text ended, maybe before the final padding),
+        the client's max_seq_len, or the server's limit."""
+        if self.stepper.states[slot.index].end_step is not None:
             return Ended()
         if slot.max_steps is not None and slot.max_steps <= self.synth.max_steps:
             return Ended(f"stopped at max_seq_len={slot.max_steps} steps "
