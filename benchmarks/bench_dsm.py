@@ -1,7 +1,7 @@
 """Delayed-streams models on CPU: ASR real-time factor (stt-1b shape) and TTS time to first audio (tts-1.6b shape),
 ours and Kyutai's reference (moshi==0.2.13) in the same run, on the same random weights, fp32.
 
-    python benchmarks/bench_dsm.py [--threads 2] [--batch 1 8] [--asr-steps 12] [--only asr|tts] [--small]
+    python benchmarks/bench_dsm.py [--threads 2] [--batch 1 8] [--asr-steps 12] [--only asr|tts] [--small] [--no-fast]
 
 ASR: per 80 ms frame, Mimi encoding (official Mimi structure, 32 codebooks) and one LM step with the extra heads;
 real-time factor = audio seconds / compute seconds (> 1 is faster than real time), median over rounds that
@@ -157,8 +157,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["asr", "tts"], default=None)
     parser.add_argument("--small", action="store_true", help="tiny presets instead of the real shapes")
+    parser.add_argument("--no-fast", action="store_true",
+                        help="ours with torch's stock matmuls (openmoshi.nn.fast off), to compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_fast:
+        from openmoshi.nn import fast
+        fast.set_enabled(False)
     rows = []
     if args.only in (None, "asr"):
         rows += bench_asr(args.small, args.batch, args.asr_steps, args.rounds)

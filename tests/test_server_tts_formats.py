@@ -14,6 +14,7 @@ from conftest import init_preset
 
 from openmoshi.audio.opus import OpusEncoderStream, decode_ogg_opus
 from openmoshi.checkpoint import save_safetensors
+from openmoshi.errors import ProtocolError
 from openmoshi.server.background import RunningServer
 from openmoshi.server.limits import SessionLimits
 from openmoshi.server.tts import TtsOptions
@@ -90,3 +91,17 @@ def test_raw_formats_say_why_in_the_close_frame(tts_server):
     frames, closed = asyncio.run(speak(url + "Wav"))
     message = _maps(frames)[0]
     assert message["type"] == "Error" and "OggOpusMessagePack" in message["message"]
+
+
+def test_ogg_data_as_bin_or_as_a_list_of_byte_values(tts_server):
+    """A client reads OggOpusMessagePack audio from openmoshi (msgpack bin) and from Kyutai's rust server (its
+    `Vec<u8>` written by rmp_serde as an array of integers) alike with `ogg_bytes`."""
+    from openmoshi.server.dsm_protocol import ogg_bytes
+    maps = _maps(asyncio.run(speak(tts_server.ws_base + "/api/tts_streaming?format=OggOpusMessagePack"))[0])
+    ours = [m["data"] for m in maps if m["type"] == "OggOpus"]
+    assert all(isinstance(d, bytes) for d in ours)
+    kyutai = [msgpack.unpackb(msgpack.packb({"type": "OggOpus", "data": list(d)}))["data"] for d in ours]
+    assert all(isinstance(d, list) for d in kyutai)
+    assert [ogg_bytes(d) for d in kyutai] == [ogg_bytes(d) for d in ours] == ours
+    with pytest.raises(ProtocolError, match="list of 0..255"):
+        ogg_bytes([1, 256])

@@ -5,7 +5,8 @@
   openmoshi serve --model hf://kyutai/stt-1b-en_fr        # streaming ASR at /api/asr-streaming
   openmoshi serve --model hf://kyutai/tts-1.6b-en_fr --voice-dir tts-voices  # streaming TTS at /api/tts_streaming
 
-stt and tts models serve the msgpack websockets of Kyutai's delayed-streams clients instead of /api/chat.
+stt and tts models serve the msgpack websockets of Kyutai's delayed-streams clients instead of /api/chat, as
+does a Moshi-style model whose config.json delays make it ASR (text late) or TTS (audio late; paper §5.7).
 
 Open http://127.0.0.1:8998 in a browser (microphones need localhost or HTTPS), or use Kyutai's web or
 Python client, or `openmoshi client`. Conversations share one batched model step: --max-sessions slots.
@@ -61,10 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "optional)")
     tts.add_argument("--voice", default=None, help="voice used when a client names none (a NAME of --voice-dir)")
     tts.add_argument("--tts-temp", type=float, default=0.6, help="sampling temperature (0 = greedy); clients may "
-                                                                 "set ?temperature=")
+                                                                 "set ?temperature= (and ?top_k=, ?seed=, "
+                                                                 "?max_seq_len=, ?voices=: see the README)")
     tts.add_argument("--cfg-coef", type=float, default=2.0, help="classifier-free guidance; clients may set "
                                                                  "?cfg_alpha=")
-    tts.add_argument("--max-speech-seconds", type=float, default=300.0, help="longest speech of one session")
+    tts.add_argument("--max-speech-seconds", type=float, default=300.0,
+                     help="longest speech of one session (clients may ask for less with ?max_seq_len=STEPS)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
 
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
     from ..bundle import load_model
-    from ..server.app import STATIC_DIR, create_app, engine_for
+    from ..server.app import STATIC_DIR, create_app, engine_for, served_as
     from ..server.engine import STANDING_QUEUE_S
     from ..server.runner import serve_until_signal
     from ..server.tts import TtsOptions
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args)
     logger.info("loading %s on %s (%s)", args.model, device, dtype)
     bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
-    family = bundle.config.model_type
+    family = served_as(bundle.config)
     if args.max_message_kb is None:
         kib = DSM_MESSAGE_KB if family in ("stt", "tts") else limits.max_message_bytes / 1024
         limits = dataclasses.replace(limits, max_message_bytes=int(kib * 1024))

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance (default 2; 1 = off; distilled models accept their listed "
                              "values)")
     parser.add_argument("--temp", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=250,
+                        help="sample the audio among the K likeliest codes (the text among min(K, 25); 1 = greedy)")
     parser.add_argument("--padding-bonus", type=float, default=0.0,
                         help="added to the padding logit: > 0 speaks slower, < 0 faster")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop after this much audio")
@@ -73,13 +75,15 @@ def run(args: argparse.Namespace) -> int:
     turns = _turns(args)
     if args.max_seconds <= 0:
         raise ConfigError("--max-seconds must be positive")
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     device, dtype = resolve_device(args)
     bundle = load_model(args.model, device=device, dtype=dtype)
     steps = int(args.max_seconds * bundle.mimi.frame_rate)
     if delayed_mode(bundle.config, "tts", "openmoshi speak") is not None:
         return _speak_delayed(args, bundle, turns, steps)
     synth = Synthesizer(bundle, temp=args.temp, cfg_coef=2.0 if args.cfg_coef is None else args.cfg_coef,
-                        padding_bonus=args.padding_bonus, max_steps=steps, seed=args.seed)
+                        padding_bonus=args.padding_bonus, max_steps=steps, seed=args.seed, top_k=args.top_k)
     voices, prefixes = None, None
     if args.voice is not None:
         if not args.voice.is_file():
@@ -112,7 +116,7 @@ def _speak_delayed(args: argparse.Namespace, bundle, turns: list[str], steps: in
     if args.cfg_coef not in (None, 1.0):
         raise ConfigError("a Moshi-style TTS model has no conditions to guide: --cfg-coef must be 1 (or left out)")
     synth = DelayedSynthesizer(bundle, temp=args.temp, padding_bonus=args.padding_bonus, max_steps=steps,
-                               seed=args.seed)
+                               seed=args.seed, top_k=args.top_k)
     with tqdm(total=steps, unit="step", desc="speaking", disable=args.quiet) as bar:
         speech = synth.speak([turns], on_step=lambda n: bar.update(n - bar.n))[0]
     return _write(args, bundle, turns, speech)

@@ -32,7 +32,19 @@ from ..errors import ConfigError
 from ..lm.families import DelayedMode, SttSettings
 from .generator import Generator
 from .stt import DEFAULT_EOS_HEAD, DEFAULT_EOS_THRESHOLD, StreamingTranscriber, SttStep
-from .tts import ForcingState, Speech, SpokenWord, TextForcer, TtsRun, TtsTokens, Word, script_to_words
+from .tts import (
+    TEXT_TOP_K,
+    ForcingState,
+    Speech,
+    SpokenWord,
+    TextForcer,
+    TtsRun,
+    TtsSettings,
+    TtsTokens,
+    Word,
+    script_to_words,
+)
+from .tts_stream import SpeechOutput
 
 
 def _mode(bundle: MoshiBundle, kind: str) -> DelayedMode:
@@ -115,18 +127,23 @@ class MoshiTextForcer(TextForcer):
 
 class DelayedSynthesizer:
     """TTS with a Moshi-style model whose delays put the audio behind the text; one voice (the model's), no
-    conditioning. `speak` and `generate` as `Synthesizer`'s."""
+    conditioning. `speak` and `generate` as `Synthesizer`'s; `stepper`, `stream_words` and `speech_output` as
+    well (the batched TTS server)."""
+
+    multi_speaker = False
+    # No second text stream, and no frames to skip: the Generator returns frames whose audio is there already.
+    settings = TtsSettings(delay_steps=0)
 
     def __init__(self, bundle: MoshiBundle, temp: float = 0.6, padding_bonus: float = 0.0, max_padding: int = 8,
                  initial_padding: int = 2, final_padding: int = 4, max_steps: int = 30_000,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, top_k: int = 250) -> None:
         self.mode = _mode(bundle, "tts")
         cfg = bundle.config
         self.bundle = bundle
         self.tokens = TtsTokens(cfg.text_card + 1, new_word=cfg.existing_text_end_padding_id,
                                 pad=cfg.existing_text_padding_id)
         self.forcer = MoshiTextForcer(self.tokens, 0, max_padding, initial_padding)
-        self.temp, self.padding_bonus = temp, padding_bonus
+        self.temp, self.padding_bonus, self.top_k = temp, padding_bonus, top_k
         self.final_padding, self.max_steps, self.seed = final_padding, max_steps, seed
 
     def words(self, text: str | tp.Sequence[str]) -> list[Word]:
@@ -134,47 +151,34 @@ class DelayedSynthesizer:
         return script_to_words(self.bundle.tokenizer, self.tokens, self.bundle.mimi.frame_rate, turns,
                                multi_speaker=False)
 
+    def stream_words(self, text: str, first: bool) -> list[Word]:
+        """The words of one piece of streamed text (as `words`: the speech is the same however it is split)."""
+        return self.words(text)
+
+    def stepper(self, scripts: list[list[Word]], voices: list | None = None) -> DelayedStepper:
+        if voices is not None and any(v is not None for v in voices):
+            raise ConfigError("a Moshi-style TTS model speaks in its own voice: it takes no voice")
+        return DelayedStepper(self, scripts)
+
+    def speech_output(self) -> DelayedSpeechOutput:
+        return DelayedSpeechOutput(self.mode.text_delay, self.bundle.mimi.frame_rate)
+
     @torch.no_grad()
     def generate(self, scripts: list[list[Word]], on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
         """Frames [B, 1 + dep_q, F] (delays undone: frame f's forced text and sampled audio), each item's end (the
         step it asked for a word past its last) and its words' steps."""
-        cfg, lm = self.bundle.config, self.bundle.lm
-        batch = len(scripts)
-        states = [self.forcer.start(words) for words in scripts]
-        step = 0
-
-        def on_logits(logits: torch.Tensor) -> torch.Tensor | None:
-            if not self.padding_bonus:
-                return None
-            logits = logits.clone()
-            logits[:, self.tokens.pad] += self.padding_bonus
-            return logits
-
-        def on_text(sampled: torch.Tensor) -> torch.Tensor:
-            fed = [self.forcer.step(step, state, token) for state, token in zip(states, sampled.tolist())]
-            return torch.tensor(fed, dtype=torch.long, device=sampled.device)
-
-        gen = Generator(lm, temp=self.temp, temp_text=self.temp, top_k=250, top_k_text=25, seed=self.seed,
-                        text_logits_hook=on_logits, text_hook=on_text)
-        user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) if cfg.n_user else None
-        silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
-        first_audio = min(cfg.delays[1:1 + cfg.dep_q])  # before it every audio position is an initial token
-        text_delay = self.mode.text_delay
-
-        def done(state: ForcingState, made: int) -> bool:
-            return state.end_step is not None and made >= state.end_step - text_delay + self.final_padding
-
+        stepper = DelayedStepper(self, scripts)
         frames: list[torch.Tensor] = []
-        with gen.streaming(batch):
-            while step < self.max_steps and not all(done(s, len(frames)) for s in states):
-                out = gen.step(user, replace_audio=silent if step < first_audio else None)
-                step += 1
+        with stepper.gen.streaming(len(scripts)):
+            while stepper.steps[0] < self.max_steps and not stepper.finished:
+                out = stepper.step()
                 if out is not None:
                     frames.append(out)
                 if on_step is not None:
-                    on_step(step)
-        out = torch.cat(frames, dim=2) if frames else torch.zeros(batch, 1 + cfg.dep_q, 0, dtype=torch.long)
-        return TtsRun(out, [s.end_step for s in states], [s.transcript for s in states])
+                    on_step(stepper.steps[0])
+        dep_q = self.bundle.config.dep_q
+        out = torch.cat(frames, dim=2) if frames else torch.zeros(len(scripts), 1 + dep_q, 0, dtype=torch.long)
+        return TtsRun(out, [s.end_step for s in stepper.states], [s.transcript for s in stepper.states])
 
     def speak(self, texts: list[str | tp.Sequence[str]],
               on_step: tp.Callable[[int], None] | None = None) -> list[Speech]:
@@ -197,4 +201,114 @@ class DelayedSynthesizer:
                 finish = min(steps[j + 1][1] - shift, stop) if j + 1 < len(steps) else stop
                 words.append(SpokenWord(word, round(begin / rate, 3), round(max(finish, begin) / rate, 3)))
             out.append(Speech(audio[i, :, :stop * frame], words, end is not None))
+        return out
+
+
+class DelayedStepper:
+    """`DelayedSynthesizer.generate` one step at a time, as `TtsStepper` (inside `stepper.gen.streaming(B)`):
+    words may be appended to `states[i].words` between steps, `step(active)` advances only some items, `restart`
+    gives an item a fresh start with its own sampling (a server session)."""
+
+    def __init__(self, synth: DelayedSynthesizer, scripts: list[list[Word]]) -> None:
+        self.synth = synth
+        cfg, lm = synth.bundle.config, synth.bundle.lm
+        batch = len(scripts)
+        self.states = [synth.forcer.start(words) for words in scripts]
+        self.steps = [0] * batch
+        self.delay = 0
+        self._active = [True] * batch
+        self._first_audio = min(cfg.delays[1:1 + cfg.dep_q])  # before it every audio position is an initial token
+        self._max_delay = cfg.max_delay
+        pad = synth.tokens.pad
+
+        def on_logits(logits: torch.Tensor) -> torch.Tensor | None:
+            if not synth.padding_bonus:
+                return None
+            logits = logits.clone()
+            logits[:, pad] += synth.padding_bonus
+            return logits
+
+        def on_text(sampled: torch.Tensor) -> torch.Tensor:
+            fed = [synth.forcer.step(self.steps[i], self.states[i], token) if self._active[i] else token
+                   for i, token in enumerate(sampled.tolist())]
+            return torch.tensor(fed, dtype=torch.long, device=sampled.device)
+
+        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=synth.top_k,
+                             top_k_text=min(synth.top_k, TEXT_TOP_K), seed=synth.seed,
+                             text_logits_hook=on_logits, text_hook=on_text)
+        self._user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
+            if cfg.n_user else None
+        self._silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.item_finished(i) for i in range(len(self.states)))
+
+    def item_finished(self, i: int) -> bool:
+        """Asked for a word past its last one, and the frames up to that step (+ final padding) are out."""
+        end = self.states[i].end_step
+        made = max(self.steps[i] - self._max_delay, 0)  # frames returned (the Generator undoes the delays)
+        return end is not None and made >= end - self.synth.mode.text_delay + self.synth.final_padding
+
+    def restart(self, i: int, conditions: dict | None, temp: float, seed: int | None, top_k: int = 250) -> None:
+        """Item i starts anew (no words yet) with its own sampling; a Moshi-style model has no conditions."""
+        self.states[i] = self.synth.forcer.start([])
+        self.steps[i] = 0
+        mask = torch.zeros(len(self.states), dtype=torch.bool)
+        mask[i] = True
+        self.gen.reset(mask)
+        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
+                                text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
+
+    @torch.no_grad()
+    def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
+        """One step of the `active` items (all when None): None for the first max(delays) steps, then long
+        [B, 1 + dep_q, 1] (-2 for frozen items and those restarted less than max(delays) steps ago)."""
+        batch = len(self.states)
+        active = [True] * batch if active is None else list(active)
+        partial = not all(active)
+        if partial or not all(self._active):
+            self.gen.set_active(torch.tensor(active) if partial else None)
+        self._active = active
+        silent = [a and s < self._first_audio for a, s in zip(active, self.steps)]
+        if not any(silent):
+            frame = self.gen.step(self._user)
+        elif all(d or not a for d, a in zip(silent, active)):
+            frame = self.gen.step(self._user, replace_audio=self._silent)
+        else:
+            frame = self.gen.step(self._user, replace_audio=self._silent, replace_rows=silent)
+        for i, a in enumerate(active):
+            self.steps[i] += a
+        return frame
+
+
+class DelayedSpeechOutput(SpeechOutput):
+    """`SpeechOutput` for a Moshi-style TTS (as `DelayedSynthesizer.speak` cuts it): every returned frame is
+    audio; a word forced at step s sounds at frame s - text_delay; the audio stops at the end step's frame."""
+
+    def __init__(self, text_delay: int, frame_rate: float) -> None:
+        super().__init__(0, frame_rate)
+        self.shift = text_delay
+
+    def add_frame(self, decoded: torch.Tensor | None, end_step: int | None) -> torch.Tensor:
+        index, self.frames = self.frames, self.frames + 1
+        if decoded is not None and (end_step is None or index < end_step - self.shift):
+            return decoded
+        return torch.zeros(0)
+
+    def words(self, transcript: list[tuple[str, int]], end_step: int | None, finished: bool) -> list[SpokenWord]:
+        """Words whose end is known: the next one started (its step, ahead of the audio), or (finished) the audio
+        stopped. Equal to `speak`'s when the text ends; a speech cut short may time its words past its audio."""
+        known = len(transcript) if finished else len(transcript) - 1
+        stop = self.frames if end_step is None else min(max(end_step - self.shift, 0), self.frames)
+        out = []
+        while self.said < known:
+            j = self.said
+            word, s = transcript[j]
+            begin = max(s - self.shift, 0)
+            finish = transcript[j + 1][1] - self.shift if j + 1 < len(transcript) else stop
+            if end_step is not None:
+                begin, finish = min(begin, stop), min(finish, stop)
+            out.append(SpokenWord(word, round(begin / self.rate, 3), round(max(finish, begin) / self.rate, 3)))
+            self.said += 1
         return out

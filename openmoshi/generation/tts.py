@@ -35,6 +35,7 @@ from .generator import Generator
 logger = logging.getLogger(__name__)
 
 MAX_SPEAKERS = 5  # voice slots of the cross-attention source
+TEXT_TOP_K = 25  # the text's top-k (Kyutai's TTS default); a smaller audio top-k lowers it too
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,30 @@ class TtsRun:
 def voice_condition(path_or_tensor: str | torch.Tensor, max_speakers: int = MAX_SPEAKERS) -> TensorInput:
     """A voice embedding file (Kyutai's tts-voices `*.safetensors`, key `speaker_wavs` [1, D, T]) as the
     cross-attention input [1, max_speakers * T, D] with the first speaker slot filled."""
+    return voices_condition([path_or_tensor], max_speakers)
+
+
+def voices_condition(voices: tp.Sequence[str | torch.Tensor], max_speakers: int = MAX_SPEAKERS) -> TensorInput:
+    """Several speakers (Kyutai's multi-speaker conditioning): voice i fills speaker slot i of the
+    cross-attention input [1, max_speakers * T, D]; every voice must have the same shape [1, D, T]."""
+    if not 1 <= len(voices) <= max_speakers:
+        raise ConfigError(f"give 1 to {max_speakers} voices (speaker slots), got {len(voices)}")
+    embs = [_voice_embedding(v) for v in voices]
+    _, dim, frames = embs[0].shape
+    for v, emb in zip(voices, embs):
+        if emb.shape[1:] != (dim, frames):
+            name = v if isinstance(v, str) else "a voice"
+            raise ConfigError(f"{name} has shape {tuple(emb.shape)}, the first voice [1, {dim}, {frames}]: "
+                              "the voices of one speech must have the same length")
+    tensor = torch.zeros(1, max_speakers, frames, dim)
+    mask = torch.zeros(1, max_speakers, frames, dtype=torch.bool)
+    for i, emb in enumerate(embs):
+        tensor[0, i] = emb[0].t().float()
+        mask[0, i] = True
+    return TensorInput(tensor.view(1, -1, dim), mask.view(1, -1))
+
+
+def _voice_embedding(path_or_tensor: str | torch.Tensor) -> torch.Tensor:
     if isinstance(path_or_tensor, torch.Tensor):
         emb = path_or_tensor
     else:
@@ -236,12 +261,7 @@ def voice_condition(path_or_tensor: str | torch.Tensor, max_speakers: int = MAX_
         emb = state["speaker_wavs"]
     if emb.dim() != 3 or emb.shape[0] != 1:
         raise ConfigError(f"a voice embedding must have shape [1, dim, frames], got {tuple(emb.shape)}")
-    _, dim, frames = emb.shape
-    tensor = torch.zeros(1, max_speakers, frames, dim)
-    mask = torch.zeros(1, max_speakers, frames, dtype=torch.bool)
-    tensor[0, 0] = emb[0].t().float()
-    mask[0, 0] = True
-    return TensorInput(tensor.view(1, -1, dim), mask.view(1, -1))
+    return emb
 
 
 class TtsStepper:
@@ -310,7 +330,8 @@ class TtsStepper:
                     audio[i] = torch.where(forced != -2, forced, audio[i])
             return audio
 
-        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=250, top_k_text=25, seed=synth.seed,
+        self.gen = Generator(lm, temp=synth.temp, temp_text=synth.temp, top_k=synth.top_k,
+                             top_k_text=min(synth.top_k, TEXT_TOP_K), seed=synth.seed,
                              text_logits_hook=on_logits, text_hook=on_text, audio_hook=on_audio,
                              conditions=conditions, cfg_coef=guidance, cfg_null_text=True,
                              cfg_masked_until=masked_until)
@@ -332,9 +353,9 @@ class TtsStepper:
         end = self.states[i].end_step
         return end is not None and self.steps[i] >= end + self.delay + self.synth.final_padding
 
-    def restart(self, i: int, conditions: dict, temp: float, seed: int | None) -> None:
+    def restart(self, i: int, conditions: dict, temp: float, seed: int | None, top_k: int = 250) -> None:
         """Item i starts anew (no words yet) with its own conditions (one item's, from `Synthesizer.conditions`),
-        temperature and seed."""
+        temperature, seed and audio top-k (the text's top-k is at most 25)."""
         self.states[i] = self.synth.forcer.start([])
         self.steps[i] = 0
         self._text_prefix[i].clear()
@@ -343,8 +364,8 @@ class TtsStepper:
         mask[i] = True
         self.gen.reset(mask)
         self.gen.set_conditions(i, conditions)
-        self.gen.configure_slot(i, temp=temp, top_k=250, temp_text=temp, top_k_text=25, text_seed=seed,
-                                audio_seed=None if seed is None else seed + 1)
+        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
+                                text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
 
     @torch.no_grad()
     def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
@@ -373,7 +394,7 @@ class Synthesizer:
 
     def __init__(self, bundle: MoshiBundle, temp: float = 0.6, cfg_coef: float = 1.0, padding_bonus: float = 0.0,
                  max_padding: int = 8, initial_padding: int = 2, final_padding: int = 4,
-                 max_steps: int = 30_000, seed: int | None = None) -> None:
+                 max_steps: int = 30_000, seed: int | None = None, top_k: int = 250) -> None:
         if bundle.config.model_type != "tts":
             raise ConfigError(f"speech synthesis needs a 'tts' model, this one is {bundle.config.model_type!r}")
         if bundle.lm.condition_provider is None:
@@ -382,7 +403,7 @@ class Synthesizer:
         self.settings = TtsSettings.from_bundle(bundle)
         self.tokens = TtsTokens(bundle.config.text_card + 1)
         self.forcer = TextForcer(self.tokens, self.settings.second_stream_ahead, max_padding, initial_padding)
-        self.temp, self.cfg_coef, self.padding_bonus = temp, cfg_coef, padding_bonus
+        self.temp, self.cfg_coef, self.padding_bonus, self.top_k = temp, cfg_coef, padding_bonus, top_k
         self.final_padding, self.max_steps, self.seed = final_padding, max_steps, seed
         conditioners = bundle.lm.condition_provider.conditioners
         self.multi_speaker = "speaker_wavs" in conditioners
@@ -394,6 +415,19 @@ class Synthesizer:
         turns = [text] if isinstance(text, str) else list(text)
         return script_to_words(self.bundle.tokenizer, self.tokens, self.bundle.mimi.frame_rate, turns,
                                self.multi_speaker, padding_between)
+
+    def stream_words(self, text: str, first: bool) -> list[Word]:
+        """The words of one piece of streamed text; the first piece carries the main speaker's token."""
+        return script_to_words(self.bundle.tokenizer, self.tokens, self.bundle.mimi.frame_rate, [text],
+                               self.multi_speaker and first, padding_between=1)
+
+    def stepper(self, scripts: list[list[Word]], voices: list[TensorInput | None] | None = None) -> TtsStepper:
+        return TtsStepper(self, scripts, voices)
+
+    def speech_output(self):
+        """What one item's returned frames become (`tts_stream.SpeechOutput`)."""
+        from .tts_stream import SpeechOutput
+        return SpeechOutput(self.settings.delay_steps, self.bundle.mimi.frame_rate)
 
     def conditions(self, voices: list[TensorInput | None]) -> tuple[dict, float]:
         """Embedded conditions for a batch (with CFG's null rows when guidance runs) and the guidance to run."""

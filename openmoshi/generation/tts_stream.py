@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..lm.conditioners import TensorInput
-from .tts import SpokenWord, Synthesizer, TtsStepper, script_to_words
+from .tts import SpokenWord, Synthesizer, TtsStepper
 
 
 @dataclass
@@ -65,12 +65,6 @@ class SpeechOutput:
         return out
 
 
-def words_of_text(synth: Synthesizer, text: str, first: bool) -> list:
-    """The words of one piece of streamed text; the first piece of a session carries the main speaker's token."""
-    return script_to_words(synth.bundle.tokenizer, synth.tokens, synth.bundle.mimi.frame_rate, [text],
-                           synth.multi_speaker and first, padding_between=1)
-
-
 class SpeechStream:
     """One voice, text in word by word, 80 ms of audio out per step once the audio delay has passed.
 
@@ -88,7 +82,7 @@ class SpeechStream:
         self.synth = synth
         self.stepper = TtsStepper(synth, [[]], [voice])
         self.state = self.stepper.states[0]
-        self.output = SpeechOutput(self.stepper.delay, synth.bundle.mimi.frame_rate)
+        self.output = synth.speech_output()
         self.ended_text = False
         self.words_in = 0
 
@@ -107,7 +101,7 @@ class SpeechStream:
         """Queue the words of `text` (whitespace-separated); returns how many."""
         if self.ended_text:
             raise RuntimeError("add_text after end_text")
-        words = words_of_text(self.synth, text, self.words_in == 0)
+        words = self.synth.stream_words(text, self.words_in == 0)
         self.state.words.extend(words)
         self.words_in += len(words)
         return len(words)

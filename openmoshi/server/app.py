@@ -1,5 +1,6 @@
 """aiohttp application: the chat websocket of Kyutai's clients (moshi models), or the streaming ASR / TTS
-websockets of Kyutai's DSM clients (stt / tts models), our web page, health and metrics."""
+websockets of Kyutai's DSM clients (stt / tts models, and Moshi-style models whose delays make them ASR or TTS),
+our web page, health and metrics."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ TTS_PATH = "/api/tts_streaming"
 # What each family serves instead of /api/chat (a conversation needs a moshi or hibiki model).
 DSM_ROUTES = {"stt": ("speech-to-text", ASR_PATH), "tts": ("text-to-speech", TTS_PATH)}
 
+
+def served_as(config) -> str:
+    """What a model serves: "stt" or "tts" (the DSM websockets), else its family (/api/chat). A Moshi-style
+    model whose delays put the text late is served as "stt", the audio late as "tts" (paper §5.7)."""
+    from ..lm.families import DelayedMode
+    mode = DelayedMode.from_config(config)
+    if mode is not None and mode.kind is not None:
+        return {"asr": "stt", "tts": "tts"}[mode.kind]
+    return config.model_type
+
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -45,9 +56,13 @@ RETRY_HEADER = "X-Moshi-Retry-Elsewhere"
 
 def engine_for(bundle, max_sessions: int, max_backlog_frames: int = 12, standing_queue_s: float | None = None,
                tts_options=None):
-    """The engine of a model's family: batched chat (moshi, hibiki), batched ASR (stt), TTS sessions (tts)."""
-    family = bundle.config.model_type
+    """The engine of a model's family: batched chat (moshi, hibiki), batched ASR (stt), TTS sessions (tts); a
+    Moshi-style ASR / TTS model (`served_as`) gets the ASR / TTS engine."""
+    family = served_as(bundle.config)
     if family == "stt":
+        if bundle.config.model_type != "stt":
+            from .asr_delayed import DelayedAsrEngine
+            return DelayedAsrEngine(bundle, max_sessions)
         from .asr import AsrEngine
         return AsrEngine(bundle, max_sessions)
     if family == "tts":
@@ -71,7 +86,7 @@ def create_app(engine: Engine, token: str | None = None, static_dir: Path = STAT
     app[POOL_KEY] = concurrent.futures.ThreadPoolExecutor(max_workers=engine.max_sessions,
                                                           thread_name_prefix="moshi-decode")
     app.router.add_get("/api/chat", handle_chat)
-    family = engine.bundle.config.model_type
+    family = served_as(engine.bundle.config)
     if family == "stt":
         app.router.add_get(ASR_PATH, _handle_asr)
     elif family == "tts":
@@ -201,7 +216,7 @@ async def _handle_tts(request: web.Request) -> web.StreamResponse:
 async def handle_chat(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     limits = request.app[LIMITS_KEY]
-    family = engine.bundle.config.model_type
+    family = served_as(engine.bundle.config)
     if family in DSM_ROUTES:  # Kyutai's chat clients show an error message (kind 5): say where to go instead
         ws = web.WebSocketResponse()
         await ws.prepare(request)

@@ -141,7 +141,7 @@ class AsrSession(DsmSession):
         """Called on the event loop after each step of this session."""
         slot = self.slot
         assert slot is not None
-        for text, start, stop in self.words.push(token):
+        for text, start, stop in (self.words.push(token) if token >= 0 else []):  # < 0: no frame yet
             self.outbox.put_nowait(dsm.pack({"type": "Word", "text": text, "start_time": self._time(start)}))
             self.outbox.put_nowait(dsm.pack({"type": "EndWord", "stop_time": max(self._time(stop),
                                                                                   self._time(start))}))

@@ -15,7 +15,8 @@ Every message is one binary websocket frame holding a msgpack map with a "type":
                            {"type": "Marker", "id": int}
     TTS  client -> server  {"type": "Text", "text": str}   {"type": "Eos"}
     TTS  server -> client  {"type": "Ready"}   {"type": "Audio", "pcm": [float, ...]}   (format=PcmMessagePack;
-                                 the other formats in `tts_format`)
+                                 the other formats in `tts_format`; an OggOpus message's data may be bin or a
+                                 list of byte values: `ogg_bytes` reads both)
                            {"type": "Text", "text": str, "start_s": float, "stop_s": float}
     both server -> client  {"type": "Error", "message": str}
 """
@@ -97,12 +98,14 @@ def parse(data: bytes | str, accepted: tuple[str, ...], max_bytes: int) -> dict:
     if kind == "Audio":
         message["pcm"] = _pcm(message["pcm"])
     if kind == "OggOpus":
-        message["data"] = _bytes(message["data"])
+        message["data"] = ogg_bytes(message["data"])
     return message
 
 
-def _bytes(data) -> bytes:
-    """msgpack bin, or an array of byte values (what serde makes of a Vec<u8> unless told otherwise)."""
+def ogg_bytes(data) -> bytes:
+    """The `data` of an OggOpus message as bytes: msgpack bin (what openmoshi sends), or an array of byte values
+    (what Kyutai's rust server sends: rmp_serde writes its `Vec<u8>` field as an array of integers). For the
+    server reading ASR input and for clients reading OggOpusMessagePack output alike."""
     if isinstance(data, bytes):
         return data
     if isinstance(data, (list, tuple)) and all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256

@@ -1,9 +1,10 @@
 """Streaming text-to-speech at /api/tts_streaming (the msgpack protocol of Kyutai's DSM clients, see
 `dsm_protocol`): words in as they come, 80 ms audio frames out with word timings, then a normal close.
 
-Sessions share the batched step of `TtsEngine` (one slot each, up to `max_sessions`). Query parameters: voice
-(a file of --voice-dir), format (`tts_format`: PcmMessagePack, OggOpusMessagePack, OggOpus, Pcm), temperature,
-seed, cfg_alpha; auth_id for the token.
+Sessions share the batched step of `TtsEngine` (one slot each, up to `max_sessions`). Query parameters, as
+Kyutai's rust moshi-server names them (`tts_request.TtsQuery`): voice (a file of --voice-dir) or voices (one per
+speaker), format (`tts_format`: PcmMessagePack, OggOpusMessagePack, OggOpus, Pcm), temperature, top_k, seed,
+cfg_alpha, max_seq_len; auth_id for the token. A bad value gets an Error and the socket closes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ..errors import ProtocolError
 from . import dsm_protocol as dsm
 from .dsm_session import CLIENT_GONE, DsmSession, accept, refuse, run_session
 from .limits import SessionLimits
-from .tts_engine import TtsEngine, TtsOutput, TtsSlot
+from .tts_engine import Ended, TtsEngine, TtsOutput, TtsSlot
 from .tts_format import TtsEncoder
 from .tts_request import TtsOptions, TtsQuery
 
@@ -59,11 +60,16 @@ class TtsSession(DsmSession):
         return self.encoder.opening()
 
     async def run(self) -> None:
-        """Reads text while sending what the steps make; closes normally once all is said, else says why."""
+        """Reads text while sending what the steps make; closes normally once all is said (or max_seq_len is
+        reached: the close frame says so), else says why."""
         self.last_input = asyncio.get_running_loop().time()
-        problem = await self._beside(self._send_loop(), self._receive_loop())
-        if problem != "gone":
-            await self.end(problem or None, WSCloseCode.OK if not problem else WSCloseCode.POLICY_VIOLATION)
+        ended = await self._beside(self._send_loop(), self._receive_loop())
+        if ended is None:  # the client has gone
+            return
+        if ended.error:
+            await self.end(ended.reason or None, WSCloseCode.OK if not ended.reason else WSCloseCode.POLICY_VIOLATION)
+        else:
+            await self.end(ended.reason, WSCloseCode.OK, tell=False)
 
     def _check(self, message: dict) -> dict:
         if self.eos:
@@ -78,7 +84,7 @@ class TtsSession(DsmSession):
             await self._wait_while(lambda: len(slot.texts) + slot.pending_words > MAX_PENDING_WORDS)
             message = await self.ws.receive()
             if message.type in CLIENT_GONE:
-                self.outbox.put_nowait((_DONE, "gone"))
+                self.outbox.put_nowait((_DONE, None))
                 return
             msg = await self._parse(message, dsm.TTS_TYPES)
             if msg is None:
@@ -90,13 +96,14 @@ class TtsSession(DsmSession):
                 self.eos = True
                 self.engine.push_eos(slot)
 
-    async def _send_loop(self) -> str:
-        """Sends until the speech ends: "" when all is said, "gone" when the client left, else why it stopped."""
+    async def _send_loop(self) -> Ended | None:
+        """Sends until the speech ends: why (`Ended`), or None when the client left."""
         idle = self.limits.idle_timeout_s
         while True:
             remaining = self.idle_left(self.last_input)
             if remaining <= 0 and self.outbox.empty():
-                return f"closed: no text received for {idle:g} s (idle timeout); send Eos at the end of the text"
+                return Ended(f"closed: no text received for {idle:g} s (idle timeout); send Eos at the end of the "
+                             "text")
             try:
                 item = await asyncio.wait_for(self.outbox.get(), max(remaining, 0.01))
             except asyncio.TimeoutError:
@@ -104,7 +111,7 @@ class TtsSession(DsmSession):
             if isinstance(item, tuple):
                 return item[1]
             if not await self.send(item):
-                return "gone"
+                return None
 
 
 async def handle_tts(request: web.Request, engine: TtsEngine, limits: SessionLimits,
@@ -113,14 +120,19 @@ async def handle_tts(request: web.Request, engine: TtsEngine, limits: SessionLim
     if not ready:
         return ws
     try:
-        query = TtsQuery.parse(dict(request.query), engine.options)
+        query = TtsQuery.parse(request.query, engine.options)
     except ProtocolError as exc:
         return await refuse(ws, str(exc))
     encoder = TtsEncoder(query.format)
     try:
-        conditions = engine.conditions(engine.voice(query.voice), query.cfg_coef)
+        limit = engine.synth.max_steps
+        if query.max_seq_len is not None and query.max_seq_len > limit:
+            raise ProtocolError(f"max_seq_len={query.max_seq_len} is over this server's limit of {limit} steps "
+                                f"({engine.options.max_seconds:g} s, --max-speech-seconds)")
+        conditions = engine.conditions(engine.voices(query.voices), query.cfg_coef)
     except ProtocolError as exc:
         return await refuse(ws, str(exc), encoder.messages)
     session = TtsSession(request, ws, engine, limits, encoder)
-    slot = engine.acquire(conditions, query.temperature, query.seed, session.on_output)
+    slot = engine.acquire(conditions, 0.0 if query.greedy else query.temperature, query.seed, session.on_output,
+                          query.top_k, query.max_seq_len)
     return await run_session(request, ws, engine, session, slot, sessions, "tts", "speech")

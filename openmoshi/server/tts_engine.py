@@ -2,8 +2,9 @@
 together; a row whose next words have not arrived yet is frozen for that step (its state, random streams and
 codec state do not move), so a session's audio is that of `SpeechStream` alone, i.e. of `openmoshi speak`.
 
-Each session has its own voice (the cross-attention rows of its slot), guidance value (a condition on distilled
-models), temperature and seed.
+Each session has its own voices (the cross-attention rows of its slot), guidance value (a condition on distilled
+models), temperature, top-k, seed and step limit. A Moshi-style model whose delays make it TTS (paper §5.7) is
+served the same way, with `DelayedSynthesizer`'s steps: its own voice, no conditions.
 """
 
 from __future__ import annotations
@@ -21,16 +22,26 @@ import torch
 
 from ..bundle import MoshiBundle
 from ..errors import ConfigError, ProtocolError
-from ..generation.tts import Synthesizer, TtsStepper, voice_condition
-from ..generation.tts_stream import SpeechOutput, words_of_text
+from ..generation.tts import Synthesizer, voices_condition
+from ..generation.tts_stream import SpeechOutput
 from ..lm.conditioners import TensorInput
+from ..lm.families import DelayedMode
 from .metrics import Metrics
 from .tts_request import TtsOptions, resolve_voice
 
 logger = logging.getLogger(__name__)
 
-# (pcm float32 [N] or empty, words [(text, start_s, stop_s)], why it ended or None while it goes on ("" = done))
-TtsOutput = tuple[np.ndarray, list[tuple[str, float, float]], str | None]
+
+@dataclass(frozen=True)
+class Ended:
+    """Why a session's speech ended: "" = all said; `error` False = a limit the client set (max_seq_len)."""
+
+    reason: str = ""
+    error: bool = True
+
+
+# (pcm float32 [N] or empty, words [(text, start_s, stop_s)], None while the speech goes on)
+TtsOutput = tuple[np.ndarray, list[tuple[str, float, float]], Ended | None]
 
 
 @dataclass
@@ -40,6 +51,8 @@ class TtsSlot:
     temp: float
     seed: int | None
     on_output: tp.Callable[[TtsOutput], None]  # called on the event loop after each of its steps
+    top_k: int = 250
+    max_steps: int | None = None  # the client's max_seq_len (None: the server's limit)
     texts: list[str] = field(default_factory=list)  # received, for the next step (event loop side)
     eos: bool = False
     fresh: bool = True
@@ -63,7 +76,12 @@ class TtsEngine:
         self.max_sessions = max_sessions
         self.options = options = options or TtsOptions()
         steps = int(options.max_seconds * bundle.mimi.frame_rate)
-        self.synth = Synthesizer(bundle, temp=options.temperature, cfg_coef=options.cfg_coef, max_steps=steps)
+        mode = DelayedMode.from_config(bundle.config)
+        if mode is not None and mode.kind == "tts":
+            from ..generation.delayed import DelayedSynthesizer
+            self.synth = DelayedSynthesizer(bundle, temp=options.temperature, max_steps=steps)
+        else:
+            self.synth = Synthesizer(bundle, temp=options.temperature, cfg_coef=options.cfg_coef, max_steps=steps)
         self.multi_speaker = self.synth.multi_speaker
         self.metrics = Metrics()
         self.frame_s = bundle.frame_size / bundle.sample_rate
@@ -77,31 +95,39 @@ class TtsEngine:
         self._stack: contextlib.ExitStack | None = None
         # Every session's voice must have the length of the batch's cross-attention rows: the default voice's.
         try:
-            self._base_voice = self.voice(None) if options.default_voice else self._any_voice()
+            self._base_voice = self.voices([]) if options.default_voice else self._any_voice()
         except ProtocolError as exc:
             raise ConfigError(f"--voice {options.default_voice}: {exc}") from None
-        self.stepper = TtsStepper(self.synth, [[] for _ in range(max_sessions)],
-                                  [self._base_voice] * max_sessions)
+        self.stepper = self.synth.stepper([[] for _ in range(max_sessions)],
+                                          [self._base_voice] * max_sessions if self.multi_speaker else None)
         self.guidance = self.stepper.gen.cfg_coef  # 1 when distilled (a condition), else a second pass
         self.width = None if self._base_voice is None else self._base_voice.tensor.shape[1]
 
     # ---- sessions
-    def voice(self, name: str | None) -> TensorInput | None:
-        """The voice embedding a query names (a file of --voice-dir), or the default one; ProtocolError if none."""
+    def voices(self, names: list[str]) -> TensorInput | None:
+        """The voice embeddings a query names (files of --voice-dir; several = one per speaker slot), or the
+        default one; ProtocolError if none."""
         if not self.multi_speaker:
-            if name:
-                raise ProtocolError("this model takes no voice embedding; leave out `voice`")
+            if names:
+                what = "speaks in its own voice (a Moshi-style model)" if self.guidance_free else \
+                    "takes no voice embedding"
+                raise ProtocolError(f"this model {what}; leave out `voice` / `voices`")
             return None
-        name = name or self.options.default_voice
-        if not name:
+        names = names or ([self.options.default_voice] if self.options.default_voice else [])
+        if not names:
             raise ProtocolError("this model needs a voice: add ?voice=NAME (a file of the server's --voice-dir)")
         if self.options.voice_dir is None:
             raise ProtocolError("the server has no --voice-dir: it cannot load voices")
-        path = resolve_voice(self.options.voice_dir, name)
+        paths = [str(resolve_voice(self.options.voice_dir, name)) for name in names]
         try:
-            return voice_condition(str(path))
+            return voices_condition(paths)
         except ConfigError as exc:
-            raise ProtocolError(f"voice {name!r}: {exc}") from None
+            raise ProtocolError(f"voice {', '.join(names)}: {exc}") from None
+
+    @property
+    def guidance_free(self) -> bool:
+        """A Moshi-style TTS: no conditions, so no voices and no guidance."""
+        return not isinstance(self.synth, Synthesizer)
 
     def _any_voice(self) -> TensorInput | None:
         """Without --voice: the first voice of --voice-dir (or a silent one) sets the voices' length."""
@@ -110,12 +136,19 @@ class TtsEngine:
         root = self.options.voice_dir
         first = next(iter(sorted(root.rglob("*.safetensors"))), None) if root is not None else None
         if first is not None:
-            return voice_condition(str(first))
+            return voices_condition([str(first)])
         dim = self.bundle.config.conditioners["speaker_wavs"]["tensor"]["dim"]
-        return voice_condition(torch.zeros(1, dim, 1))
+        return voices_condition([torch.zeros(1, dim, 1)])
 
-    def conditions(self, voice: TensorInput | None, cfg_coef: float) -> dict:
-        """One session's conditions; ProtocolError when they cannot share the batch."""
+    def conditions(self, voice: TensorInput | None, cfg_coef: float | None) -> dict | None:
+        """One session's conditions (cfg_coef None: the server's --cfg-coef); ProtocolError when they cannot
+        share the batch."""
+        if self.guidance_free:
+            if cfg_coef not in (None, 1.0):
+                raise ProtocolError(f"cfg_alpha={cfg_coef:g}: a Moshi-style TTS model has no conditions to guide "
+                                    "(leave it out, or 1)")
+            return None
+        cfg_coef = self.options.cfg_coef if cfg_coef is None else cfg_coef
         if voice is not None and voice.tensor.shape[1] != self.width:
             raise ProtocolError(f"this voice has {voice.tensor.shape[1]} cross-attention positions, the server's "
                                 f"voices {self.width}: every voice of a server must have the same length")
@@ -129,11 +162,12 @@ class TtsEngine:
                                 f"whole server by --cfg-coef ({self.options.cfg_coef:g})")
         return conditions
 
-    def acquire(self, conditions: dict, temp: float, seed: int | None,
-                on_output: tp.Callable[[TtsOutput], None]) -> TtsSlot | None:
+    def acquire(self, conditions: dict | None, temp: float, seed: int | None,
+                on_output: tp.Callable[[TtsOutput], None], top_k: int = 250,
+                max_steps: int | None = None) -> TtsSlot | None:
         for index, slot in enumerate(self.slots):
             if slot is None:
-                self.slots[index] = slot = TtsSlot(index, conditions, temp, seed, on_output)
+                self.slots[index] = slot = TtsSlot(index, conditions, temp, seed, on_output, top_k, max_steps)
                 self.metrics.sessions_started += 1
                 return slot
         self.metrics.sessions_rejected += 1
@@ -180,7 +214,8 @@ class TtsEngine:
                         self.metrics.steps_failed += 1
                         for slot, *_ in work:
                             if self.slots[slot.index] is slot:
-                                slot.on_output((np.zeros(0, np.float32), [], "the server failed to step the model"))
+                                failed = Ended("the server failed to step the model")
+                                slot.on_output((np.zeros(0, np.float32), [], failed))
                         continue
                     if not outputs:  # nobody could step: wait for text
                         break
@@ -220,7 +255,7 @@ class TtsEngine:
 
     def _warm_up(self) -> None:
         """Every row says a few words on the base voice until audio comes out; a session restarts its row."""
-        conditions = self.conditions(self._base_voice, self.options.cfg_coef)
+        conditions = self.conditions(self._base_voice, None)
         slots = [TtsSlot(i, conditions, self.options.temperature, 0, lambda _: None)
                  for i in range(self.max_sessions)]
         work = [(slot, ["hello there, how are you"], True) for slot in slots]
@@ -229,9 +264,12 @@ class TtsEngine:
             work = [(slot, [], True) for slot in slots]
         self.torch_threads = torch.get_num_threads()
 
+    def _limit(self, slot: TtsSlot) -> int:
+        return self.synth.max_steps if slot.max_steps is None else min(slot.max_steps, self.synth.max_steps)
+
     def _can_step(self, slot: TtsSlot) -> bool:
         i, stepper = slot.index, self.stepper
-        if stepper.item_finished(i) or stepper.steps[i] >= self.synth.max_steps:
+        if stepper.item_finished(i) or stepper.steps[i] >= self._limit(slot):
             return False
         return slot.ended_text or len(stepper.states[i].words) > self.synth.settings.second_stream_ahead
 
@@ -242,12 +280,12 @@ class TtsEngine:
         if fresh:
             mimi.reset_streaming(self._mask([s.index for s in fresh]))
             for slot in fresh:
-                stepper.restart(slot.index, slot.conditions, slot.temp, slot.seed)
-                slot.output = SpeechOutput(stepper.delay, self.bundle.mimi.frame_rate)
+                stepper.restart(slot.index, slot.conditions, slot.temp, slot.seed, slot.top_k)
+                slot.output = self.synth.speech_output()
                 slot.fresh = False
         for slot, texts, eos in work:
             for text in texts:
-                words = words_of_text(self.synth, text, slot.words_in == 0)
+                words = self.synth.stream_words(text, slot.words_in == 0)
                 stepper.states[slot.index].words.extend(words)
                 slot.words_in += len(words)
             slot.ended_text = slot.ended_text or eos  # every Text came before the Eos
@@ -273,14 +311,20 @@ class TtsEngine:
             if slot in returned:
                 decoded = pcm[i, 0] if slot in decode else None
                 chunk = slot.output.add_frame(decoded, state.end_step).numpy()
-            finished = stepper.item_finished(i) or stepper.steps[i] >= self.synth.max_steps
+            finished = stepper.item_finished(i) or stepper.steps[i] >= self._limit(slot)
             words = [(w.word, w.start, w.end) for w in slot.output.words(state.transcript, state.end_step, finished)]
-            ended = None
-            if finished:
-                ended = "" if state.end_step is not None else \
-                    f"stopped: the speech reached the server's limit of {self.options.max_seconds:g} s"
-            outputs.append((slot, (chunk, words, ended)))
+            outputs.append((slot, (chunk, words, self._ended(slot) if finished else None)))
         return outputs
+
+    def _ended(self, slot: TtsSlot) -> Ended:
+        """Why a finished session's speech ended: all said (its text ended, maybe before the final padding),
+        the client's max_seq_len, or the server's limit."""
+        if self.stepper.states[slot.index].end_step is not None:
+            return Ended()
+        if slot.max_steps is not None and slot.max_steps <= self.synth.max_steps:
+            return Ended(f"stopped at max_seq_len={slot.max_steps} steps "
+                         f"({slot.max_steps / self.bundle.mimi.frame_rate:g} s) before the end of the text", False)
+        return Ended(f"stopped: the speech reached the server's limit of {self.options.max_seconds:g} s")
 
     def _mask(self, indices: list[int]) -> torch.Tensor:
         mask = torch.zeros(self.max_sessions, dtype=torch.bool)

@@ -86,16 +86,17 @@ class WsSession:
         self.last_output = asyncio.get_running_loop().time()
         return True
 
-    async def end(self, message: str | None, code: int = WSCloseCode.POLICY_VIOLATION) -> None:
-        """Tells the client why (an error message) when `message`, then sends a close frame; never waits long."""
+    async def end(self, message: str | None, code: int = WSCloseCode.POLICY_VIOLATION, tell: bool = True) -> None:
+        """Tells the client why (an error message, unless `tell` is False: then only the close frame's reason)
+        when `message`, then sends a close frame; never waits long."""
         if message and self.closed_because is None:
             self.closed_because = message
         if self.ws.closed:
             return
         if message:
             logger.info("closing the session in slot %d: %s", self.slot.index, message)
-        reason = message[:120].encode() if message and self.reason_in_close_frame else b""
-        data = self.error(message) if message else None
+        reason = message[:120].encode() if message and (self.reason_in_close_frame or not tell) else b""
+        data = self.error(message) if message and tell else None
         try:
             if data is not None:
                 await asyncio.wait_for(self.ws.send_bytes(data), self.limits.close_timeout_s)
