@@ -13,7 +13,7 @@ checkpoint):
   tokenizer   a 512-piece SentencePiece tokenizer of the domain's text
   codec       a tiny Mimi (2.6 M parameters, 8 x 1024 codes) trained on the mono speech, its semantic level
               distilled from the phonemes of the aligned words (--codec-teacher)
-  encode      the Mimi codes of every file, once
+  encode      the Mimi codes of every file, once, and of augmented versions of each dialogue's user channel
   audio       LM audio pretraining on mono speech (the paper's stage 2, tiny learning rates scaled up)
   multistream LM multi-stream post-training on the dialogues (Moshi = left channel)
   finetune    LM dialogue fine-tuning, user channel augmented
@@ -52,13 +52,15 @@ class Size:
     eval_cases: int
     checkpoint_every: int
     lm_dialogues: int = 0  # train dialogues the LM stages use (0 = all): encoding them is the slow part on a CPU
+    user_variants: int = 0  # augmented user channels encoded per dialogue (gain, noise, reverb, echo), drawn in training
 
 
 SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
-                duration=4.0, eval_cases=2, checkpoint_every=1),
+                duration=4.0, eval_cases=2, checkpoint_every=1, user_variants=1),
     "full": Size(dialogues=4000, user_voices=160, codec_steps=3000, codec_batch=8, lm_steps=(600, 1600, 1000),
-                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=2000),
+                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=2000,
+                 user_variants=2),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
 USER_TEXT_WEIGHT = 1.0  # the auxiliary transcription of the user (training only)
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="what the codec's semantic level is distilled from: the phonemes (espeak-ng) or "
                              "letters of the aligned words sounding in each frame, so that codebook 0 says what "
                              "is said whoever says it (no WavLM weights needed); none = no distillation")
+    parser.add_argument("--codec-steps", type=int, help="codec training steps (default: the size's)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every training stage's steps (e.g. 0.5 for a quicker, weaker model)")
     args = parser.parse_args(argv)
@@ -166,7 +169,7 @@ class Recipe:
         # costs ~20 reconstruction steps (32 s against 1.5 s at batch 8 x 1 s on 2 cores), so CPU runs stay
         # reconstruction-only unless --adversarial is given.
         s = self.size
-        steps = self.steps(s.codec_steps)
+        steps = self.args.codec_steps or self.steps(s.codec_steps)
         adversarial = self.args.adversarial if self.args.adversarial is not None else self.args.device != "cpu"
         adv_start = steps - steps // 10 if adversarial else steps + 1
         teacher = [] if self.args.codec_teacher == "none" else ["--teacher", self.args.codec_teacher]
@@ -204,6 +207,12 @@ class Recipe:
                        "--shard-frames", "200000", "--device", self.args.device, "--threads", str(self.args.threads))
         key = codec_key(load_codec(self.work / "codec" / "model", num_codebooks=4))
         stack_channel_codes(self.work / "codes", key, channels)
+        if self.size.user_variants:  # the user through other rooms and microphones (run 3 memorised its recordings)
+            self.openmoshi("encode", "data", "encode", "--model", str(self.work / "codec" / "model"), "--codebooks",
+                           "4", "--data", str(dialogue_manifest), "--out", str(self.work / "codes"), "--quiet",
+                           "--user-variants", str(self.size.user_variants), "--augment-seed", str(self.args.seed),
+                           "--shard-frames", "200000", "--device", self.args.device, "--threads",
+                           str(self.args.threads))
 
     # ---- LM stages
     def lm_stage(self, stage: str, steps: int, data: str, init: Path | None, *extra: str) -> None:
@@ -227,11 +236,15 @@ class Recipe:
         # tables start as copies of Moshi's (trained on the same codes in audio pretraining), and a training-only
         # head transcribes the user's words 0.24 s late, a dense signal on every word the user says.
         self.lm_stage("multistream", self.size.lm_steps[1], str(self.lm_manifests()[1]), self.work / "lm_audio",
-                      "--set", "model.user_emb_from_moshi=true", "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}")
+                      "--set", "model.user_emb_from_moshi=true", "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}",
+                      *self.augment())
 
     def stage_finetune(self) -> None:
         self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), self.work / "lm_multistream",
-                      "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}")
+                      "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}", *self.augment())
+
+    def augment(self) -> list[str]:
+        return ["--set", "data.augment_user=true"] if self.size.user_variants else []
 
     # ---- results
     def stage_eval(self) -> None:

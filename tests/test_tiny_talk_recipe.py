@@ -35,6 +35,12 @@ def test_toy_recipe_runs_every_stage_and_resumes(tmp_path):
     assert (work / "data" / "dialogues" / "train.jsonl").read_text().strip()
     assert (work / "data" / "dialogues" / "test.jsonl").read_text().strip()
     assert (work / "codec" / "model" / "config.json").is_file()
+    # the codec's semantic level learned from the words' phonemes; the user heard through augmented channels
+    assert list((work / "codec" / "teacher_cache").glob("*.pt"))
+    assert "distill" in (work / "codec" / "metrics.jsonl").read_text()
+    index = json.loads(next((work / "codes").glob("*/index.json")).read_text())
+    assert index["user_variants"] and set(index["user_variants"].values()) == {1}
+    assert json.loads((work / "lm_finetune" / "config.json").read_text())["data"]["augment_user"] is True
     for stage in ("audio", "multistream", "finetune"):
         assert (work / f"lm_{stage}" / "model" / "model.safetensors").is_file(), stage
     bundle = load_model(work / "model")
