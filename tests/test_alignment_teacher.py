@@ -50,6 +50,20 @@ def test_unit_embeddings_are_fixed_and_nearly_orthogonal():
     assert float(a.norm()) == pytest.approx(1.0) and off < 0.3
 
 
+def test_phone_purity_by_hand():
+    from openmoshi.eval.phone_purity import dominant_units, phone_purity
+    t = AlignmentTeacher("letters")
+    # "ab" over 0.00-0.16 s, "c" over 0.20-0.26 s: frame 2 has "c" for 0.04 s (half: kept), frame 3 for 0.02 s
+    words = [Word("ab", 0.0, 0.16, SPEAKER_USER), Word("c", 0.20, 0.26, SPEAKER_USER)]
+    assert dominant_units(t, words, 5, 0.08) == ["a", "b", "c", None, None]
+    fit = [(1, "a"), (1, "a"), (1, "b"), (2, "b"), (3, "c")]
+    out = phone_purity(fit, [(1, "a"), (2, "b"), (2, "a"), (9, "a")])
+    assert out["phone_purity"] == pytest.approx(2 / 4)  # code 9 never seen: wrong
+    assert out["phone_purity_majority"] == pytest.approx(3 / 4)  # "a" is the fit's most frequent unit
+    assert out["phone_purity_unseen"] == pytest.approx(1 / 4) and out["phone_purity_codes"] == 3
+    assert phone_purity([], [(1, "a")]) == {}
+
+
 @needs_espeak
 def test_espeak_phonemes_of_a_word():
     assert espeak_phonemes("cat") == ("k", "a", "t")
@@ -100,3 +114,13 @@ def test_codec_run_distils_phonemes_from_espeak_speech_and_evaluates(tmp_path, c
                  "--quiet", "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["files"] == 3 and -1.0 <= metrics["teacher_cosine"] <= 1.0
+    # phone purity of codebook 0: a map fitted on two voices, scored on the third
+    fit = tmp_path / "fit"
+    fit.mkdir()
+    for i in (0, 1):
+        for ext in ("wav", "json"):
+            shutil.copy(data / f"s{i}.{ext}", fit / f"s{i}.{ext}")
+    assert main(["eval", "codec", "--checkpoint", str(run / "model"), str(data / "s2.wav"), "--phone-purity",
+                 "phonemes", "--purity-fit", str(fit), "--json", "--quiet", "--device", "cpu"]) == 0
+    purity = json.loads(capsys.readouterr().out)
+    assert 0.0 <= purity["phone_purity"] <= 1.0 and purity["phone_purity_frames"] >= 5

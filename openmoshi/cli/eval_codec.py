@@ -3,7 +3,8 @@
 Metrics (means over files): mel distance (DAC's), multi-resolution STFT distance, SI-SDR (dB), waveform L1,
 wideband PESQ and STOI (when `pesq` / `pystoi` are installed), bitrate, and per level the share of codewords
 used and the entropy of the codes (bits); with --teacher, the cosine between the semantic level's projection
-and the teacher's features.
+and the teacher's features; with --phone-purity, how well codebook 0 alone tells which phoneme is spoken
+(a code -> phoneme map fitted on --purity-fit files, e.g. training voices, and scored on DATA, e.g. held-out ones).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default="", help="WavLM/HuBERT folder or id, or phonemes / letters (word "
                         "alignments beside the files): also report teacher cosine")
     parser.add_argument("--teacher-layer", type=int, default=-1, help="teacher hidden-state index")
+    parser.add_argument("--phone-purity", choices=["phonemes", "letters"], default="",
+                        help="also report codebook 0's phone purity (needs the word alignments NAME.json beside "
+                             "the files; phonemes need espeak-ng)")
+    parser.add_argument("--purity-fit", nargs="+", type=Path,
+                        help="files whose codes fit the code -> phoneme map (default: DATA itself); give other "
+                             "speakers than DATA's to measure what holds across voices")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arguments(parser, default_dtype="float32")
@@ -34,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.codec import evaluate_codec
     device, _ = resolve_device(args)
     metrics = evaluate_codec(args.checkpoint, args.data, args.num_codebooks, args.seconds, args.teacher,
-                             args.teacher_layer, args.max_files, str(device), progress=not args.quiet)
+                             args.teacher_layer, args.max_files, str(device), progress=not args.quiet,
+                             purity_units=args.phone_purity, purity_fit=args.purity_fit)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

@@ -21,10 +21,18 @@ logger = logging.getLogger(__name__)
 
 def evaluate_codec(checkpoint: str | Path, data: list[str | Path], num_codebooks: int = 8,
                    seconds: float = 0.0, teacher: str = "", teacher_layer: int = -1, max_files: int = 0,
-                   device: str = "cpu", progress: bool = True) -> dict[str, float]:
-    """Mean metrics over the files named by `data` (folders, files, manifests); see codec_metrics for each."""
+                   device: str = "cpu", progress: bool = True, purity_units: str = "",
+                   purity_fit: list[str | Path] | None = None) -> dict[str, float]:
+    """Mean metrics over the files named by `data` (folders, files, manifests); see codec_metrics for each.
+    With `purity_units` (phonemes / letters), the phone purity of codebook 0 (phone_purity.py), its code map fitted
+    on `purity_fit` (at most as many files as evaluated) or on the evaluated files themselves."""
     mimi = load_mimi(checkpoint, num_codebooks=num_codebooks, device=device)
     files = list_audio(list(data))[: max_files or None]
+    units = None
+    if purity_units:
+        from ..train.codec.alignment_teacher import AlignmentTeacher
+        units = AlignmentTeacher(purity_units)
+    unit_pairs: list[tuple[int, str]] = []
     sem = None
     if teacher:
         from ..train.codec.teacher import make_teacher
@@ -56,9 +64,31 @@ def evaluate_codec(checkpoint: str | Path, data: list[str | Path], num_codebooks
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             all_codes.append(codes[0].cpu())
+            if units is not None:
+                unit_pairs += _unit_pairs(units, path, codes[0, 0].tolist(), mimi.frame_size / mimi.sample_rate)
     out = {k: v / len(files) for k, v in sums.items()}
+    if units is not None:
+        fit_pairs = unit_pairs
+        if purity_fit:
+            fit_pairs = []
+            with torch.no_grad():
+                for path in tqdm(list_audio(list(purity_fit))[: len(files)], desc="purity fit", unit="file",
+                                 disable=not progress):
+                    wav = load_audio(path, mimi.sample_rate).wav[None].to(device)
+                    fit_pairs += _unit_pairs(units, path, mimi.encode(wav)[0, 0].tolist(),
+                                             mimi.frame_size / mimi.sample_rate)
+        from .phone_purity import phone_purity
+        out.update(phone_purity(fit_pairs, unit_pairs))
     usage = codebook_usage(torch.cat(all_codes, dim=-1)[None], mimi.cardinality)
     out.update(usage)
     out["bitrate_kbps"] = num_codebooks * math.log2(mimi.cardinality) * mimi.frame_rate / 1000
     out["files"] = float(len(files))
     return out
+
+
+def _unit_pairs(units, path: Path, codes: list[int], frame_seconds: float) -> list[tuple[int, str]]:
+    """(codebook-0 code, dominant unit) of every frame with speech, from the alignments beside `path`."""
+    from ..data.format import read_alignments
+    from .phone_purity import dominant_units
+    words = read_alignments(Path(path).with_suffix(".json"))
+    return [(c, u) for c, u in zip(codes, dominant_units(units, words, len(codes), frame_seconds)) if u is not None]
