@@ -84,7 +84,7 @@ def test_modules_take_the_gemm_form_in_training(monkeypatch, transpose, form):
     calls = []
     name = "causal_conv_transpose1d" if transpose else "causal_conv1d"
     original = getattr(gemm_conv, name)
-    monkeypatch.setattr(gemm_conv, name, lambda *a: calls.append(a[-1]) or original(*a))
+    monkeypatch.setattr(gemm_conv, name, lambda *a: calls.append(a[4 if transpose else 6]) or original(*a))
     got = _grads(lambda: module(x), *params)
     assert calls == [form]
     assert got[0].stride(1) == 1  # time-major memory
@@ -95,3 +95,41 @@ def test_modules_take_the_gemm_form_in_training(monkeypatch, transpose, form):
         calls.clear()
         module(x)
         assert not calls
+
+
+@pytest.mark.parametrize("form", ["taps", "rows"])
+@pytest.mark.parametrize("pad_mode,stride", [("constant", 1), ("replicate", 1), ("constant", 2)])
+def test_fused_elu_matches_elu_then_conv(form, pad_mode, stride):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 20, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(5, 6, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = _grads(lambda: F.conv1d(F.pad(F.elu(x, 0.5), (4 - stride, 0), mode=pad_mode), w, b, stride), x, w, b)
+    got = _grads(lambda: gemm_conv.causal_conv1d(x, w, b, stride, 1, pad_mode == "replicate", form, 0.5),
+                 x, w, b)
+    _close(got[0], ref[0])
+    for a, r in zip(got[1], ref[1]):
+        _close(a, r)
+
+
+def test_seanet_training_pass_equals_the_stock_convs():
+    """A small SEANet encoder + decoder (ELUs fused into the convs, GEMM forms) against gemm_conv turned off."""
+    from openmoshi.codec.seanet import SeanetConfig, SeanetDecoder, SeanetEncoder
+    torch.manual_seed(0)
+    cfg = SeanetConfig(dimension=16, n_filters=4, ratios=[4, 2], weight_norm=True)
+    enc, dec = SeanetEncoder(cfg), SeanetDecoder(cfg)
+    x = torch.randn(2, 1, 8 * 256)
+    params = list(enc.parameters()) + list(dec.parameters())
+    results = []
+    for enabled in (False, True):
+        old = gemm_conv.MIN_ROWS
+        try:
+            gemm_conv.set_enabled(enabled)
+            gemm_conv.MIN_ROWS = 64
+            results.append(_grads(lambda: dec(enc(x)), *params))
+        finally:
+            gemm_conv.set_enabled(True)
+            gemm_conv.MIN_ROWS = old
+    _close(results[1][0], results[0][0])
+    for a, r in zip(results[1][1], results[0][1]):
+        _close(a, r)

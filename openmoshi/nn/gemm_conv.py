@@ -58,9 +58,11 @@ def conv_form(x: torch.Tensor, conv: torch.nn.Conv1d) -> str | None:
     steps = x.shape[-1] // stride
     if x.shape[0] * steps <= MAX_SHORT_ROWS and _weight_elements(conv) >= MIN_SHORT_WEIGHT:
         return "rows"
-    if (stride == 1 or dilation == 1) and steps >= MIN_ROWS and conv.in_channels * stride >= MIN_WIDTH:
-        return "taps"
-    return None
+    if steps < MIN_ROWS:
+        return None
+    if conv.in_channels * stride < MIN_WIDTH:  # e.g. the waveform in: im2col is small, a tap would be thin
+        return "rows"
+    return "taps" if stride == 1 or dilation == 1 else None
 
 
 def conv_transpose_form(x: torch.Tensor, convtr: torch.nn.ConvTranspose1d) -> str | None:
@@ -91,14 +93,18 @@ def _conv_taps(weight: torch.Tensor, stride: int, dilation: int) -> tuple[torch.
 
 class _CausalConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride: int, dilation: int, replicate: bool):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, stride: int, dilation: int, replicate: bool,  # type: ignore[override]
+                elu_alpha: float | None):
         batch, c_in, length = x.shape
         c_out, _, k = weight.shape
         lead = (k - 1) * dilation if stride == 1 else (-(-k // stride) - 1) * stride
         padded = x.new_empty(batch, length + lead, c_in)
-        padded[:, lead:].copy_(x.transpose(1, 2))
+        if elu_alpha is None:
+            padded[:, lead:].copy_(x.transpose(1, 2))
+        else:  # the activation before the conv, written straight into the padded copy
+            torch._C._nn.elu(x.transpose(1, 2), elu_alpha, 1.0, 1.0, out=padded[:, lead:])
         if replicate:
-            padded[:, :lead].copy_(x[:, :, :1].transpose(1, 2).expand(batch, lead, c_in))
+            padded[:, :lead].copy_(padded[:, lead:lead + 1].expand(batch, lead, c_in))
         else:
             padded[:, :lead].zero_()
         rows = padded.view(batch, -1, stride * c_in)
@@ -115,13 +121,13 @@ class _CausalConv(torch.autograd.Function):
                 else:
                     torch.mm(rows[b, off:off + steps], taps[j], out=out)
         ctx.save_for_backward(padded, weight)
-        ctx.conf = (stride, dilation, lead, replicate, bias is not None)
+        ctx.conf = (stride, dilation, lead, replicate, bias is not None, elu_alpha)
         return y.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         padded, weight = ctx.saved_tensors
-        stride, dilation, lead, replicate, has_bias = ctx.conf
+        stride, dilation, lead, replicate, has_bias, elu_alpha = ctx.conf
         batch, _, c_in = padded.shape
         c_out, _, k = weight.shape
         g = _time_major(grad_y)  # [B, T_out, C_out]
@@ -139,6 +145,8 @@ class _CausalConv(torch.autograd.Function):
             if replicate and lead:
                 grad_x = grad_x.clone()
                 grad_x[:, 0] += grad_padded[:, :lead].sum(1)
+            if elu_alpha is not None:  # from the activation's output (kept in `padded`) to its input
+                grad_x = torch.ops.aten.elu_backward(grad_x, elu_alpha, 1.0, 1.0, True, padded[:, lead:])
             grad_x = grad_x.transpose(1, 2)
         if ctx.needs_input_grad[1]:
             grad_taps = g.new_empty(len(offsets), c_out, stride * c_in)
@@ -155,18 +163,22 @@ class _CausalConv(torch.autograd.Function):
                 grad_w = grad_w.reshape(c_out, c_in, m * stride)[:, :, m * stride - k:].contiguous()
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 1))
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1,
-                  dilation: int = 1, replicate: bool = False, form: str = "taps") -> torch.Tensor:
+                  dilation: int = 1, replicate: bool = False, form: str = "taps",
+                  elu_alpha: float | None = None) -> torch.Tensor:
     """F.conv1d(F.pad(x, (K_eff - stride, 0), mode), weight, bias, stride, dilation=dilation) for unpadded
     x [B, C_in, T], T a multiple of stride -> [B, C_out, T / stride] (time-major memory).
 
     form "taps": one matmul per tap, no im2col (long signals); "rows": im2col and one matmul (short ones).
+    elu_alpha: apply F.elu(x, elu_alpha) first (fused into the padding copy in the taps form).
     """
     if form == "taps":
-        return _CausalConv.apply(x, weight, bias, stride, dilation, replicate)
+        return _CausalConv.apply(x, weight, bias, stride, dilation, replicate, elu_alpha)
+    if elu_alpha is not None:
+        x = F.elu(x, elu_alpha)
     batch, c_in, _ = x.shape
     c_out, _, k = weight.shape
     span = (k - 1) * dilation + 1
