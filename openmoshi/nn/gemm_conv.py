@@ -136,9 +136,13 @@ class _CausalConv(torch.autograd.Function):
         taps, offsets = _conv_taps(weight, stride, dilation)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_rows = torch.zeros_like(rows)
+            # The last tap covers every row from its offset on: it writes them, the rows before start at 0.
+            grad_rows = torch.empty_like(rows)
+            last = offsets[-1]
+            grad_rows[:, :last].zero_()
             for b in range(batch):
-                for j, off in enumerate(offsets):
+                torch.mm(g[b], taps[-1].T, out=grad_rows[b, last:last + steps])
+                for j, off in enumerate(offsets[:-1]):
                     grad_rows[b, off:off + steps].addmm_(g[b], taps[j].T)
             grad_padded = grad_rows.view(batch, -1, c_in)
             grad_x = grad_padded[:, lead:]
