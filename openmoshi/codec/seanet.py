@@ -52,9 +52,26 @@ def _in_chunks(module: StreamingModule, x: torch.Tensor, step: int) -> torch.Ten
     chunk = step * max(1, OFFLINE_CHUNK_STEPS // max(1, x.shape[0]))
     length = x.shape[-1]
     if module.is_streaming or torch.is_grad_enabled() or length <= chunk or length % step:
-        return module.model(x)
+        return _run(module.model, x)
     with module.streaming(x.shape[0]):
-        return torch.cat([module.model(piece) for piece in x.split(chunk, dim=-1)], dim=-1)
+        return torch.cat([_run(module.model, piece) for piece in x.split(chunk, dim=-1)], dim=-1)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """layers(x), except that an ELU right before a StreamingConv1d is handed to the conv, which fuses it
+    into its input copy when training (see nn/gemm_conv.py): one pass and one activation tensor less."""
+    pending: nn.ELU | None = None
+    for layer in layers:
+        if pending is not None:
+            if isinstance(layer, StreamingConv1d):
+                x, pending = layer(x, elu_alpha=pending.alpha), None
+                continue
+            x, pending = pending(x), None
+        if type(layer) is nn.ELU and not layer.inplace:
+            pending = layer
+        else:
+            x = layer(x)
+    return x if pending is None else pending(x)
 
 
 def _act(cfg: SeanetConfig) -> nn.Module:
@@ -78,7 +95,7 @@ class ResidualUnit(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        return x + _run(self.block, x)
 
 
 class SeanetEncoder(StreamingModule):

@@ -169,9 +169,10 @@ class EMACodebook(nn.Module):
         # cannot be trained, so only their identity is checked.
         versions = (None if s.is_inference() else s._version, None if u.is_inference() else u._version)
         if c is None or c[0] is not s or c[1] is not u or c[2] != versions:
-            words = s / u.clamp(min=self.epsilon)[:, None]
-            sq = words.pow(2).sum(-1, keepdim=True)
-            padded = torch.cat([words, torch.ones_like(sq), sq], dim=-1)
+            padded = s.new_empty(s.shape[0], s.shape[1] + 2)
+            words = torch.div(s, u.clamp(min=self.epsilon)[:, None], out=padded[:, :-2])
+            padded[:, -2] = 1.0
+            torch.sum(words.pow(2), -1, out=padded[:, -1])
             self._cache = c = (s, u, versions, padded)
         return c[3]
 
@@ -233,8 +234,11 @@ class EMACodebook(nn.Module):
         """Moves usage and sums towards this batch's assignments of x [N, dim] to codes [N]."""
         counts = _sum_over_processes_(torch.bincount(codes, minlength=self.bins).to(self.cluster_usage.dtype))
         self.cluster_usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        sums = torch.zeros_like(self.embedding_sum).index_add_(0, codes, x.to(self.embedding_sum.dtype))
-        _sum_over_processes_(sums)
+        x = x.to(self.embedding_sum.dtype)
+        if not _distributed():  # one pass over the sums instead of four (no zeroed buffer of per-code sums)
+            self.embedding_sum.mul_(self.decay).index_add_(0, codes, x, alpha=1 - self.decay)
+            return
+        sums = _sum_over_processes_(torch.zeros_like(self.embedding_sum).index_add_(0, codes, x))
         self.embedding_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
 
     def usage_entropy(self) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrizations
 
-from . import fast
+from . import fast, gemm_conv
 from .streaming import StreamingModule, StreamingState, masked_fill_
 
 
@@ -27,6 +27,15 @@ class _NormConv1d(nn.Module):
         conv = self.conv
         return fast.conv1d(x, conv.weight, conv.bias, conv.stride[0], conv.dilation[0], conv.groups)
 
+    def causal_gemm(self, x: torch.Tensor, replicate: bool, elu_alpha: float | None) -> torch.Tensor | None:
+        """The causally padded conv of unpadded x in its training GEMM form, or None where it does not apply."""
+        conv = self.conv
+        form = gemm_conv.conv_form(x, conv)
+        if form is None:
+            return None
+        return gemm_conv.causal_conv1d(x, conv.weight, conv.bias, conv.stride[0], conv.dilation[0], replicate,
+                                       form, elu_alpha)
+
 
 class _NormConvTranspose1d(nn.Module):
     def __init__(self, convtr: nn.ConvTranspose1d, weight_norm: bool) -> None:
@@ -36,6 +45,14 @@ class _NormConvTranspose1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         convtr = self.convtr
         return fast.conv_transpose1d(x, convtr.weight, convtr.bias, convtr.stride[0], convtr.groups)
+
+    def causal_gemm(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The offline causal output (last K - stride samples trimmed) in the training GEMM form, or None."""
+        convtr = self.convtr
+        form = gemm_conv.conv_transpose_form(x, convtr)
+        if form is None:
+            return None
+        return gemm_conv.causal_conv_transpose1d(x, convtr.weight, convtr.bias, convtr.stride[0], form)
 
 
 @dataclass
@@ -74,10 +91,17 @@ class StreamingConv1d(StreamingModule):
         first = torch.ones(batch_size, dtype=torch.bool, device=weight.device)
         return _ConvState(batch_size, weight.device, previous, first)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, elu_alpha: float | None = None) -> torch.Tensor:
+        """elu_alpha: apply F.elu(x, elu_alpha) first (fused into the conv's input copy where it can)."""
         if x.shape[-1] % self.stride:
             raise ValueError(f"conv input length {x.shape[-1]} is not a multiple of the stride {self.stride}")
         state = self._streaming_state
+        if state is None:  # offline; while training, long signals take the GEMM form (see gemm_conv)
+            y = self.conv.causal_gemm(x, self.pad_mode == "replicate", elu_alpha)
+            if y is not None:
+                return y
+        if elu_alpha is not None:
+            x = F.elu(x, elu_alpha)
         if self.context == 0:
             return self.conv(x)
         if state is None:
@@ -123,10 +147,14 @@ class StreamingConvTranspose1d(StreamingModule):
         return _ConvTrState(batch_size, weight.device, partial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._streaming_state
+        if state is None:
+            y = self.convtr.causal_gemm(x)
+            if y is not None:
+                return y
         y = self.convtr(x)
         if self.overlap == 0:
             return y
-        state = self._streaming_state
         end = y.shape[-1] - self.overlap
         if state is None:
             return y[..., :end]
