@@ -13,6 +13,7 @@ so every process and every resume draws the same numbers.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from .teacher import FeatureCache, make_teacher
 
 logger = logging.getLogger(__name__)
 
+FEATURES_IN_MEMORY = 256  # files whose teacher features a data loader keeps
+
 
 class _ClipsWithTeacher(AudioClips):
     """AudioClips whose items also carry the teacher features of their frames ("teacher" [F, D], "tmask" [F])."""
@@ -42,12 +45,17 @@ class _ClipsWithTeacher(AudioClips):
     def __init__(self, *args, cache: FeatureCache | None = None, teacher_dim: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.cache, self.teacher_dim = cache, teacher_dim
-        self._feats: dict[int, torch.Tensor] = {}
+        self._feats: OrderedDict[int, torch.Tensor] = OrderedDict()  # a few files' features (LRU): all of a
+        #                                                 large set would not fit (14k files x 256 dims: 1 GB)
 
     def __getitem__(self, req):
         item = super().__getitem__(req)
         if self.cache is not None:
-            if req.index not in self._feats:
+            if req.index in self._feats:
+                self._feats.move_to_end(req.index)
+            else:
+                while len(self._feats) >= FEATURES_IN_MEMORY:
+                    self._feats.popitem(last=False)
                 self._feats[req.index] = self.cache.get(self.files[req.index], self.frame, self.sample_rate)
             feats = self._feats[req.index].float()
             frames = self.segment // self.frame
