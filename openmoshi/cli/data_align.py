@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam-size", type=int, default=5, help="beam size (1 = greedy)")
     parser.add_argument("--temperatures", default="0,0.2,0.4,0.6,0.8,1.0",
                         help="temperature fallback schedule, comma-separated")
-    parser.add_argument("--vad", action="store_true", help="voice activity detection before Whisper (auditok)")
+    parser.add_argument("--vad", action="store_true",
+                        help="voice activity detection before Whisper (auditok; faster-whisper: Silero)")
     parser.add_argument("--main-only", action="store_true",
                         help="transcribe only channel 0 (Moshi), as moshi-finetune's annotate.py does")
     parser.add_argument("--overwrite", action="store_true", help="realign files that already have a .json")

@@ -122,6 +122,15 @@ class WhisperTimestampedAligner(WhisperSettings):
                 if (w.get("text") or w.get("word") or "").strip()]
 
 
+def _ct2_hint(model: str) -> str:
+    repo = model if "/" in model else f"Systran/faster-whisper-{model}"
+    return (f"faster-whisper weights {model!r} are not on this machine and cannot be downloaded here. On a machine "
+            f"with network, fetch a CTranslate2 model (huggingface-cli download {repo}, or "
+            "convert one with ct2-transformers-converter), copy the folder over (model.bin, config.json, "
+            "vocabulary.*, tokenizer.json) and pass --model /path/to/folder, or set HF_HOME to the Hugging Face "
+            "cache that holds it.")
+
+
 @dataclass
 class FasterWhisperAligner(WhisperSettings):
     """faster-whisper (CTranslate2), int8 on CPU; weights from a local folder or the Hugging Face cache only."""
@@ -131,13 +140,35 @@ class FasterWhisperAligner(WhisperSettings):
     def __post_init__(self) -> None:
         try:
             from faster_whisper import WhisperModel
+            from faster_whisper.utils import download_model
         except ImportError as exc:
-            raise AlignError("the faster-whisper aligner needs `pip install faster-whisper`") from exc
+            raise AlignError("the faster-whisper aligner needs `pip install faster-whisper` (optional extra "
+                             f"openmoshi[align]); missing: {exc.name}") from exc
+        path = Path(self.model).expanduser()
+        if path.is_dir():
+            folder = path
+        elif path.exists() or self.model.startswith((".", "/", "~")):
+            raise AlignError(f"{self.model}: faster-whisper needs a CTranslate2 model folder (model.bin, "
+                             "config.json, vocabulary.*, tokenizer.json)"
+                             + ("" if path.exists() else "; no such folder"))
+        else:
+            try:  # a name (medium) or a Hugging Face id, from the cache only
+                folder = Path(download_model(self.model, local_files_only=True))
+            except ValueError as exc:  # an unknown size name, or a malformed id
+                raise AlignError(f"unknown faster-whisper model {self.model!r}: {exc}") from exc
+            except OSError as exc:  # not in the cache (huggingface_hub's LocalEntryNotFoundError)
+                raise AlignError(_ct2_hint(self.model)) from exc
+        # without tokenizer.json faster-whisper fetches openai/whisper-tiny's from the network (retrying ~25 s
+        # offline, local_files_only notwithstanding): name the missing file instead
+        missing = [name for name in ("model.bin", "config.json", "tokenizer.json") if not (folder / name).is_file()]
+        if missing:
+            raise AlignError(f"{folder} is not a complete faster-whisper model folder: missing {', '.join(missing)} "
+                             "(copy them from the model's Hugging Face repository, e.g. Systran/faster-whisper-medium)")
         compute = "int8" if self.device == "cpu" else "float16"
         try:
-            self._model = WhisperModel(self.model, device=self.device, compute_type=compute, local_files_only=True)
-        except Exception as exc:  # faster-whisper raises various errors for missing files
-            raise AlignError(_offline_hint(self.model) + f" ({type(exc).__name__}: {exc})") from exc
+            self._model = WhisperModel(str(folder), device=self.device, compute_type=compute, local_files_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise AlignError(f"cannot load faster-whisper weights from {folder}: {type(exc).__name__}: {exc}") from exc
 
     def words(self, audio: np.ndarray) -> list[tuple[str, float, float]]:
         segments, _ = self._model.transcribe(audio.astype(np.float32), language=self.language,
