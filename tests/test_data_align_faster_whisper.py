@@ -158,3 +158,5 @@ def test_faster_whisper_missing_weights_say_what_to_do(tiny_ct2_whisper, tmp_pat
         (partial / name).write_bytes((tiny_ct2_whisper / name).read_bytes())
     with pytest.raises(AlignError, match="missing tokenizer.json"):
         make_aligner("faster-whisper", model=str(partial))
+    with pytest.raises(AlignError, match="language 'xx' is not one of this model's: af, am"):
+        make_aligner("faster-whisper", model=str(tiny_ct2_whisper), language="xx")

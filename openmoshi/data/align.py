@@ -169,6 +169,9 @@ class FasterWhisperAligner(WhisperSettings):
             self._model = WhisperModel(str(folder), device=self.device, compute_type=compute, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise AlignError(f"cannot load faster-whisper weights from {folder}: {type(exc).__name__}: {exc}") from exc
+        if self.language and self.language not in self._model.supported_languages:  # else every file fails
+            raise AlignError(f"language {self.language!r} is not one of this model's: "
+                             f"{', '.join(self._model.supported_languages)}")
 
     def words(self, audio: np.ndarray) -> list[tuple[str, float, float]]:
         segments, _ = self._model.transcribe(audio.astype(np.float32), language=self.language,
