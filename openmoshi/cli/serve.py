@@ -22,7 +22,13 @@ import sys
 from pathlib import Path
 
 from ..server.limits import SessionLimits
-from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
+from .common import (
+    add_device_arguments,
+    add_kv_cache_argument,
+    add_quantize_argument,
+    quantize_bits,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tts.add_argument("--max-speech-seconds", type=float, default=300.0, help="longest speech of one session")
     add_device_arguments(parser)
     add_quantize_argument(parser)
+    add_kv_cache_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     limits = check_options(args)
     device, dtype = resolve_device(args)
     logger.info("loading %s on %s (%s)", args.model, device, dtype)
-    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
+    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args),
+                        kv_cache=args.kv_cache)
     family = bundle.config.model_type
     if args.max_message_kb is None:
         kib = DSM_MESSAGE_KB if family in ("stt", "tts") else limits.max_message_bytes / 1024
