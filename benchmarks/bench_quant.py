@@ -2,9 +2,11 @@
 
     python benchmarks/bench_quant.py [--config bench] [--threads 2] [--steps 30] [--batch 1 4]
                                      [--quality-steps 200] [--no-reference] [--no-mimi] [--no-quality]
-                                     [--no-speed]
+                                     [--no-speed] [--models int8 int4 int4-asym kv-bf16 kv-int8 int4+kv-int8]
 
 int4 is the symmetric format (one scale per group of 32); int4-asym the 5-bit one (a scale and a zero).
+kv-bf16, kv-int8: fp32 weights with the temporal transformer's KV cache in bf16 / int8 (one scale per head and
+step); int4+kv-int8: both (what `--quantize int4` runs on CPU by default). `--models` picks some of them.
 
 Speed: median `Generator.step` time (one 80 ms frame) of the LM at fp32, int8 and int4 (ours) and fp32
 (Kyutai's reference, moshi==0.2.13), rounds alternating between them; Mimi streaming encode + decode per
@@ -38,6 +40,9 @@ from openmoshi.lm.model import LMModel
 from openmoshi.lm.quantized import quantize_lm_
 
 SPEECH = Path("/work/shared/data/speech/utt1.wav")
+# name, weight bits (None: fp32), symmetric int4, KV cache of the temporal transformer (nn/kv_cache.py)
+VARIANTS = [("int8", 8, True, "float"), ("int4", 4, True, "float"), ("int4-asym", 4, False, "float"),
+            ("kv-bf16", None, True, "bf16"), ("kv-int8", None, True, "int8"), ("int4+kv-int8", 4, True, "int8")]
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -192,14 +197,20 @@ def main() -> None:
     parser.add_argument("--no-mimi", action="store_true")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=[v[0] for v in VARIANTS],
+                        help="only these models beside fp32 (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.config]()
     fp32, ref = build_models(cfg, not args.no_reference)
     models: dict = {"fp32": fp32}
-    for name, bits, symmetric in (("int8", 8, True), ("int4", 4, True), ("int4-asym", 4, False)):
+    for name, bits, symmetric, kv in VARIANTS:
+        if args.models and name not in args.models:
+            continue
         model = copy.deepcopy(fp32)
-        quantize_lm_(model, bits, symmetric=symmetric)
+        if bits:
+            quantize_lm_(model, bits, symmetric=symmetric)
+        model.set_kv_cache(kv)
         models[name] = model.eval()
     if ref is not None:
         models["reference"] = ref
@@ -210,7 +221,7 @@ def main() -> None:
         print(f"{'batch':>5} | " + " | ".join(f"{n + ' ms':>14}" for n in models) + " | int8/fp32 | int4/fp32")
     for batch, row in speed.items():
         print(f"{batch:>5} | " + " | ".join(f"{row[n]:14.1f}" for n in models)
-              + f" | {row['int8'] / row['fp32']:9.2f} | {row['int4'] / row['fp32']:9.2f}")
+              + f" | {row.get('int8', 0) / row['fp32']:9.2f} | {row.get('int4', 0) / row['fp32']:9.2f}")
     if not args.no_quality:
         quality = lm_quality(models, args.quality_steps)
         print(f"LM quality over {args.quality_steps} greedy fp32 frames, streamed (vs fp32):")
