@@ -43,6 +43,7 @@ SPEECH = Path("/work/shared/data/speech/utt1.wav")
 # name, weight bits (None: fp32), symmetric int4, KV cache of the temporal transformer (nn/kv_cache.py)
 VARIANTS = [("int8", 8, True, "float"), ("int4", 4, True, "float"), ("int4-asym", 4, False, "float"),
             ("kv-bf16", None, True, "bf16"), ("kv-int8", None, True, "int8"), ("int4+kv-int8", 4, True, "int8")]
+KV_OF: dict[str, str] = {}  # model name -> its KV cache kind
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -98,7 +99,9 @@ def streamed_logits(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def lm_quality(models: dict, steps: int) -> dict:
     base = models["fp32"]
+    base.set_kv_cache("float")
     codes = greedy_grid(base, steps)
+    base.set_kv_cache("float")
     ref_text, ref_audio = streamed_logits(base, codes)
     skip = base.cfg.max_delay  # the first frames hold delayed (initial) tokens only
     ref_text, ref_audio = ref_text[skip:], ref_audio[skip:]
@@ -106,6 +109,7 @@ def lm_quality(models: dict, steps: int) -> dict:
     for name, model in models.items():
         if name in ("fp32", "reference"):
             continue
+        model.set_kv_cache(KV_OF.get(name, "float"))
         text, audio = streamed_logits(model, codes)
         text, audio = text[skip:], audio[skip:]
         out[name] = {
@@ -204,18 +208,24 @@ def main() -> None:
     cfg = PRESETS[args.config]()
     fp32, ref = build_models(cfg, not args.no_reference)
     models: dict = {"fp32": fp32}
+    built: dict = {(None, True): fp32}  # quality alone runs one model at a time: KV variants share weights
     for name, bits, symmetric, kv in VARIANTS:
         if args.models and name not in args.models:
             continue
-        model = copy.deepcopy(fp32)
-        if bits:
-            quantize_lm_(model, bits, symmetric=symmetric)
+        model = built.get((bits, symmetric)) if args.no_speed else None
+        if model is None:
+            model = copy.deepcopy(fp32)
+            if bits:
+                quantize_lm_(model, bits, symmetric=symmetric)
+            built[(bits, symmetric)] = model.eval()
+        KV_OF[name] = kv
         model.set_kv_cache(kv)
-        models[name] = model.eval()
+        models[name] = model
     if ref is not None:
         models["reference"] = ref
     print(f"LM config {args.config!r}, {args.threads} threads; weights: " + ", ".join(
-        f"{n} {weight_bytes(m) / 1e6:.0f} MB" for n, m in models.items() if n != "reference"))
+        f"{n} {weight_bytes(m) / 1e6:.0f} MB" for n, m in models.items()
+        if n != "reference" and KV_OF.get(n, "float") == "float"))
     speed = {} if args.no_speed else bench_lm_speed(models, cfg.n_user, args.batch, args.steps, args.warmup)
     if speed:
         print(f"{'batch':>5} | " + " | ".join(f"{n + ' ms':>14}" for n in models) + " | int8/fp32 | int4/fp32")
