@@ -57,8 +57,8 @@ def test_quantized_cache_attention_is_close_to_the_float_cache(kind, tolerance):
     outs = {}
     for k in ("float", kind):
         model = _transformer(k, context=50, num_layers=1)
-        got = []
-        model.layers[0].self_attn.register_forward_hook(lambda mod, args, out: got.append(out))
+        got: list[torch.Tensor] = []
+        model.layers[0].self_attn.register_forward_hook(lambda mod, args, out, got=got: got.append(out))
         _streamed(model, x, [1])
         outs[k] = torch.cat(got, 1)
     err = ((outs[kind] - outs["float"]).norm() / outs["float"].norm()).item()
