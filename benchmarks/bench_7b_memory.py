@@ -3,6 +3,7 @@
     python benchmarks/bench_7b_memory.py write DIR       # DIR/bf16: random weights of the moshiko structure
     python benchmarks/bench_7b_memory.py quantize DIR    # `openmoshi quantize DIR/bf16 DIR/int4 --bits 4`
     python benchmarks/bench_7b_memory.py run DIR [--steps 20] [--threads 2] [--dtype float32|bfloat16]
+                                              [--kv-cache float|bf16|int8] [--full-steps N]
     python benchmarks/bench_7b_memory.py zeros-ab DIR [--steps 20]   # symmetric int4: zeros per call vs held
 
 `--int4-scheme asymmetric` (quantize, run): the 5-bit format (a scale and a zero per group) in DIR/int4-asym
@@ -15,8 +16,9 @@ bundled tiny tokenizer complete the folder. It is for measurement only: never co
 `quantize` and `run` each start the command in a subprocess and print its peak RSS (ru_maxrss of that child:
 anonymous memory and resident pages of mapped files alike). `run` loads DIR/int4 the way `infer` and `serve`
 do (load_model: Mimi, tokenizer, LM) and times `Generator.step` (one 80 ms frame, batch 1); the worker prints
-its RSS after each stage, then writes every slot of the KV caches (as a conversation does by the 3000th step:
-they take RAM as they fill) and prints the RSS of that full context.
+its RSS after each stage, then writes every slot of the temporal transformer's KV caches (as a conversation
+does by the 3000th step: they take RAM as they fill) and prints the RSS of that full context; `--full-steps N`
+then sets the positions as after 3000 steps and times N steps that attend to the whole context.
 """
 
 from __future__ import annotations
@@ -107,15 +109,16 @@ def quantize(folder: Path, bits: int, scheme: str) -> None:
           f"{wall:.0f} s; folder {sum(f.stat().st_size for f in out.iterdir()) / 1e9:.2f} GB")
 
 
-def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> None:
+def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, kv_cache: str = "float",
+           full_steps: int = 0) -> None:
     from openmoshi.bundle import load_model
     from openmoshi.generation.generator import Generator
     from openmoshi.nn.transformer import Attention
 
     torch.set_num_threads(threads)
-    report = {"start": rss_mb()}
+    report = {"start": rss_mb(), "kv_cache": kv_cache}
     start = time.perf_counter()
-    bundle = load_model(folder, dtype=getattr(torch, dtype))
+    bundle = load_model(folder, dtype=getattr(torch, dtype), kv_cache=kv_cache)
     report["load_s"] = time.perf_counter() - start
     report["loaded"] = rss_mb()
     print(f"loaded in {report['load_s']:.0f} s, RSS {report['loaded']}", flush=True)
@@ -134,20 +137,49 @@ def worker(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int) -> 
             times.append(time.perf_counter() - t)
             if i == 0:
                 report["first_step"] = rss_mb()
-            print(f"step {i}: {times[-1]:.2f} s", flush=True)
+            if i + 1 in (1, 10, 20, 50, 100, 200, 300, 500, 1000):
+                report[f"rss_{i + 1}"] = rss_mb()
+            print(f"step {i}: {times[-1]:.2f} s, RSS {rss_mb()[0]:.0f} MiB", flush=True)
         report["stepped"] = rss_mb()
-        states = [m._streaming_state for m in lm.modules() if isinstance(m, Attention) and m._streaming_state]
-        cache = sum(state.keys.nbytes * 2 for state in states)
+        if quiet is not None:
+            report["quiet_left"] = quiet.poll() is None  # True: every step ran while the training was paused
+            quiet.wait()
+        states = [m._streaming_state for m in lm.transformer.modules()
+                  if isinstance(m, Attention) and m._streaming_state]
+        cache = sum(t.nbytes for s in states for t in (s.keys, s.values, s.key_scales, s.value_scales)
+                    if t is not None)
         for state in states:  # as after 3000 steps: every slot of the caches written (they take RAM as they fill)
-            state.keys.mul_(1)
-            state.values.mul_(1)
+            for t in (state.keys, state.values, state.key_scales, state.value_scales):
+                if t is not None:
+                    t.mul_(1)
         report["full_context"] = rss_mb()
-    if quiet is not None:
-        report["quiet_left"] = quiet.poll() is None  # True: every step ran while the training was paused
-        quiet.wait()
-    report["kv_cache_full_mb"] = cache / 2 ** 20
+        print(f"every KV slot written: RSS {report['full_context']}", flush=True)
+        if full_steps:  # step time with a full context: every slot attended to, as from the 3000th step on
+            tstate = lm.transformer._streaming_state
+            capacity = tstate.key_positions.shape[1]
+            seen = lm.cfg.context
+            slots = torch.arange(capacity)
+            tstate.key_positions.copy_(torch.where(slots < seen, slots, -1)[None])  # as after `seen` steps
+            tstate.offsets.fill_(seen)
+            tstate.host_offsets = [seen]
+            tstate.step = seen
+            quiet = subprocess.Popen(["/work/bin/quiet", "sleep", str(quiet_s or min(220, 20 + 12 * full_steps))])
+            time.sleep(2)
+            full = []
+            for i in range(full_steps):
+                t = time.perf_counter()
+                gen.step(user)
+                full.append(time.perf_counter() - t)
+                print(f"full-context step {i}: {full[-1]:.2f} s", flush=True)
+            report["full_quiet_left"] = quiet.poll() is None
+            quiet.wait()
+            report["full_step_ms"] = [round(t * 1000, 1) for t in full]
+            report["full_step_median_ms"] = statistics.median(full[1:] or full) * 1000
+            report["after_full_steps"] = rss_mb()
+    report["temporal_kv_cache_full_mb"] = cache / 2 ** 20
     report["step_ms"] = [round(t * 1000, 1) for t in times]
     report["step_median_ms"] = statistics.median(times[1:] or times) * 1000
+    report["step_median_first20_ms"] = statistics.median(times[1:20] or times) * 1000
     print("REPORT " + json.dumps(report))
 
 
@@ -193,11 +225,13 @@ def zeros_ab(folder: Path, steps: int, threads: int, quiet_s: int) -> None:
           f"held {[round(t * 1000) for t in times[False]]}")
 
 
-def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, scheme: str) -> None:
+def run(folder: Path, steps: int, threads: int, dtype: str, quiet_s: int, scheme: str, kv_cache: str,
+        full_steps: int) -> None:
     code, peak, wall = child([sys.executable, __file__, "worker", str(_int4_folder(folder, scheme)),
-                              "--steps", str(steps),
+                              "--steps", str(steps), "--kv-cache", kv_cache, "--full-steps", str(full_steps),
                               "--threads", str(threads), "--dtype", dtype, "--quiet", str(quiet_s)])
-    print(f"load int4 ({scheme}) + {steps} steps ({dtype} activations, {threads} threads): exit {code}, "
+    print(f"load int4 ({scheme}) + {steps} steps ({dtype} activations, {kv_cache} KV cache, {threads} threads)"
+          f"{f', then all KV slots written and {full_steps} full-context steps' if full_steps else ''}: exit {code}, "
           f"peak RSS {_sizes(peak)}, {wall:.0f} s")
 
 
@@ -210,6 +244,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--int4-scheme", default="symmetric", choices=["symmetric", "asymmetric"])
+    parser.add_argument("--kv-cache", default="float", choices=["float", "bf16", "int8"],
+                        help="run: how the temporal transformer's cache stores keys and values")
+    parser.add_argument("--full-steps", type=int, default=0,
+                        help="run: then time this many steps with a full context (all slots attended to), "
+                             "under /work/bin/quiet")
     parser.add_argument("--quiet", type=int, default=0, help="run: pause the background training for this many "
                                                               "seconds (/work/bin/quiet) while the steps run")
     args = parser.parse_args()
@@ -220,9 +259,10 @@ def main() -> None:
     elif args.what == "zeros-ab":
         zeros_ab(args.folder, args.steps, args.threads, args.quiet)
     elif args.what == "run":
-        run(args.folder, args.steps, args.threads, args.dtype, args.quiet, args.int4_scheme)
+        run(args.folder, args.steps, args.threads, args.dtype, args.quiet, args.int4_scheme, args.kv_cache,
+            args.full_steps)
     else:
-        worker(args.folder, args.steps, args.threads, args.dtype, args.quiet)
+        worker(args.folder, args.steps, args.threads, args.dtype, args.quiet, args.kv_cache, args.full_steps)
 
 
 if __name__ == "__main__":

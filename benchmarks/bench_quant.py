@@ -2,9 +2,11 @@
 
     python benchmarks/bench_quant.py [--config bench] [--threads 2] [--steps 30] [--batch 1 4]
                                      [--quality-steps 200] [--no-reference] [--no-mimi] [--no-quality]
-                                     [--no-speed]
+                                     [--no-speed] [--models int8 int4 int4-asym kv-bf16 kv-int8 int4+kv-int8]
 
 int4 is the symmetric format (one scale per group of 32); int4-asym the 5-bit one (a scale and a zero).
+kv-bf16, kv-int8: fp32 weights with the temporal transformer's KV cache in bf16 / int8 (one scale per head and
+step); int4+kv-int8: both (what `--quantize int4` runs on CPU by default). `--models` picks some of them.
 
 Speed: median `Generator.step` time (one 80 ms frame) of the LM at fp32, int8 and int4 (ours) and fp32
 (Kyutai's reference, moshi==0.2.13), rounds alternating between them; Mimi streaming encode + decode per
@@ -38,6 +40,10 @@ from openmoshi.lm.model import LMModel
 from openmoshi.lm.quantized import quantize_lm_
 
 SPEECH = Path("/work/shared/data/speech/utt1.wav")
+# name, weight bits (None: fp32), symmetric int4, KV cache of the temporal transformer (nn/kv_cache.py)
+VARIANTS = [("int8", 8, True, "float"), ("int4", 4, True, "float"), ("int4-asym", 4, False, "float"),
+            ("kv-bf16", None, True, "bf16"), ("kv-int8", None, True, "int8"), ("int4+kv-int8", 4, True, "int8")]
+KV_OF: dict[str, str] = {}  # model name -> its KV cache kind
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -93,7 +99,9 @@ def streamed_logits(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def lm_quality(models: dict, steps: int) -> dict:
     base = models["fp32"]
+    base.set_kv_cache("float")
     codes = greedy_grid(base, steps)
+    base.set_kv_cache("float")
     ref_text, ref_audio = streamed_logits(base, codes)
     skip = base.cfg.max_delay  # the first frames hold delayed (initial) tokens only
     ref_text, ref_audio = ref_text[skip:], ref_audio[skip:]
@@ -101,6 +109,7 @@ def lm_quality(models: dict, steps: int) -> dict:
     for name, model in models.items():
         if name in ("fp32", "reference"):
             continue
+        model.set_kv_cache(KV_OF.get(name, "float"))
         text, audio = streamed_logits(model, codes)
         text, audio = text[skip:], audio[skip:]
         out[name] = {
@@ -192,25 +201,37 @@ def main() -> None:
     parser.add_argument("--no-mimi", action="store_true")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=[v[0] for v in VARIANTS],
+                        help="only these models beside fp32 (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = PRESETS[args.config]()
     fp32, ref = build_models(cfg, not args.no_reference)
     models: dict = {"fp32": fp32}
-    for name, bits, symmetric in (("int8", 8, True), ("int4", 4, True), ("int4-asym", 4, False)):
-        model = copy.deepcopy(fp32)
-        quantize_lm_(model, bits, symmetric=symmetric)
-        models[name] = model.eval()
+    built: dict = {(None, True): fp32}  # quality alone runs one model at a time: KV variants share weights
+    for name, bits, symmetric, kv in VARIANTS:
+        if args.models and name not in args.models:
+            continue
+        model = built.get((bits, symmetric)) if args.no_speed else None
+        if model is None:
+            model = copy.deepcopy(fp32)
+            if bits:
+                quantize_lm_(model, bits, symmetric=symmetric)
+            built[(bits, symmetric)] = model.eval()
+        KV_OF[name] = kv
+        model.set_kv_cache(kv)
+        models[name] = model
     if ref is not None:
         models["reference"] = ref
     print(f"LM config {args.config!r}, {args.threads} threads; weights: " + ", ".join(
-        f"{n} {weight_bytes(m) / 1e6:.0f} MB" for n, m in models.items() if n != "reference"))
+        f"{n} {weight_bytes(m) / 1e6:.0f} MB" for n, m in models.items()
+        if n != "reference" and KV_OF.get(n, "float") == "float"))
     speed = {} if args.no_speed else bench_lm_speed(models, cfg.n_user, args.batch, args.steps, args.warmup)
     if speed:
         print(f"{'batch':>5} | " + " | ".join(f"{n + ' ms':>14}" for n in models) + " | int8/fp32 | int4/fp32")
     for batch, row in speed.items():
         print(f"{batch:>5} | " + " | ".join(f"{row[n]:14.1f}" for n in models)
-              + f" | {row['int8'] / row['fp32']:9.2f} | {row['int4'] / row['fp32']:9.2f}")
+              + f" | {row.get('int8', 0) / row['fp32']:9.2f} | {row.get('int4', 0) / row['fp32']:9.2f}")
     if not args.no_quality:
         quality = lm_quality(models, args.quality_steps)
         print(f"LM quality over {args.quality_steps} greedy fp32 frames, streamed (vs fp32):")

@@ -26,6 +26,7 @@ from .lm.config import LMConfig
 from .lm.loading import read_config, save_lm
 from .lm.model import LMModel
 from .lm.quantized import load_quantized_lm, release_freed_memory, stored_bits
+from .nn.kv_cache import check_kv_cache
 from .nn.quant import quantize_modules_
 
 logger = logging.getLogger(__name__)
@@ -118,11 +119,13 @@ def load_codec(source: str | Path, device: str | torch.device = "cpu", cfg: LMCo
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quantize: int | None = None) -> MoshiBundle:
+               quantize: int | None = None, kv_cache: str = "auto") -> MoshiBundle:
     """Load a model folder or `hf://owner/repo` (Kyutai's layout) with everything needed to talk to it.
 
     quantize=8 or 4: int8 / int4 LM weights (lm/quantized.py), quantized while loading unless the folder
-    already holds them; Mimi's transformers then run in int8.
+    already holds them; Mimi's transformers then run in int8. kv_cache: how the temporal transformer's
+    streaming cache stores keys and values (float | bf16 | int8, nn/kv_cache.py); "auto" = int8 for int4
+    weights on CPU (where memory is what limits), else float.
     """
     model = ModelSource(source)
     cfg, _ = read_config(source)
@@ -138,7 +141,15 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
         raise CheckpointError(f"{source}: the tokenizer has {tokenizer.get_piece_size()} pieces but the LM's "
                               f"text vocabulary is {cfg.text_card}")
     lm = load_quantized_lm(source, device=device, dtype=dtype, quantize=quantize)
+    lm.set_kv_cache(resolve_kv_cache(kv_cache, quantize or stored_bits(cfg), device))
     return MoshiBundle(mimi, lm, tokenizer, lm.cfg, generation_defaults(lm.cfg), str(source))
+
+
+def resolve_kv_cache(kind: str, bits: int | None, device: str | torch.device) -> str:
+    """The KV cache kind to use: `kind`, or for "auto" int8 with int4 weights on CPU, else float."""
+    if kind != "auto":
+        return check_kv_cache(kind)
+    return "int8" if bits == 4 and torch.device(device).type == "cpu" else "float"
 
 
 def quantize_mimi_(mimi: Mimi) -> list[str]:

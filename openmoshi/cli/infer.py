@@ -28,7 +28,13 @@ from tqdm import tqdm
 
 from ..audio.stream import AudioStream, open_audio
 from ..errors import OpenMoshiError
-from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
+from .common import (
+    add_device_arguments,
+    add_kv_cache_argument,
+    add_quantize_argument,
+    quantize_bits,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 MIN_SECONDS = 0.08  # one frame
@@ -51,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace answers already in --out (by default infer refuses to)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
+    add_kv_cache_argument(parser)
 
 
 def _generation(args: argparse.Namespace, defaults: dict) -> dict:
@@ -89,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if not opened:
         print(f"nothing to do: {len(failed)} input(s) failed", file=sys.stderr)
         return 1
-    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
+    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args),
+                        kv_cache=args.kv_cache)
     generation = _generation(args, bundle.generation)
     args.out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(opened), args.batch_size):

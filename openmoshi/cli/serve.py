@@ -23,7 +23,13 @@ import sys
 from pathlib import Path
 
 from ..server.limits import SessionLimits
-from .common import add_device_arguments, add_quantize_argument, quantize_bits, resolve_device
+from .common import (
+    add_device_arguments,
+    add_kv_cache_argument,
+    add_quantize_argument,
+    quantize_bits,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="longest speech of one session (clients may ask for less with ?max_seq_len=STEPS)")
     add_device_arguments(parser)
     add_quantize_argument(parser)
+    add_kv_cache_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     limits = check_options(args)
     device, dtype = resolve_device(args)
     logger.info("loading %s on %s (%s)", args.model, device, dtype)
-    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args))
+    bundle = load_model(args.model, device=device, dtype=dtype, quantize=quantize_bits(args),
+                        kv_cache=args.kv_cache)
     family = served_as(bundle.config)
     if args.max_message_kb is None:
         kib = DSM_MESSAGE_KB if family in ("stt", "tts") else limits.max_message_bytes / 1024

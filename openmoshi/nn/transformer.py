@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import fast
+from .kv_cache import check_kv_cache, dequantize_int8, quantize_int8, round_trip, scratch, storage_dtype
 from .rope import rope_tables
 from .streaming import StreamingModule, StreamingState, masked_fill_
 
@@ -168,9 +169,32 @@ def lazy_zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype)
 
 @dataclass
 class _AttentionState(StreamingState):
-    keys: torch.Tensor  # [B, H_kv, capacity, D_head]
+    keys: torch.Tensor  # [B, H_kv, capacity, D_head], in the cache's storage dtype (nn/kv_cache.py)
     values: torch.Tensor  # [B, H_kv, capacity, D_head]
+    key_scales: torch.Tensor | None = None  # [B, H_kv, capacity, 1] float32, int8 caches only
+    value_scales: torch.Tensor | None = None
     # Stale entries need no reset: the transformer's slot positions mask them out.
+
+    def write(self, items: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, H_kv, T, D] at cache slots [B, T] (items: the batch index of each)."""
+        # indexed assignment, not scatter_: in bf16 that one writes the whole cache (all of its RAM at once)
+        for store, scales, x in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
+            if scales is None:
+                store.transpose(1, 2)[items, slots] = x.transpose(1, 2).to(store.dtype)
+            else:
+                values, x_scales = quantize_int8(x)
+                store.transpose(1, 2)[items, slots] = values.transpose(1, 2)
+                scales.transpose(1, 2)[items, slots] = x_scales.transpose(1, 2)
+
+    def read(self, b: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [1, H_kv, n, D] of item b's first n slots (int8: dequantized into scratch buffers)."""
+        k, v = self.keys[b:b + 1, :, :n], self.values[b:b + 1, :, :n]
+        if k.dtype == dtype:
+            return k, v
+        if self.key_scales is None:  # bf16: widened into the scratch buffers
+            return scratch(0, k.shape, k.device, dtype).copy_(k), scratch(1, v.shape, v.device, dtype).copy_(v)
+        return (dequantize_int8(k, self.key_scales[b:b + 1, :, :n], scratch(0, k.shape, k.device, dtype)),
+                dequantize_int8(v, self.value_scales[b:b + 1, :, :n], scratch(1, v.shape, v.device, dtype)))
 
 
 class Attention(StreamingModule):
@@ -188,6 +212,7 @@ class Attention(StreamingModule):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=5 ** 0.5)
         self.in_proj: nn.Module | None = None  # replaces in_proj_weight when quantized (nn/quant.py)
         self.out_proj = StackedLinear(cfg.d_model, cfg.d_model, n)
+        self.kv_cache = "float"  # storage of the streaming cache: float | bf16 | int8 (nn/kv_cache.py)
         if cfg.context is not None:
             self.capacity = cfg.context + CACHE_RESERVE
         elif cfg.weights_per_step:
@@ -200,8 +225,19 @@ class Attention(StreamingModule):
             raise RuntimeError("streaming attention needs a context (or weights_per_step) to size its cache")
         w = self.float_like()
         shape = (batch_size, self.kv_heads, self.capacity, self.head_dim)
-        return _AttentionState(batch_size, w.device, keys=lazy_zeros(shape, w.device, w.dtype),
-                               values=lazy_zeros(shape, w.device, w.dtype))
+        store = storage_dtype(self.kv_cache, w.dtype)
+        state = _AttentionState(batch_size, w.device, keys=lazy_zeros(shape, w.device, store),
+                                values=lazy_zeros(shape, w.device, store))
+        if self.kv_cache == "int8":
+            state.key_scales = lazy_zeros(shape[:-1] + (1,), w.device, torch.float32)
+            state.value_scales = lazy_zeros(shape[:-1] + (1,), w.device, torch.float32)
+        return state
+
+    def set_kv_cache(self, kind: str) -> None:
+        """How the streaming cache stores keys and values (float | bf16 | int8); offline calls round the same way."""
+        if self._streaming_state is not None:
+            raise RuntimeError("set the KV cache kind outside of a streaming() block")
+        self.kv_cache = check_kv_cache(kind)
 
     def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; `ctx` holds positions, RoPE tables, mask and cache slots of this call."""
@@ -220,20 +256,15 @@ class Attention(StreamingModule):
         v = v.transpose(1, 2)
 
         state = self._streaming_state
-        if state is not None:
-            assert isinstance(state, _AttentionState) and ctx.slots is not None
-            # indexed assignment, not scatter_: in bf16 that one writes the whole cache (all of its RAM at once)
-            items = torch.arange(B, device=x.device)[:, None].expand(B, T)
-            state.keys.transpose(1, 2)[items, ctx.slots] = k.transpose(1, 2)
-            state.values.transpose(1, 2)[items, ctx.slots] = v.transpose(1, 2)
-            k, v = state.keys, state.values
-        if ctx.lengths is None:
-            out = self._attend(q, k, v, ctx.mask)
+        if state is None:
+            out = self._attend(q, round_trip(self.kv_cache, k), round_trip(self.kv_cache, v), ctx.mask)
         else:
+            assert isinstance(state, _AttentionState) and ctx.slots is not None and ctx.lengths is not None
+            state.write(torch.arange(B, device=x.device)[:, None].expand(B, T), ctx.slots, k, v)
             # Each item attends to the cache slots it has written (all of them once the ring has wrapped),
             # on its own: its numerics never depend on the other items or on the batch's history.
-            out = torch.cat([self._attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
-                                          ctx.mask[b:b + 1, ..., :n]) for b, n in enumerate(ctx.lengths)])
+            out = torch.cat([self._attend(q[b:b + 1], *state.read(b, n, q.dtype), ctx.mask[b:b + 1, ..., :n])
+                             for b, n in enumerate(ctx.lengths)])
         out = out.transpose(1, 2).flatten(2)
         return self.out_proj(out, weight_indices)
 
@@ -372,6 +403,11 @@ class Transformer(StreamingModule):
         return _TransformerState(batch_size, device, torch.zeros(batch_size, dtype=torch.long, device=device),
                                  torch.full((batch_size, capacity), -1, dtype=torch.long, device=device),
                                  host_offsets=[0] * batch_size)
+
+    def set_kv_cache(self, kind: str) -> None:
+        """Store every layer's streaming keys and values as float | bf16 | int8 (nn/kv_cache.py)."""
+        for layer in self.layers:
+            layer.self_attn.set_kv_cache(kind)
 
     def _mask(self, positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor | None:
         """Which keys each query sees: [B, 1, T, S] bool (None = all)."""
