@@ -58,6 +58,26 @@ def test_linear_matches_torch(packing, shape):
     assert (fast.linear(x, w, torch.ones(48)) - expected - 1).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["pad", "gemv"])
+@torch.inference_mode()
+def test_single_vector_kernels_match_torch(monkeypatch, kernel):
+    monkeypatch.setenv("OPENMOSHI_FAST_GEMV", kernel)
+    assert fast.single_vector_kernel() == kernel
+    torch.manual_seed(0)
+    for k in (64, 2048):
+        x, w, b = torch.randn(1, 1, k), torch.randn(96, k), torch.randn(96)
+        out = fast.linear(x, w, b)
+        assert out.shape == (1, 1, 96) and (out - F.linear(x, w, b)).abs().max() < 1e-3
+
+
+def test_single_vector_kernel_is_measured_once_per_thread_count(monkeypatch):
+    monkeypatch.delenv("OPENMOSHI_FAST_GEMV", raising=False)
+    monkeypatch.setattr(fast, "_single_vector", {})
+    choice = fast.single_vector_kernel()
+    assert choice in ("pad", "gemv") and fast._single_vector == {torch.get_num_threads(): choice}
+    assert fast.single_vector_kernel() == choice
+
+
 def test_cached_weight_copies_follow_in_place_edits():
     torch.manual_seed(0)
     w = torch.randn(4, 2048)  # wide: column blocks at 1-2 rows, packed copy at 3+ rows

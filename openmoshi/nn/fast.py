@@ -5,7 +5,9 @@ stream from memory. Measured on a 2-core Zen 4 (fp32, 2 threads, weights not in 
 
 - MKL's sgemm reads a row-major weight [N, K] at close to memory bandwidth (~25 GB/s) when it is the left
   operand and the vectors the transposed right one, `W @ x.T`, for 2 vectors; `F.linear(x, W)` reaches
-  5-10 GB/s on the same shapes, gemv ~10 GB/s, so a single vector is padded to two.
+  5-10 GB/s on the same shapes, gemv ~10 GB/s, so a single vector was padded to two. Another 2-core EPYC VM
+  (2026-12-03) showed the opposite: gemv 15 GB/s, the padded sgemm 6 GB/s at 1 thread (12 at 2). Which one
+  a single vector takes is therefore measured once per process and thread count (`single_vector_kernel`).
 - A weight with 2048+ columns streams at ~19 GB/s that way, at ~28 GB/s as a batch of 512-column blocks.
 - From 3 vectors on, oneDNN's linear on a weight packed once for it stays near 20 GB/s where MKL drops to
   ~10 GB/s.
@@ -27,6 +29,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import typing as tp
 
 import torch
@@ -51,6 +54,7 @@ _enabled = os.environ.get("OPENMOSHI_FAST", "1").lower() not in ("0", "false", "
 _packing_works = True  # cleared, with a log line, if this torch build lacks the oneDNN ops
 _local = threading.local()
 _derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {"version": int | None, kind: tensor}
+_single_vector: dict[int, str] = {}  # thread count -> "pad" (sgemm on the vector twice) or "gemv"
 
 
 def set_enabled(enabled: bool) -> None:
@@ -118,6 +122,31 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_HINT)
 
 
+def single_vector_kernel() -> str:
+    """"pad" or "gemv": whichever reads a weight faster for one vector here, timed once per thread count on
+    64 MB of weights (twice a large L3). OPENMOSHI_FAST_GEMV=pad|gemv forces one."""
+    forced = os.environ.get("OPENMOSHI_FAST_GEMV", "").lower()
+    if forced in ("pad", "gemv"):
+        return forced
+    threads = torch.get_num_threads()
+    if threads not in _single_vector:
+        weights = [torch.full((2048, 2048), 0.5 + i) for i in range(4)]
+        x = torch.ones(1, 2048)
+        x2 = x.expand(2, -1).contiguous()
+        times: dict[str, list[float]] = {"pad": [], "gemv": []}
+        with torch.no_grad():
+            for _ in range(4):  # alternating rounds; the second best of each counts
+                for kind in times:
+                    start = time.perf_counter()
+                    for w in weights:
+                        w @ x2.T if kind == "pad" else torch.mv(w, x[0])
+                    times[kind].append(time.perf_counter() - start)
+        _single_vector[threads] = min(times, key=lambda k: sorted(times[k])[1])
+        logger.info("one-vector matmuls at %d thread(s): %s (pad %.1f ms, gemv %.1f ms per 64 MB)", threads,
+                    _single_vector[threads], *(1e3 * sorted(times[k])[1] for k in ("pad", "gemv")))
+    return _single_vector[threads]
+
+
 def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor,
                       source: torch.Tensor | None = None, kind: str = "packed") -> torch.Tensor:
     """rows [M, K] @ weight [N, K].T -> [M, N] (not always contiguous), reading the weight once.
@@ -126,6 +155,8 @@ def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor,
     parameter (the cache is keyed by the parameter, which lives as long as the model).
     """
     m = rows.shape[0]
+    if m == 1 and single_vector_kernel() == "gemv" and not _packing_active():
+        return torch.mv(weight, rows[0])[None]
     if m <= 2:
         rows = rows.contiguous() if m == 2 else rows.expand(2, -1).contiguous()
         n, k = weight.shape
