@@ -48,6 +48,8 @@ class AsrEngine(Engine):
     """The chat engine's slots and step loop with a speech-to-text step: one text token (and the extra heads'
     probabilities) per session and frame."""
 
+    slot_type = AsrSlot
+
     def __init__(self, bundle: MoshiBundle, max_sessions: int, gather_s: float = 0.02) -> None:
         gen = bundle.generation
         defaults = SessionSettings(text_temperature=gen["temp_text"], text_topk=gen["top_k_text"],
@@ -64,21 +66,25 @@ class AsrEngine(Engine):
     def acquire_asr(self, on_output) -> AsrSlot | None:
         for index, slot in enumerate(self.slots):
             if slot is None:
-                slot = AsrSlot(index, self.defaults, on_output, self.max_backlog_frames)
+                slot = self.slot_type(index, self.defaults, on_output, self.max_backlog_frames)
                 self.slots[index] = slot
                 self.metrics.sessions_started += 1
-                prefix = self.settings.prefix_samples(self.bundle.sample_rate)
-                slot.prefix_frames = prefix // self.frame_size
-                self.push_audio(slot, np.zeros(prefix, dtype=np.float32))
+                self._start(slot)
                 return slot
         self.metrics.sessions_rejected += 1
         return None
+
+    def _start(self, slot: AsrSlot) -> None:
+        """A new session: the model's silence prefix goes before the client's audio."""
+        prefix = self.settings.prefix_samples(self.bundle.sample_rate)
+        slot.prefix_frames = prefix // self.frame_size
+        self.push_audio(slot, np.zeros(prefix, dtype=np.float32))
 
     def _warm_up(self) -> None:
         silence = np.zeros(self.frame_size, dtype=np.float32)
         self.warmed_sizes = []
         for size in range(1, self.max_sessions + 1):
-            slots = [AsrSlot(i, self.defaults, lambda *_: None, 1) for i in range(size)]
+            slots = [self.slot_type(i, self.defaults, lambda *_: None, 1) for i in range(size)]
             for _ in range(2):
                 self._step({slot.index: (slot, silence, 0.0) for slot in slots})
             self.warmed_sizes.append(size)

@@ -10,7 +10,6 @@ import collections
 import dataclasses
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..bundle import MoshiBundle
@@ -28,6 +27,8 @@ class DelayedAsrEngine(AsrEngine):
     """`AsrEngine` for a Moshi-style ASR model: no silence prefix, no first frame fed twice, text greedy; the
     tokens of a session's first max(delays) steps are UNGENERATED (-2): they are no frame of its audio."""
 
+    slot_type = DelayedAsrSlot
+
     def __init__(self, bundle: MoshiBundle, max_sessions: int, gather_s: float = 0.02) -> None:
         super().__init__(bundle, max_sessions, gather_s)
         cfg = bundle.config
@@ -38,25 +39,8 @@ class DelayedAsrEngine(AsrEngine):
         self._user = torch.full((max_sessions, cfg.n_user, 1), -1, dtype=torch.long, device=self.device) \
             if cfg.n_user else None
 
-    def acquire_asr(self, on_output) -> DelayedAsrSlot | None:
-        for index, slot in enumerate(self.slots):
-            if slot is None:
-                self.slots[index] = slot = DelayedAsrSlot(index, self.defaults, on_output, self.max_backlog_frames)
-                slot.first = False
-                self.metrics.sessions_started += 1
-                return slot
-        self.metrics.sessions_rejected += 1
-        return None
-
-    def _warm_up(self) -> None:
-        silence = np.zeros(self.frame_size, dtype=np.float32)
-        self.warmed_sizes = []
-        for size in range(1, self.max_sessions + 1):
-            slots = [DelayedAsrSlot(i, self.defaults, lambda *_: None, 1) for i in range(size)]
-            for _ in range(2):
-                self._step({slot.index: (slot, silence, 0.0) for slot in slots})
-            self.warmed_sizes.append(size)
-        self.torch_threads = torch.get_num_threads()
+    def _start(self, slot: AsrSlot) -> None:
+        slot.first = False  # no silence prefix, no first frame fed twice
 
     @torch.inference_mode()
     def _step(self, batch: dict) -> list:
