@@ -35,6 +35,7 @@ from .stt import DEFAULT_EOS_HEAD, DEFAULT_EOS_THRESHOLD, StreamingTranscriber, 
 from .tts import (
     TEXT_TOP_K,
     ForcingState,
+    ItemStepper,
     Speech,
     SpokenWord,
     TextForcer,
@@ -42,6 +43,7 @@ from .tts import (
     TtsSettings,
     TtsTokens,
     Word,
+    run_stepper,
     script_to_words,
 )
 from .tts_stream import SpeechOutput
@@ -167,18 +169,7 @@ class DelayedSynthesizer:
     def generate(self, scripts: list[list[Word]], on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
         """Frames [B, 1 + dep_q, F] (delays undone: frame f's forced text and sampled audio), each item's end (the
         step it asked for a word past its last) and its words' steps."""
-        stepper = DelayedStepper(self, scripts)
-        frames: list[torch.Tensor] = []
-        with stepper.gen.streaming(len(scripts)):
-            while stepper.steps[0] < self.max_steps and not stepper.finished:
-                out = stepper.step()
-                if out is not None:
-                    frames.append(out)
-                if on_step is not None:
-                    on_step(stepper.steps[0])
-        dep_q = self.bundle.config.dep_q
-        out = torch.cat(frames, dim=2) if frames else torch.zeros(len(scripts), 1 + dep_q, 0, dtype=torch.long)
-        return TtsRun(out, [s.end_step for s in stepper.states], [s.transcript for s in stepper.states])
+        return run_stepper(DelayedStepper(self, scripts), self.max_steps, self.bundle.config.dep_q, on_step)
 
     def speak(self, texts: list[str | tp.Sequence[str]],
               on_step: tp.Callable[[int], None] | None = None) -> list[Speech]:
@@ -204,7 +195,7 @@ class DelayedSynthesizer:
         return out
 
 
-class DelayedStepper:
+class DelayedStepper(ItemStepper):
     """`DelayedSynthesizer.generate` one step at a time, as `TtsStepper` (inside `stepper.gen.streaming(B)`):
     words may be appended to `states[i].words` between steps, `step(active)` advances only some items, `restart`
     gives an item a fresh start with its own sampling (a server session)."""
@@ -217,7 +208,7 @@ class DelayedStepper:
         self.steps = [0] * batch
         self.delay = 0
         self._active = [True] * batch
-        self._first_audio = min(cfg.delays[1:1 + cfg.dep_q])  # before it every audio position is an initial token
+        self._silent_steps = min(cfg.delays[1:1 + cfg.dep_q])  # before it every audio position is an initial token
         self._max_delay = cfg.max_delay
         pad = synth.tokens.pad
 
@@ -240,10 +231,6 @@ class DelayedStepper:
             if cfg.n_user else None
         self._silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
 
-    @property
-    def finished(self) -> bool:
-        return all(self.item_finished(i) for i in range(len(self.states)))
-
     def item_finished(self, i: int) -> bool:
         """Asked for a word past its last one, and the frames up to that step (+ final padding) are out."""
         end = self.states[i].end_step
@@ -254,32 +241,7 @@ class DelayedStepper:
         """Item i starts anew (no words yet) with its own sampling; a Moshi-style model has no conditions."""
         self.states[i] = self.synth.forcer.start([])
         self.steps[i] = 0
-        mask = torch.zeros(len(self.states), dtype=torch.bool)
-        mask[i] = True
-        self.gen.reset(mask)
-        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
-                                text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
-
-    @torch.no_grad()
-    def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
-        """One step of the `active` items (all when None): None for the first max(delays) steps, then long
-        [B, 1 + dep_q, 1] (-2 for frozen items and those restarted less than max(delays) steps ago)."""
-        batch = len(self.states)
-        active = [True] * batch if active is None else list(active)
-        partial = not all(active)
-        if partial or not all(self._active):
-            self.gen.set_active(torch.tensor(active) if partial else None)
-        self._active = active
-        silent = [a and s < self._first_audio for a, s in zip(active, self.steps)]
-        if not any(silent):
-            frame = self.gen.step(self._user)
-        elif all(d or not a for d, a in zip(silent, active)):
-            frame = self.gen.step(self._user, replace_audio=self._silent)
-        else:
-            frame = self.gen.step(self._user, replace_audio=self._silent, replace_rows=silent)
-        for i, a in enumerate(active):
-            self.steps[i] += a
-        return frame
+        self._restart_sampling(i, temp, seed, top_k)
 
 
 class DelayedSpeechOutput(SpeechOutput):

@@ -264,7 +264,75 @@ def _voice_embedding(path_or_tensor: str | torch.Tensor) -> torch.Tensor:
     return emb
 
 
-class TtsStepper:
+class ItemStepper:
+    """What `TtsStepper` and `delayed.DelayedStepper` share: a batch of items stepped together, some frozen, each
+    restartable. Subclasses set `states`, `steps`, `gen`, `_active`, `_user`, `_silent` and `_silent_steps` (the
+    steps of an item whose audio is still all initial tokens)."""
+
+    states: list[ForcingState]
+    steps: list[int]
+    gen: Generator
+    _active: list[bool]
+    _user: torch.Tensor | None
+    _silent: torch.Tensor
+    _silent_steps: int
+
+    def _restart_sampling(self, i: int, temp: float, seed: int | None, top_k: int) -> None:
+        """Item i's streams reset, with its own temperature, seed and audio top-k (the text's is at most 25)."""
+        mask = torch.zeros(len(self.states), dtype=torch.bool)
+        mask[i] = True
+        self.gen.reset(mask)
+        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
+                                text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
+
+    @torch.no_grad()
+    def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
+        """One step of the `active` items (all when None): None for the first steps, then long
+        [B, 1 + dep_q, 1] (see Generator.step; -2 for frozen items and those restarted too recently)."""
+        batch = len(self.states)
+        active = [True] * batch if active is None else list(active)
+        partial = not all(active)
+        if partial or not all(self._active):
+            self.gen.set_active(torch.tensor(active) if partial else None)
+        self._active = active
+        silent = [a and s < self._silent_steps for a, s in zip(active, self.steps)]
+        if not any(silent):
+            frame = self.gen.step(self._user)
+        elif all(d or not a for d, a in zip(silent, active)):  # every stepped item is still silent
+            frame = self.gen.step(self._user, replace_audio=self._silent)
+        else:
+            frame = self.gen.step(self._user, replace_audio=self._silent, replace_rows=silent)
+        for i, a in enumerate(active):
+            self.steps[i] += a
+        return frame
+
+    @property
+    def finished(self) -> bool:
+        return all(self.item_finished(i) for i in range(len(self.states)))
+
+    def item_finished(self, i: int) -> bool:
+        raise NotImplementedError
+
+
+def run_stepper(stepper: ItemStepper, max_steps: int, dep_q: int,
+                on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
+    """Step every item until all are finished or `max_steps`: frames [B, 1 + dep_q, F], ends and transcripts."""
+    frames = []
+    batch = len(stepper.states)
+    with stepper.gen.streaming(batch):
+        for step in range(max_steps):
+            if stepper.finished:
+                break
+            frame = stepper.step()
+            if frame is not None:
+                frames.append(frame)
+            if on_step is not None:
+                on_step(step + 1)
+    out = torch.cat(frames, dim=2) if frames else torch.zeros(batch, 1 + dep_q, 0, dtype=torch.long)
+    return TtsRun(out, [s.end_step for s in stepper.states], [s.transcript for s in stepper.states])
+
+
+class TtsStepper(ItemStepper):
     """The generation loop of `Synthesizer.generate`, one step at a time (inside `stepper.gen.streaming(B)`).
 
     Words may be appended to `states[i].words` between steps (streaming text); `step(active)` advances only some
@@ -336,6 +404,7 @@ class TtsStepper:
                              conditions=conditions, cfg_coef=guidance, cfg_null_text=True,
                              cfg_masked_until=masked_until)
         self._silent = torch.full((batch, cfg.dep_q), -1, dtype=torch.long, device=lm.device)
+        self._silent_steps = delay
         self._user = torch.full((batch, cfg.n_user, 1), -1, dtype=torch.long, device=lm.device) \
             if cfg.n_user else None
 
@@ -344,12 +413,8 @@ class TtsStepper:
         """Steps of the first item (the only one of a single stream)."""
         return self.steps[0]
 
-    @property
-    def finished(self) -> bool:
-        """Every item asked for a word past its last one, and its audio has caught up (+ final padding)."""
-        return all(self.item_finished(i) for i in range(len(self.states)))
-
     def item_finished(self, i: int) -> bool:
+        """Asked for a word past its last one, and its audio has caught up (+ final padding)."""
         end = self.states[i].end_step
         return end is not None and self.steps[i] >= end + self.delay + self.synth.final_padding
 
@@ -360,33 +425,8 @@ class TtsStepper:
         self.steps[i] = 0
         self._text_prefix[i].clear()
         self._audio_prefix[i].clear()
-        mask = torch.zeros(len(self.states), dtype=torch.bool)
-        mask[i] = True
-        self.gen.reset(mask)
+        self._restart_sampling(i, temp, seed, top_k)
         self.gen.set_conditions(i, conditions)
-        self.gen.configure_slot(i, temp=temp, top_k=top_k, temp_text=temp, top_k_text=min(top_k, TEXT_TOP_K),
-                                text_seed=seed, audio_seed=None if seed is None else (seed + 1) % 2**64)
-
-    @torch.no_grad()
-    def step(self, active: list[bool] | None = None) -> torch.Tensor | None:
-        """One step of the `active` items (all when None): None for the first steps, then long
-        [B, 1 + dep_q, 1] (see Generator.step; -2 for frozen items)."""
-        batch = len(self.states)
-        active = [True] * batch if active is None else list(active)
-        partial = not all(active)
-        if partial or not all(self._active):
-            self.gen.set_active(torch.tensor(active) if partial else None)
-        self._active = active
-        delayed = [a and s < self.delay for a, s in zip(active, self.steps)]
-        if not any(delayed):
-            frame = self.gen.step(self._user)
-        elif all(d or not a for d, a in zip(delayed, active)):  # every stepped item is still delayed
-            frame = self.gen.step(self._user, replace_audio=self._silent)
-        else:
-            frame = self.gen.step(self._user, replace_audio=self._silent, replace_rows=delayed)
-        for i, a in enumerate(active):
-            self.steps[i] += a
-        return frame
 
 
 class Synthesizer:
@@ -475,20 +515,8 @@ class Synthesizer:
                  on_step: tp.Callable[[int], None] | None = None) -> TtsRun:
         """Run the model over a batch of scripts. prefixes: per item, codes [1 + n_q, T] of an audio prompt
         (text row -1) forced at the start."""
-        stepper = TtsStepper(self, scripts, voices, prefixes)
-        frames = []
-        with stepper.gen.streaming(len(scripts)):
-            for step in range(self.max_steps):
-                if stepper.finished:
-                    break
-                frame = stepper.step()
-                if frame is not None:
-                    frames.append(frame)
-                if on_step is not None:
-                    on_step(step + 1)
-        out = torch.cat(frames, dim=2) if frames else torch.zeros(len(scripts), 1 + self.bundle.config.dep_q, 0,
-                                                                   dtype=torch.long)
-        return TtsRun(out, [s.end_step for s in stepper.states], [s.transcript for s in stepper.states])
+        return run_stepper(TtsStepper(self, scripts, voices, prefixes), self.max_steps, self.bundle.config.dep_q,
+                           on_step)
 
     def speak(self, texts: list[str | tp.Sequence[str]], voices: list[TensorInput | None] | None = None,
               prefixes: list[torch.Tensor] | None = None,
