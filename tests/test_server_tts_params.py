@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from test_server_dsm import KEY, LIMITS, TEXT, _one_message, speak_over_ws
+from test_server_tts_formats import speak
 
 from openmoshi.bundle import load_model
 from openmoshi.checkpoint import save_safetensors
@@ -78,18 +79,11 @@ def test_top_k_samples_among_the_k_likeliest(server, bundle, voices):
 
 
 async def _speak_until_closed(url: str, text: str) -> tuple[np.ndarray, list, list, aiohttp.WSMessage]:
+    frames, message = await speak(url, text)
     pcm, words, others = [], [], []
-    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=KEY) as ws:
-        for word in text.split():
-            await ws.send_bytes(msgpack.packb({"type": "Text", "text": word}))
-        await ws.send_bytes(msgpack.packb({"type": "Eos"}))
-        while True:
-            message = await ws.receive()
-            if message.type != aiohttp.WSMsgType.BINARY:
-                break
-            data = msgpack.unpackb(message.data)
-            (pcm.append(np.asarray(data["pcm"], np.float32)) if data["type"] == "Audio" else
-             words.append(data) if data["type"] == "Text" else others.append(data))
+    for data in map(msgpack.unpackb, frames):
+        (pcm.append(np.asarray(data["pcm"], np.float32)) if data["type"] == "Audio" else
+         words.append(data) if data["type"] == "Text" else others.append(data))
     return np.concatenate(pcm) if pcm else np.zeros(0, np.float32), words, others, message
 
 
