@@ -76,6 +76,11 @@ def test_unknown_units_are_a_clear_error():
         AlignmentTeacher("syllables")
 
 
+def test_purity_fit_without_phone_purity_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "codec", "--checkpoint", str(tmp_path), str(tmp_path), "--purity-fit", str(tmp_path)]) != 0
+    assert "--phone-purity" in capsys.readouterr().err
+
+
 def test_file_features_count_frames_as_mimi_does(tmp_path):
     wav = tmp_path / "a.wav"
     sf.write(wav, np.zeros(16_000 + 7, dtype=np.float32), 16_000)  # 1 s at 16 kHz + a partial frame

@@ -61,7 +61,7 @@ def test_linear_matches_torch(packing, shape):
 @pytest.mark.parametrize("kernel", ["pad", "gemv"])
 @torch.inference_mode()
 def test_single_vector_kernels_match_torch(monkeypatch, kernel):
-    monkeypatch.setenv("OPENMOSHI_FAST_GEMV", kernel)
+    monkeypatch.setattr(fast, "_single_vector_forced", kernel)  # as OPENMOSHI_FAST_GEMV=kernel does
     assert fast.single_vector_kernel() == kernel
     torch.manual_seed(0)
     for k in (64, 2048):
@@ -71,7 +71,7 @@ def test_single_vector_kernels_match_torch(monkeypatch, kernel):
 
 
 def test_single_vector_kernel_is_measured_once_per_thread_count(monkeypatch):
-    monkeypatch.delenv("OPENMOSHI_FAST_GEMV", raising=False)
+    monkeypatch.setattr(fast, "_single_vector_forced", "")
     monkeypatch.setattr(fast, "_single_vector", {})
     choice = fast.single_vector_kernel()
     assert choice in ("pad", "gemv") and fast._single_vector == {torch.get_num_threads(): choice}

@@ -38,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..eval.codec import evaluate_codec
+    if args.purity_fit and not args.phone_purity:
+        raise ConfigError("--purity-fit fits the map of --phone-purity: give --phone-purity phonemes|letters too")
     device, _ = resolve_device(args)
     metrics = evaluate_codec(args.checkpoint, args.data, args.num_codebooks, args.seconds, args.teacher,
                              args.teacher_layer, args.max_files, str(device), progress=not args.quiet,

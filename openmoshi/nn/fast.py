@@ -55,6 +55,7 @@ _packing_works = True  # cleared, with a log line, if this torch build lacks the
 _local = threading.local()
 _derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {"version": int | None, kind: tensor}
 _single_vector: dict[int, str] = {}  # thread count -> "pad" (sgemm on the vector twice) or "gemv"
+_single_vector_forced = os.environ.get("OPENMOSHI_FAST_GEMV", "").lower()  # "pad" / "gemv" skip the measurement
 
 
 def set_enabled(enabled: bool) -> None:
@@ -125,9 +126,8 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 def single_vector_kernel() -> str:
     """"pad" or "gemv": whichever reads a weight faster for one vector here, timed once per thread count on
     64 MB of weights (twice a large L3). OPENMOSHI_FAST_GEMV=pad|gemv forces one."""
-    forced = os.environ.get("OPENMOSHI_FAST_GEMV", "").lower()
-    if forced in ("pad", "gemv"):
-        return forced
+    if _single_vector_forced in ("pad", "gemv"):
+        return _single_vector_forced
     threads = torch.get_num_threads()
     if threads not in _single_vector:
         weights = [torch.full((2048, 2048), 0.5 + i) for i in range(4)]
