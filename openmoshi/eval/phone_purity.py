@@ -13,18 +13,15 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from ..train.codec.alignment_teacher import AlignmentTeacher
+from ..train.codec.alignment_teacher import AlignmentTeacher, frame_overlaps
 
 
 def dominant_units(teacher: AlignmentTeacher, words, num_frames: int, frame_seconds: float) -> list[str | None]:
     """Per frame, the unit sounding longest in it when it covers at least half the frame, else None."""
     best: list[tuple[float, str | None]] = [(0.5 * frame_seconds - 1e-9, None)] * num_frames  # float slack
-    for symbol, start, end in teacher.unit_spans(words):
-        first, last = int(start / frame_seconds), min(num_frames - 1, int(end / frame_seconds))
-        for f in range(first, last + 1):
-            overlap = min(end, (f + 1) * frame_seconds) - max(start, f * frame_seconds)
-            if overlap >= best[f][0]:
-                best[f] = (overlap, symbol)
+    for f, symbol, overlap in frame_overlaps(teacher.unit_spans(words), num_frames, frame_seconds):
+        if overlap >= best[f][0]:
+            best[f] = (overlap, symbol)
     return [unit for _, unit in best]
 
 

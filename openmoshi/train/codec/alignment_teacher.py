@@ -52,6 +52,16 @@ def espeak_phonemes(word: str, voice: str = "en-us") -> tuple[str, ...]:
     return tuple(p for p in (_STRESS.sub("", s) for s in re.split(r"[_\s]+", out)) if p)
 
 
+def frame_overlaps(spans: list[tuple[str, float, float]], num_frames: int, frame_seconds: float):
+    """(frame, symbol, seconds) for every unit span and frame of [0, num_frames) it sounds in."""
+    for symbol, start, end in spans:
+        first, last = int(start / frame_seconds), min(num_frames - 1, int(end / frame_seconds))
+        for f in range(first, last + 1):
+            overlap = min(end, (f + 1) * frame_seconds) - max(start, f * frame_seconds)
+            if overlap > 0:
+                yield f, symbol, overlap
+
+
 class AlignmentTeacher:
     """Targets [F, D] per audio file from its word alignments (see the module's docstring)."""
 
@@ -90,13 +100,9 @@ class AlignmentTeacher:
         """[num_frames, dim]: per frame, the time-weighted sum of its units' embeddings, silence for the rest."""
         out = torch.zeros(num_frames, self.dim)
         covered = torch.zeros(num_frames)
-        for symbol, start, end in spans:
-            first, last = int(start / frame_seconds), min(num_frames - 1, int(end / frame_seconds))
-            for f in range(first, last + 1):
-                overlap = min(end, (f + 1) * frame_seconds) - max(start, f * frame_seconds)
-                if overlap > 0:
-                    out[f] += overlap * unit_embedding(symbol, self.dim)
-                    covered[f] += overlap
+        for f, symbol, overlap in frame_overlaps(spans, num_frames, frame_seconds):
+            out[f] += overlap * unit_embedding(symbol, self.dim)
+            covered[f] += overlap
         silence = (frame_seconds - covered).clamp_min(0.0)
         return out + silence[:, None] * unit_embedding(SILENCE, self.dim)
 
