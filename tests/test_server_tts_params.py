@@ -153,3 +153,64 @@ def test_a_seed_of_64_bits_works(server, bundle, voices):
     pcm, _, _ = asyncio.run(speak_over_ws(_url(server, f"temperature=0.8&seed={seed}"), TEXT))
     again, _, _ = asyncio.run(speak_over_ws(_url(server, f"temperature=0.8&seed={seed}"), TEXT))
     np.testing.assert_array_equal(pcm, again)
+
+
+async def _speak_with_voice(url: str, voice: dict, text: str, after_first_word: bool = False) -> tuple:
+    """As Kyutai's clients with an inline voice: a Voice message, then one Text per word, Eos; the audio, the
+    words and the other messages until the server closes."""
+    pcm, words, others = [], [], []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=KEY) as ws:
+        for i, word in enumerate(text.split()):
+            if i == int(after_first_word):
+                await ws.send_bytes(msgpack.packb({"type": "Voice", **voice}))
+            await ws.send_bytes(msgpack.packb({"type": "Text", "text": word}))
+        await ws.send_bytes(msgpack.packb({"type": "Eos"}))
+        async for message in ws:
+            data = msgpack.unpackb(message.data, raw=False)
+            (pcm.append(np.asarray(data["pcm"], np.float32)) if data["type"] == "Audio" else
+             words.append(data) if data["type"] == "Text" else others.append(data))
+    return np.concatenate(pcm) if pcm else np.zeros(0, np.float32), words, others
+
+
+def _voice_message(path) -> dict:
+    from openmoshi.checkpoint import read_safetensors
+    emb = read_safetensors(path)["speaker_wavs"]
+    return {"embeddings": emb.reshape(-1).tolist(), "shape": list(emb.shape)}
+
+
+def test_an_inline_voice_message_sets_the_voice(server, bundle, voices):
+    """Kyutai's server takes a voice as embeddings in a Voice message before the first Text: the same speech
+    as that voice named in the query."""
+    b = voices / "b.safetensors"
+    expected = _speak(bundle, [b], temp=0.0)
+    pcm, words, others = asyncio.run(_speak_with_voice(_url(server, ""), _voice_message(b), TEXT))
+    assert [m["type"] for m in others] == ["Ready"]
+    np.testing.assert_allclose(pcm, expected.audio[0].numpy(), rtol=0, atol=1e-5)
+    assert [w["text"] for w in words] == TEXT.split()
+    default = _speak(bundle, [voices / "a.safetensors"], temp=0.0)  # the server's --voice
+    assert len(default.audio[0]) != len(pcm) or not np.allclose(default.audio[0].numpy(), pcm, atol=1e-5)
+
+
+VOICE_BAD = [
+    ({"embeddings": [0.5] * 20, "shape": [1, 4, 5]}, "this model's voices are [1, 32, frames]"),
+    ({"embeddings": [0.5] * 32 * 7, "shape": [1, 32, 7]}, "same length"),
+    ({"embeddings": [0.5] * 10, "shape": [1, 32, 5]}, "holds 10 numbers, its shape [1, 32, 5] needs 160"),
+    ({"embeddings": [0.5] * 160, "shape": [32, 5]}, "must be [1, dim, frames]"),
+    ({"embeddings": ["x"] * 160, "shape": [1, 32, 5]}, "numbers only"),
+    ({"embeddings": [0.5] * 160}, "needs \"shape\""),
+]
+
+
+def test_a_bad_or_late_voice_message_gets_an_error_and_the_speech_goes_on(server, bundle, voices):
+    default = _speak(bundle, [voices / "a.safetensors"], temp=0.0).audio[0].numpy()
+    for voice, needle in VOICE_BAD:
+        pcm, words, others = asyncio.run(_speak_with_voice(_url(server, ""), voice, TEXT))
+        errors = [m["message"] for m in others if m["type"] == "Error"]
+        assert len(errors) == 1 and needle in errors[0], (voice, errors)
+        np.testing.assert_allclose(pcm, default, rtol=0, atol=1e-5)
+    late = _voice_message(voices / "b.safetensors")
+    pcm, words, others = asyncio.run(_speak_with_voice(_url(server, ""), late, TEXT, after_first_word=True))
+    errors = [m["message"] for m in others if m["type"] == "Error"]
+    assert len(errors) == 1 and "before the first word" in errors[0]
+    np.testing.assert_allclose(pcm, default, rtol=0, atol=1e-5)
+    assert [w["text"] for w in words] == TEXT.split()

@@ -14,6 +14,8 @@ Every message is one binary websocket frame holding a msgpack map with a "type":
                                  (per 80 ms, for models with voice-activity heads)
                            {"type": "Marker", "id": int}
     TTS  client -> server  {"type": "Text", "text": str}   {"type": "Eos"}
+                           {"type": "Voice", "embeddings": [float, ...], "shape": [1, dim, frames]}
+                                 (before the first Text: this session's voice, as a voice file's speaker_wavs)
     TTS  server -> client  {"type": "Ready"}   {"type": "Audio", "pcm": [float, ...]}   (format=PcmMessagePack;
                                  the other formats in `tts_format`; an OggOpus message's data may be bin or a
                                  list of byte values: `ogg_bytes` reads both)
@@ -38,9 +40,10 @@ _FIELDS = {
     "Marker": {"id": "an integer"},
     "Text": {"text": "a string"},
     "Eos": {},
+    "Voice": {"embeddings": "a flat list of numbers", "shape": "a list of dimensions, [1, dim, frames]"},
 }
 ASR_TYPES = ("Audio", "OggOpus", "Marker", "Init")
-TTS_TYPES = ("Text", "Eos")
+TTS_TYPES = ("Text", "Eos", "Voice")
 
 
 def pack(message: dict) -> bytes:
@@ -99,6 +102,8 @@ def parse(data: bytes | str, accepted: tuple[str, ...], max_bytes: int) -> dict:
         message["pcm"] = _pcm(message["pcm"])
     if kind == "OggOpus":
         message["data"] = ogg_bytes(message["data"])
+    if kind == "Voice":
+        message["embeddings"] = _voice(message["embeddings"], message["shape"])
     return message
 
 
@@ -124,3 +129,25 @@ def _pcm(values) -> np.ndarray:
     if pcm.ndim != 1 or (pcm.size and not math.isfinite(float(np.abs(pcm).max()))):
         raise ProtocolError("an Audio message's \"pcm\" must be a flat list of finite numbers")
     return pcm
+
+
+def _voice(values, shape) -> np.ndarray:
+    """A Voice message's embeddings as a float32 array of its `shape` ([1, dim, frames], as a voice file holds)."""
+    if not isinstance(shape, (list, tuple)) or not shape or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ProtocolError(f"a Voice message's \"shape\" must be a list of positive integers, got {shape!r}")
+    if len(shape) != 3 or shape[0] != 1:
+        raise ProtocolError(f"a Voice message's \"shape\" must be [1, dim, frames] (a voice file's speaker_wavs), "
+                            f"got {list(shape)}")
+    if not isinstance(values, (list, tuple)):
+        raise ProtocolError(f"a Voice message's \"embeddings\" must be a list of numbers, got {type(values).__name__}")
+    if len(values) != math.prod(shape):
+        raise ProtocolError(f"a Voice message holds {len(values)} numbers, its shape {list(shape)} needs "
+                            f"{math.prod(shape)}")
+    try:
+        emb = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ProtocolError("a Voice message's \"embeddings\" must hold numbers only") from None
+    if emb.ndim != 1 or not np.isfinite(emb).all():
+        raise ProtocolError("a Voice message's \"embeddings\" must be a flat list of finite numbers")
+    return emb.reshape(shape)

@@ -4,7 +4,8 @@
 Sessions share the batched step of `TtsEngine` (one slot each, up to `max_sessions`). Query parameters, as
 Kyutai's rust moshi-server names them (`tts_request.TtsQuery`): voice (a file of --voice-dir) or voices (one per
 speaker), format (`tts_format`: PcmMessagePack, OggOpusMessagePack, OggOpus, Pcm), temperature, top_k, seed,
-cfg_alpha, max_seq_len; auth_id for the token. A bad value gets an Error and the socket closes.
+cfg_alpha, max_seq_len; auth_id for the token. A bad value gets an Error and the socket closes. A Voice
+message before the first Text replaces the query's voice with the embeddings it carries (as Kyutai's server).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ class TtsSession(DsmSession):
     """One client: its text goes to its slot as it arrives, its audio and words come back as they are made."""
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, engine: TtsEngine,
-                 limits: SessionLimits, encoder: TtsEncoder) -> None:
+                 limits: SessionLimits, encoder: TtsEncoder, cfg_coef: float | None = None) -> None:
         super().__init__(request, ws, engine, limits)
         self.encoder = encoder
+        self.cfg_coef = cfg_coef  # the query's, for the conditions of a Voice message
+        self.texted = False
         # with messages, the Error before the close says why; a raw format has only the close frame for it
         self.messages = encoder.messages
         self.reason_in_close_frame = not encoder.messages
@@ -74,6 +77,11 @@ class TtsSession(DsmSession):
     def _check(self, message: dict) -> dict:
         if self.eos:
             raise ProtocolError(f"a {message['type']} message after Eos: the text has ended")
+        if message["type"] == "Voice":
+            if self.texted:
+                raise ProtocolError("a Voice message after Text: send the voice before the first word")
+            voice = self.engine.voice_message(message["embeddings"])
+            message["conditions"] = self.engine.conditions(voice, self.cfg_coef)
         return message
 
     async def _receive_loop(self) -> None:
@@ -91,7 +99,10 @@ class TtsSession(DsmSession):
                 continue
             self.last_input = loop.time()
             if msg["type"] == "Text":
+                self.texted = True
                 self.engine.push_text(slot, msg["text"])
+            elif msg["type"] == "Voice":  # the row restarts with this voice before its first word
+                slot.new_conditions = msg["conditions"]
             else:
                 self.eos = True
                 self.engine.push_eos(slot)
@@ -132,7 +143,7 @@ async def handle_tts(request: web.Request, engine: TtsEngine, limits: SessionLim
         conditions = engine.conditions(engine.voices(query.voices), query.cfg_coef)
     except ProtocolError as exc:
         return await refuse(ws, str(exc), encoder.messages)
-    session = TtsSession(request, ws, engine, limits, encoder)
+    session = TtsSession(request, ws, engine, limits, encoder, query.cfg_coef)
     slot = engine.acquire(conditions, 0.0 if query.greedy else query.temperature, query.seed, session.on_output,
                           query.top_k, query.max_seq_len)
     return await run_session(request, ws, engine, session, slot, sessions, "tts", "speech")

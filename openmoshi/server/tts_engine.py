@@ -54,6 +54,7 @@ class TtsSlot:
     top_k: int = 250
     max_steps: int | None = None  # the client's max_seq_len (None: the server's limit)
     texts: list[str] = field(default_factory=list)  # received, for the next step (event loop side)
+    new_conditions: dict | None = None  # a Voice message's, for the next step (event loop side)
     eos: bool = False
     fresh: bool = True
     words_in: int = 0
@@ -162,6 +163,16 @@ class TtsEngine:
                                 f"whole server by --cfg-coef ({self.options.cfg_coef:g})")
         return conditions
 
+    def voice_message(self, embeddings: np.ndarray) -> TensorInput:
+        """A Voice message's embeddings [1, dim, frames] as this session's one speaker; ProtocolError if the
+        model takes none or the shape does not fit."""
+        if not self.multi_speaker:
+            raise ProtocolError("this model takes no voice embedding: leave out the Voice message")
+        dim = self.bundle.config.conditioners["speaker_wavs"]["tensor"]["dim"]
+        if embeddings.shape[1] != dim:
+            raise ProtocolError(f"a Voice of shape {list(embeddings.shape)}: this model's voices are [1, {dim}, frames]")
+        return voices_condition([torch.from_numpy(embeddings)])
+
     def acquire(self, conditions: dict | None, temp: float, seed: int | None,
                 on_output: tp.Callable[[TtsOutput], None], top_k: int = 250,
                 max_steps: int | None = None) -> TtsSlot | None:
@@ -237,6 +248,8 @@ class TtsEngine:
         work = []
         for slot in self.slots:
             if slot is not None:
+                if slot.new_conditions is not None:  # no step is running: the row restarts at the next one
+                    slot.conditions, slot.new_conditions, slot.fresh = slot.new_conditions, None, True
                 texts, slot.texts = slot.texts, []
                 work.append((slot, texts, slot.eos))
         return work
