@@ -3,7 +3,7 @@
     python benchmarks/bench_7b_memory.py write DIR       # DIR/bf16: random weights of the moshiko structure
     python benchmarks/bench_7b_memory.py quantize DIR    # `openmoshi quantize DIR/bf16 DIR/int4 --bits 4`
     python benchmarks/bench_7b_memory.py run DIR [--steps 20] [--threads 2] [--dtype float32|bfloat16]
-                                              [--kv-cache float|bf16|int8] [--full-steps N]
+                                              [--kv-cache float|bf16|int8|int4] [--full-steps N]
     python benchmarks/bench_7b_memory.py zeros-ab DIR [--steps 20]   # symmetric int4: zeros per call vs held
 
 `--int4-scheme asymmetric` (quantize, run): the 5-bit format (a scale and a zero per group) in DIR/int4-asym
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--int4-scheme", default="symmetric", choices=["symmetric", "asymmetric"])
-    parser.add_argument("--kv-cache", default="float", choices=["float", "bf16", "int8"],
+    parser.add_argument("--kv-cache", default="float", choices=["float", "bf16", "int8", "int4"],
                         help="run: how the temporal transformer's cache stores keys and values")
     parser.add_argument("--full-steps", type=int, default=0,
                         help="run: then time this many steps with a full context (all slots attended to), "

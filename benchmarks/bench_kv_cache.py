@@ -1,4 +1,4 @@
-"""KV cache kinds (float / bf16 / int8) of the temporal transformer: step time of one attention layer at a given
+"""KV cache kinds (float / bf16 / int8 / int4) of the temporal transformer: step time of one attention layer at a given
 context, memory per step, and attention error against the float cache, at Moshi 7B's shape.
 
     python benchmarks/bench_kv_cache.py [--context 3000] [--batch 1] [--rounds 20] [--threads 2]
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from openmoshi.nn.transformer import Transformer, TransformerConfig
 
-KINDS = ("float", "bf16", "int8")
+KINDS = ("float", "bf16", "int8", "int4")
 
 
 def build(kind: str, context: int, batch: int) -> Transformer:

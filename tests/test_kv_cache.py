@@ -1,4 +1,4 @@
-"""bf16 / int8 KV caches of streaming attention: hand-computed int8 rounding, attention error against the float
+"""bf16 / int8 / int4 KV caches of streaming attention: hand-computed int8 and int4 rounding, attention error against the float
 cache, streamed == offline for any chunking, per-item reset and batch independence, greedy tokens of a tiny LM,
 memory, and how `load_model` / the CLI choose the kind."""
 
@@ -12,10 +12,10 @@ from lm_utils import frames, random_codes, run, sharp_model, small_config
 
 from openmoshi.bundle import resolve_kv_cache
 from openmoshi.generation.generator import Generator
-from openmoshi.nn.kv_cache import quantize_int8, round_trip
+from openmoshi.nn.kv_cache import quantize_int4, quantize_int8, round_trip
 from openmoshi.nn.transformer import CACHE_RESERVE, Transformer, TransformerConfig
 
-KINDS = ["float", "bf16", "int8"]
+KINDS = ["float", "bf16", "int8", "int4"]
 
 
 def _transformer(kind: str, context: int | None = 12, **kw) -> Transformer:
@@ -49,7 +49,21 @@ def test_int8_rounding_matches_hand_computed_values():
     assert round_trip("float", x) is x
 
 
-@pytest.mark.parametrize("kind, tolerance", [("bf16", 5e-3), ("int8", 2e-2)])
+def test_int4_rounding_matches_hand_computed_values():
+    x = torch.tensor([[7.0, -3.5, 1.0, 0.0, 0.7, 0.1, -0.2, 0.35]])
+    packed, scales = quantize_int4(x)  # one group (8 is not a multiple of 32): scale 7 / 7 = 1
+    assert scales.dtype == torch.bfloat16 and scales.tolist() == [[1.0]]
+    # values + 8, two a byte (element 2i low, 2i + 1 high); -3.5 rounds half to even: -4
+    assert packed.tolist() == [[(4 << 4) | 15, (8 << 4) | 9, (8 << 4) | 9, (8 << 4) | 8]]
+    assert round_trip("int4", x).tolist() == [[7.0, -4.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]]
+    # groups of 32 numbers, each with its own scale
+    y = torch.cat([torch.full((32,), 0.7), torch.full((32,), -14.0)]).view(1, 64)
+    packed, scales = quantize_int4(y)
+    assert packed.shape == (1, 32) and scales.float().tolist() == [[torch.tensor(0.1).bfloat16().item(), 2.0]]
+    assert torch.allclose(round_trip("int4", y), y, rtol=4e-3)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("bf16", 5e-3), ("int8", 2e-2), ("int4", 0.15)])
 @torch.no_grad()
 def test_quantized_cache_attention_is_close_to_the_float_cache(kind, tolerance):
     """The attention output of a layer streamed step by step over 40 steps: relative L2 error."""
@@ -81,7 +95,7 @@ def test_streamed_equals_offline_for_each_cache_kind(kind, sizes):
         assert not torch.allclose(model(x), offline, atol=1e-5)  # the rounding is really there
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 @torch.no_grad()
 def test_reset_one_item_and_items_are_independent(kind):
     model = _transformer(kind, context=8)
@@ -104,7 +118,7 @@ def test_reset_one_item_and_items_are_independent(kind):
     assert torch.equal(later(0), later(25))
 
 
-def test_int8_cache_takes_a_quarter_of_the_memory_and_kind_is_checked():
+def test_int8_and_int4_caches_take_less_memory_and_kind_is_checked():
     model = _transformer("int8", context=12)
     with model.streaming(3):
         state = model.layers[0].self_attn._streaming_state
@@ -112,23 +126,32 @@ def test_int8_cache_takes_a_quarter_of_the_memory_and_kind_is_checked():
         assert state.key_scales.shape == (3, 4, 12 + CACHE_RESERVE, 1)
         with pytest.raises(RuntimeError, match="outside of a streaming"):
             model.set_kv_cache("float")
-    with pytest.raises(ValueError, match="unknown KV cache kind 'int4'"):
-        model.set_kv_cache("int4")
+    with pytest.raises(ValueError, match="unknown KV cache kind 'int2'"):
+        model.set_kv_cache("int2")
+    model = _transformer("int4", context=12)
+    with model.streaming(3):
+        state = model.layers[0].self_attn._streaming_state
+        assert state.keys.dtype == torch.uint8 and state.keys.shape == (3, 4, 12 + CACHE_RESERVE, 4)
+        assert state.key_scales.dtype == torch.bfloat16 and state.key_scales.shape == (3, 4, 12 + CACHE_RESERVE, 1)
+    odd = Transformer(TransformerConfig(d_model=12, num_heads=4, num_layers=1, dim_feedforward=8, context=4))
+    with pytest.raises(ValueError, match="even head dimension"):
+        odd.set_kv_cache("int4")
 
 
+@pytest.mark.parametrize("kind, near_float", [("int8", 0.9), ("int4", 0.8)])
 @torch.no_grad()
-def test_tiny_lm_with_an_int8_cache_generates_its_greedy_tokens():
+def test_tiny_lm_with_a_quantized_cache_generates_its_greedy_tokens(kind, near_float):
     cfg = small_config()
     lm = sharp_model(cfg)
     qlm = copy.deepcopy(lm)
-    qlm.set_kv_cache("int8")
+    qlm.set_kv_cache(kind)
     assert qlm.depformer.layers[0].self_attn.kv_cache == "float"  # the temporal transformer only
     steps, batch = 60, 2  # past the 40-step context
     user = random_codes(cfg, batch, steps, seed=2)[:, 1 + cfg.dep_q:]
     out = frames(run(Generator(qlm, temp=0, temp_text=0), user, steps, batch))
     codes = torch.cat([out, user[..., 1:out.shape[-1] + 1]], dim=1)
     mask = None
-    for model, least in ((qlm, 1.0), (lm, 0.9)):  # its own predictions offline; the float cache's nearly always
+    for model, least in ((qlm, 1.0), (lm, near_float)):  # its own predictions offline; mostly the float cache's
         pred = model(codes[..., :cfg.context])  # offline: one window of the context
         mask = pred.audio_mask
         same = pred.audio_logits.argmax(-1)[mask] == out[:, 1:1 + cfg.dep_q, :cfg.context][mask]

@@ -8,6 +8,7 @@ import os
 import torch
 
 from ..errors import ConfigError
+from ..nn.kv_cache import KV_CACHE_KINDS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -84,11 +85,12 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kv_cache_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kv-cache", default="auto", choices=["auto", "float", "bf16", "int8"],
+    parser.add_argument("--kv-cache", default="auto", choices=["auto", *KV_CACHE_KINDS],
                         help="how the LM's attention cache stores past keys and values: float (the model's "
-                             "dtype), bf16, or int8 with one scale per head and step (a quarter of fp32's memory: "
-                             "~0.26 instead of 1 MiB per 80 ms step at 7B); auto (default) = int8 with int4 "
-                             "weights on CPU, else float")
+                             "dtype), bf16, int8 with one scale per head and step (a quarter of fp32's memory: "
+                             "~0.26 instead of 1 MiB per 80 ms step at 7B), or int4 in groups of 32 (~0.14 MiB "
+                             "per step; the least memory, a larger rounding error); auto (default) = int8 with "
+                             "int4 weights on CPU, else float")
 
 
 def quantize_bits(args: argparse.Namespace) -> int | None:

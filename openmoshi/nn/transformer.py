@@ -18,7 +18,17 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import fast
-from .kv_cache import check_kv_cache, dequantize_int8, quantize_int8, round_trip, scratch, storage_dtype
+from .kv_cache import (
+    check_kv_cache,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    round_trip,
+    scratch,
+    storage_dtype,
+    stored_shapes,
+)
 from .rope import rope_tables
 from .streaming import StreamingModule, StreamingState, masked_fill_
 
@@ -171,8 +181,9 @@ def lazy_zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype)
 class _AttentionState(StreamingState):
     keys: torch.Tensor  # [B, H_kv, capacity, D_head], in the cache's storage dtype (nn/kv_cache.py)
     values: torch.Tensor  # [B, H_kv, capacity, D_head]
-    key_scales: torch.Tensor | None = None  # [B, H_kv, capacity, 1] float32, int8 caches only
+    key_scales: torch.Tensor | None = None  # int8: [B, H_kv, capacity, 1] float32; int4: [..., D / 32] bf16
     value_scales: torch.Tensor | None = None
+    int4: bool = False  # keys / values [B, H_kv, capacity, D / 2] uint8, two numbers a byte
     # Stale entries need no reset: the transformer's slot positions mask them out.
 
     def write(self, items: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -182,7 +193,7 @@ class _AttentionState(StreamingState):
             if scales is None:
                 store.transpose(1, 2)[items, slots] = x.transpose(1, 2).to(store.dtype)
             else:
-                values, x_scales = quantize_int8(x)
+                values, x_scales = (quantize_int4 if self.int4 else quantize_int8)(x)
                 store.transpose(1, 2)[items, slots] = values.transpose(1, 2)
                 scales.transpose(1, 2)[items, slots] = x_scales.transpose(1, 2)
 
@@ -193,6 +204,10 @@ class _AttentionState(StreamingState):
             return k, v
         if self.key_scales is None:  # bf16: widened into the scratch buffers
             return scratch(0, k.shape, k.device, dtype).copy_(k), scratch(1, v.shape, v.device, dtype).copy_(v)
+        if self.int4:
+            shape = (*k.shape[:-1], 2 * k.shape[-1])
+            return (dequantize_int4(k, self.key_scales[b:b + 1, :, :n], scratch(0, shape, k.device, dtype)),
+                    dequantize_int4(v, self.value_scales[b:b + 1, :, :n], scratch(1, shape, v.device, dtype)))
         return (dequantize_int8(k, self.key_scales[b:b + 1, :, :n], scratch(0, k.shape, k.device, dtype)),
                 dequantize_int8(v, self.value_scales[b:b + 1, :, :n], scratch(1, v.shape, v.device, dtype)))
 
@@ -212,7 +227,7 @@ class Attention(StreamingModule):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=5 ** 0.5)
         self.in_proj: nn.Module | None = None  # replaces in_proj_weight when quantized (nn/quant.py)
         self.out_proj = StackedLinear(cfg.d_model, cfg.d_model, n)
-        self.kv_cache = "float"  # storage of the streaming cache: float | bf16 | int8 (nn/kv_cache.py)
+        self.kv_cache = "float"  # storage of the streaming cache: float | bf16 | int8 | int4 (nn/kv_cache.py)
         if cfg.context is not None:
             self.capacity = cfg.context + CACHE_RESERVE
         elif cfg.weights_per_step:
@@ -224,20 +239,23 @@ class Attention(StreamingModule):
         if not self.capacity:
             raise RuntimeError("streaming attention needs a context (or weights_per_step) to size its cache")
         w = self.float_like()
-        shape = (batch_size, self.kv_heads, self.capacity, self.head_dim)
+        shape, scales = stored_shapes(self.kv_cache, (batch_size, self.kv_heads, self.capacity, self.head_dim))
         store = storage_dtype(self.kv_cache, w.dtype)
         state = _AttentionState(batch_size, w.device, keys=lazy_zeros(shape, w.device, store),
-                                values=lazy_zeros(shape, w.device, store))
-        if self.kv_cache == "int8":
-            state.key_scales = lazy_zeros(shape[:-1] + (1,), w.device, torch.float32)
-            state.value_scales = lazy_zeros(shape[:-1] + (1,), w.device, torch.float32)
+                                values=lazy_zeros(shape, w.device, store), int4=self.kv_cache == "int4")
+        if scales is not None:
+            scale_dtype = torch.bfloat16 if state.int4 else torch.float32
+            state.key_scales = lazy_zeros(scales, w.device, scale_dtype)
+            state.value_scales = lazy_zeros(scales, w.device, scale_dtype)
         return state
 
     def set_kv_cache(self, kind: str) -> None:
-        """How the streaming cache stores keys and values (float | bf16 | int8); offline calls round the same way."""
+        """How the streaming cache stores keys and values (float | bf16 | int8 | int4); offline calls round the
+        same way."""
         if self._streaming_state is not None:
             raise RuntimeError("set the KV cache kind outside of a streaming() block")
-        self.kv_cache = check_kv_cache(kind)
+        stored_shapes(check_kv_cache(kind), (self.head_dim,))  # an odd head dimension cannot hold int4
+        self.kv_cache = kind
 
     def forward(self, x: torch.Tensor, ctx: "_StepContext") -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; `ctx` holds positions, RoPE tables, mask and cache slots of this call."""
@@ -405,7 +423,7 @@ class Transformer(StreamingModule):
                                  host_offsets=[0] * batch_size)
 
     def set_kv_cache(self, kind: str) -> None:
-        """Store every layer's streaming keys and values as float | bf16 | int8 (nn/kv_cache.py)."""
+        """Store every layer's streaming keys and values as float | bf16 | int8 | int4 (nn/kv_cache.py)."""
         for layer in self.layers:
             layer.self_attn.set_kv_cache(kind)
 
