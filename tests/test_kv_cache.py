@@ -167,3 +167,18 @@ def test_auto_kind_is_int8_for_int4_weights_on_cpu():
     assert resolve_kv_cache("bf16", None, "cpu") == "bf16"
     with pytest.raises(ValueError, match="unknown KV cache kind"):
         resolve_kv_cache("fp8", None, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@torch.no_grad()
+def test_a_narrow_cache_read_in_chunks_gives_the_same_attention(kind, monkeypatch):
+    """Past READ_CHUNK slots a narrow cache is widened a chunk at a time (small scratch buffers): the same
+    outputs as widening it whole, through a wrapped ring, for one-step and multi-step calls."""
+    import openmoshi.nn.transformer as transformer
+    model = _transformer(kind, context=24, kv_repeat=2)
+    x = torch.randn(2, 70, 32)
+    whole = _streamed(model, x, [1, 3])
+    monkeypatch.setattr(transformer, "READ_CHUNK", 5)
+    chunked = _streamed(model, x, [1, 3])
+    assert torch.allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert (model(x) - chunked).abs().max() < 1e-3  # and still offline's

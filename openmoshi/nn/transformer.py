@@ -35,6 +35,7 @@ from .streaming import StreamingModule, StreamingState, masked_fill_
 # Extra KV-cache slots beyond the attention context, so a streaming call of up to this many steps never
 # overwrites keys that its own first queries still attend to (streamed == offline for any chunking).
 CACHE_RESERVE = 32
+READ_CHUNK = 512  # cache slots widened at once when a narrow KV cache is read (Attention._attend_cache)
 
 
 @dataclass
@@ -197,19 +198,21 @@ class _AttentionState(StreamingState):
                 store.transpose(1, 2)[items, slots] = values.transpose(1, 2)
                 scales.transpose(1, 2)[items, slots] = x_scales.transpose(1, 2)
 
-    def read(self, b: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [1, H_kv, n, D] of item b's first n slots (int8: dequantized into scratch buffers)."""
-        k, v = self.keys[b:b + 1, :, :n], self.values[b:b + 1, :, :n]
+    def read(self, b: int, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [1, H_kv, stop - start, D] of item b's slots start..stop in `dtype` (a narrower cache
+        is widened into scratch buffers, valid until the next read)."""
+        k, v = self.keys[b:b + 1, :, start:stop], self.values[b:b + 1, :, start:stop]
         if k.dtype == dtype:
             return k, v
         if self.key_scales is None:  # bf16: widened into the scratch buffers
             return scratch(0, k.shape, k.device, dtype).copy_(k), scratch(1, v.shape, v.device, dtype).copy_(v)
+        ks, vs = self.key_scales[b:b + 1, :, start:stop], self.value_scales[b:b + 1, :, start:stop]
         if self.int4:
             shape = (*k.shape[:-1], 2 * k.shape[-1])
-            return (dequantize_int4(k, self.key_scales[b:b + 1, :, :n], scratch(0, shape, k.device, dtype)),
-                    dequantize_int4(v, self.value_scales[b:b + 1, :, :n], scratch(1, shape, v.device, dtype)))
-        return (dequantize_int8(k, self.key_scales[b:b + 1, :, :n], scratch(0, k.shape, k.device, dtype)),
-                dequantize_int8(v, self.value_scales[b:b + 1, :, :n], scratch(1, v.shape, v.device, dtype)))
+            return (dequantize_int4(k, ks, scratch(0, shape, k.device, dtype)),
+                    dequantize_int4(v, vs, scratch(1, shape, v.device, dtype)))
+        return (dequantize_int8(k, ks, scratch(0, k.shape, k.device, dtype)),
+                dequantize_int8(v, vs, scratch(1, v.shape, v.device, dtype)))
 
 
 class Attention(StreamingModule):
@@ -281,7 +284,7 @@ class Attention(StreamingModule):
             state.write(torch.arange(B, device=x.device)[:, None].expand(B, T), ctx.slots, k, v)
             # Each item attends to the cache slots it has written (all of them once the ring has wrapped),
             # on its own: its numerics never depend on the other items or on the batch's history.
-            out = torch.cat([self._attend(q[b:b + 1], *state.read(b, n, q.dtype), ctx.mask[b:b + 1, ..., :n])
+            out = torch.cat([self._attend_cache(q[b:b + 1], state, b, n, ctx.mask[b:b + 1, ..., :n])
                              for b, n in enumerate(ctx.lengths)])
         out = out.transpose(1, 2).flatten(2)
         return self.out_proj(out, weight_indices)
@@ -290,6 +293,30 @@ class Attention(StreamingModule):
     def float_like(self) -> torch.Tensor:
         """A tensor with the device and float dtype of this layer's weights (its KV cache's)."""
         return self.in_proj_weight if self.in_proj is None else self.in_proj.float_like()
+
+    def _attend_cache(self, q: torch.Tensor, state: _AttentionState, b: int, n: int,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """q [1, H, T, D] attending to item b's first n cache slots. A narrower cache than q's dtype (bf16, int8,
+        int4) is widened `READ_CHUNK` slots at a time (scores of all slots, one softmax, then the values chunk
+        by chunk), so its scratch buffers stay small: [H, READ_CHUNK, D] instead of [H, n, D] (~100 MB at 7B
+        and a full context, the size of what the narrow cache saves per 400 steps)."""
+        if state.keys.dtype == q.dtype or n <= READ_CHUNK:
+            return self._attend(q, *state.read(b, 0, n, q.dtype), mask)
+        repeat = self.cfg.kv_repeat
+        scores = q.new_empty(*q.shape[:-1], n)  # [1, H, T, n]
+        for start in range(0, n, READ_CHUNK):
+            k, _ = state.read(b, start, min(start + READ_CHUNK, n), q.dtype)
+            k = k.repeat_interleave(repeat, dim=1) if repeat > 1 else k
+            scores[..., start:start + k.shape[2]] = q @ k.transpose(-1, -2)
+        scores.mul_(q.shape[-1] ** -0.5)
+        weights = (scores if mask is None else scores.masked_fill_(~mask, float("-inf"))).softmax(dim=-1)
+        out = None
+        for start in range(0, n, READ_CHUNK):
+            _, v = state.read(b, start, min(start + READ_CHUNK, n), q.dtype)
+            v = v.repeat_interleave(repeat, dim=1) if repeat > 1 else v
+            part = weights[..., start:start + v.shape[2]] @ v
+            out = part if out is None else out.add_(part)
+        return out
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.kv_repeat > 1:
