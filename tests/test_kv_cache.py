@@ -1,6 +1,7 @@
 """bf16 / int8 / int4 KV caches of streaming attention: hand-computed int8 and int4 rounding, attention error against the float
 cache, streamed == offline for any chunking, per-item reset and batch independence, greedy tokens of a tiny LM,
-memory, and how `load_model` / the CLI choose the kind."""
+memory, and how `load_model` / the CLI choose the kind; and the cross-attention source's keys and values, kept
+while streaming."""
 
 from __future__ import annotations
 
@@ -182,3 +183,33 @@ def test_a_narrow_cache_read_in_chunks_gives_the_same_attention(kind, monkeypatc
     chunked = _streamed(model, x, [1, 3])
     assert torch.allclose(chunked, whole, rtol=1e-5, atol=1e-5)
     assert (model(x) - chunked).abs().max() < 1e-3  # and still offline's
+
+
+@torch.no_grad()
+def test_cross_attention_keys_of_a_source_are_computed_once_while_streaming():
+    """Streamed with a cross-attention source (a TTS voice): equal to offline; the source's keys and values
+    are computed at the first step only, again for a new source tensor or one changed in place."""
+    import openmoshi.nn.fast as fast
+    model = _transformer("float", context=30, cross_attention=True)
+    x, source = torch.randn(2, 12, 32), torch.randn(2, 7, 32)
+    calls = []
+    original = fast.linear
+
+    def counting(inp, weight, *args, **kw):
+        calls.append(tuple(inp.shape))
+        return original(inp, weight, *args, **kw)
+
+    fast.linear, sources = counting, lambda: sum(shape[1:2] == (7,) for shape in calls)
+    try:
+        with model.streaming(2):
+            streamed = torch.cat([model(x[:, t:t + 1], source) for t in range(12)], dim=1)
+            assert sources() == 2  # two layers, once each
+            model(x[:, :1], source.clone())
+            assert sources() == 4  # another tensor
+            source.mul_(2)
+            model(x[:, :1], source)
+            assert sources() == 6  # changed in place
+        offline = model(x, source / 2)
+    finally:
+        fast.linear = original
+    assert torch.allclose(streamed, offline, atol=1e-5)

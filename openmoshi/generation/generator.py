@@ -200,6 +200,8 @@ class Generator:
             if new.shape[0] != self._copies or new.shape[1:] != old.shape[1:]:
                 raise ValueError(f"the {name} conditions of slot {index} have shape {tuple(new.shape)}, the "
                                  f"batch's rows {tuple(old.shape[1:])}")
+            if name == "cross":  # a new tensor: the layers' cached keys and values of the old one are dropped
+                old = st.cross = old.clone()
             old[rows] = new.to(old)
 
     def _sample(self, st: _GenState, logits: torch.Tensor, text: bool,

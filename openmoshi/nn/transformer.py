@@ -325,8 +325,21 @@ class Attention(StreamingModule):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class CrossAttention(nn.Module):
-    """Attention from x [B, T, D] to a source [B, S, D] (all of it, no positions); Kyutai's parameter names."""
+@dataclass
+class _CrossState(StreamingState):
+    """The keys and values of the last cross-attention source, kept while the same tensor comes back at the
+    next step (with the same version counter where it has one: an in-place change invalidates them; inference
+    tensors have none, so a changed source must be a new tensor, as Generator.set_conditions makes it)."""
+
+    source: torch.Tensor | None = None
+    version: int = -1
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+class CrossAttention(StreamingModule):
+    """Attention from x [B, T, D] to a source [B, S, D] (all of it, no positions); Kyutai's parameter names.
+    Streaming, the source's keys and values are computed once, not at every step."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -335,13 +348,35 @@ class CrossAttention(nn.Module):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=5 ** 0.5)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
+    def _init_streaming_state(self, batch_size: int) -> _CrossState:
+        return _CrossState(batch_size, self.in_proj_weight.device)
+
     def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
         q = fast.linear(x, self.in_proj_weight[:d]).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        kv = fast.linear(source.to(x.dtype), self.in_proj_weight[d:]).unflatten(-1, (2, self.num_heads, -1))
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        k, v = self._source_keys_values(source, x.dtype, d)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         return fast.linear_module(self.out_proj, out)
+
+    def _source_keys_values(self, source: torch.Tensor, dtype: torch.dtype, d: int) -> tuple[torch.Tensor, ...]:
+        state = self._streaming_state
+        cached = isinstance(state, _CrossState) and not torch.is_grad_enabled()
+        version = _version(source)
+        if cached and state.source is source and state.version == version and state.keys is not None \
+                and state.keys.dtype == dtype:
+            return state.keys, state.values
+        kv = fast.linear(source.to(dtype), self.in_proj_weight[d:]).unflatten(-1, (2, self.num_heads, -1))
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if cached:
+            state.source, state.version, state.keys, state.values = source, version, k, v
+        return k, v
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return -1
 
 
 class TransformerLayer(nn.Module):
