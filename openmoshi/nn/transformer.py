@@ -201,18 +201,20 @@ class _AttentionState(StreamingState):
     def read(self, b: int, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [1, H_kv, stop - start, D] of item b's slots start..stop in `dtype` (a narrower cache
         is widened into scratch buffers, valid until the next read)."""
-        k, v = self.keys[b:b + 1, :, start:stop], self.values[b:b + 1, :, start:stop]
-        if k.dtype == dtype:
-            return k, v
-        if self.key_scales is None:  # bf16: widened into the scratch buffers
-            return scratch(0, k.shape, k.device, dtype).copy_(k), scratch(1, v.shape, v.device, dtype).copy_(v)
-        ks, vs = self.key_scales[b:b + 1, :, start:stop], self.value_scales[b:b + 1, :, start:stop]
+        return self.widen(0, b, start, stop, dtype), self.widen(1, b, start, stop, dtype)
+
+    def widen(self, which: int, b: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Keys (which 0) or values (1) of item b's slots start..stop in `dtype`, in scratch buffer `which`."""
+        store = (self.keys, self.values)[which][b:b + 1, :, start:stop]
+        if store.dtype == dtype:
+            return store
+        scales = (self.key_scales, self.value_scales)[which]
+        if scales is None:  # bf16
+            return scratch(which, store.shape, store.device, dtype).copy_(store)
         if self.int4:
-            shape = (*k.shape[:-1], 2 * k.shape[-1])
-            return (dequantize_int4(k, ks, scratch(0, shape, k.device, dtype)),
-                    dequantize_int4(v, vs, scratch(1, shape, v.device, dtype)))
-        return (dequantize_int8(k, ks, scratch(0, k.shape, k.device, dtype)),
-                dequantize_int8(v, vs, scratch(1, v.shape, v.device, dtype)))
+            out = scratch(which, (*store.shape[:-1], 2 * store.shape[-1]), store.device, dtype)
+            return dequantize_int4(store, scales[b:b + 1, :, start:stop], out)
+        return dequantize_int8(store, scales[b:b + 1, :, start:stop], scratch(which, store.shape, store.device, dtype))
 
 
 class Attention(StreamingModule):
@@ -305,14 +307,14 @@ class Attention(StreamingModule):
         repeat = self.cfg.kv_repeat
         scores = q.new_empty(*q.shape[:-1], n)  # [1, H, T, n]
         for start in range(0, n, READ_CHUNK):
-            k, _ = state.read(b, start, min(start + READ_CHUNK, n), q.dtype)
+            k = state.widen(0, b, start, min(start + READ_CHUNK, n), q.dtype)
             k = k.repeat_interleave(repeat, dim=1) if repeat > 1 else k
             scores[..., start:start + k.shape[2]] = q @ k.transpose(-1, -2)
         scores.mul_(q.shape[-1] ** -0.5)
         weights = (scores if mask is None else scores.masked_fill_(~mask, float("-inf"))).softmax(dim=-1)
         out = None
         for start in range(0, n, READ_CHUNK):
-            _, v = state.read(b, start, min(start + READ_CHUNK, n), q.dtype)
+            v = state.widen(1, b, start, min(start + READ_CHUNK, n), q.dtype)
             v = v.repeat_interleave(repeat, dim=1) if repeat > 1 else v
             part = weights[..., start:start + v.shape[2]] @ v
             out = part if out is None else out.add_(part)
