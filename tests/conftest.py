@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,14 @@ def init_preset(folder: Path, preset: str, seed: int) -> Path:
     from openmoshi.cli.main import main
     assert main(["init", "--preset", preset, str(folder), "--seed", str(seed)]) == 0
     return folder
+
+
+def eventually(condition, timeout: float) -> bool:
+    """Whether `condition()` becomes true within `timeout` seconds (polled), e.g. a server freeing a closed
+    session's slot on its own thread."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import aiohttp
 import numpy as np
@@ -18,6 +17,7 @@ from browser_utils import (
     wait_for,
     write_fake_mic,
 )
+from conftest import eventually
 
 from openmoshi.bundle import init_model
 from openmoshi.server.background import RunningServer
@@ -55,15 +55,6 @@ def _open_page(driver, url: str) -> None:
     driver.get(url)
     wait_for(driver, "window.moshiDebug && document.body.dataset.state === 'idle'", 15, "the page to load")
     assert driver.find_element("id", "start").is_enabled(), page_summary(driver)
-
-
-def _eventually(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _spy_on_user_audio(engine) -> list[np.ndarray]:
@@ -153,7 +144,7 @@ def test_conversation_in_browser(chromium, tiny_model, tmp_path):
         wait_for(chromium, "!document.getElementById('download').disabled", 5,
                  "the recording to be downloadable")
         assert _debug(chromium)["audio"]["recordedSeconds"] >= HOLD_S
-        assert _eventually(lambda: srv.engine.active_sessions == 0, 5)
+        assert eventually(lambda: srv.engine.active_sessions == 0, 5)
 
 
 class _HeldSession:
@@ -214,7 +205,7 @@ def test_busy_server_in_browser(chromium, tiny_model, tmp_path):
 
         # Once the slot is free, Start works from the same page.
         holder.release()
-        assert _eventually(lambda: srv.engine.active_sessions == 0, 5)
+        assert eventually(lambda: srv.engine.active_sessions == 0, 5)
         chromium.find_element("id", "start").click()
         wait_for(chromium, "window.moshiDebug.state === 'connected'", 20, "a connection to the freed slot")
         wait_for(chromium, "window.moshiDebug.received.audio.messages > 0", 20, "audio from the freed slot")
