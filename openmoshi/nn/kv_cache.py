@@ -5,9 +5,11 @@ scaled by its own largest magnitude / 127), so a vector's rounding never depends
 chunking. int4 does the same per group of 32 numbers of a vector (the whole vector if head_dim is not a multiple
 of 32), values -7..7 packed two per byte, one bfloat16 scale (largest magnitude / 7) per group: 4.5 bits a
 number instead of 8.25, for the tightest memory (Moshi 7B's full context: ~430 MiB instead of ~780), at a
-larger rounding error (measured in benchmarks/bench_kv_cache.py). `round_trip` applies the same rounding to the keys and values of an offline (non-streaming) call, so
+larger rounding error (measured in benchmarks/bench_kv_cache.py).
+`round_trip` applies the same rounding to the keys and values of an offline (non-streaming) call, so
 that streamed == offline holds for every kind. Reading an int8 cache dequantizes into scratch buffers shared by
-all layers of a thread (one [H, n, D] pair in the compute dtype), never into new memory per layer and step;
+all layers of a thread (one [H, n, D] pair in the compute dtype, n <= 512: Attention reads long caches in chunks),
+never into new memory per layer and step;
 a bf16 cache is widened into them the same way (attention always runs in the model's dtype).
 """
 

@@ -300,8 +300,8 @@ class Attention(StreamingModule):
                       mask: torch.Tensor | None) -> torch.Tensor:
         """q [1, H, T, D] attending to item b's first n cache slots. A narrower cache than q's dtype (bf16, int8,
         int4) is widened `READ_CHUNK` slots at a time (scores of all slots, one softmax, then the values chunk
-        by chunk), so its scratch buffers stay small: [H, READ_CHUNK, D] instead of [H, n, D] (~100 MB at 7B
-        and a full context, the size of what the narrow cache saves per 400 steps)."""
+        by chunk), so its scratch buffers stay small: [H, READ_CHUNK, D] instead of [H, n, D] (94 MiB at 7B
+        with a full context)."""
         if state.keys.dtype == q.dtype or n <= READ_CHUNK:
             return self._attend(q, *state.read(b, 0, n, q.dtype), mask)
         repeat = self.cfg.kv_repeat
