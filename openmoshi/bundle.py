@@ -124,7 +124,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
 
     quantize=8 or 4: int8 / int4 LM weights (lm/quantized.py), quantized while loading unless the folder
     already holds them; Mimi's transformers then run in int8. kv_cache: how the temporal transformer's
-    streaming cache stores keys and values (float | bf16 | int8, nn/kv_cache.py); "auto" = int8 for int4
+    streaming cache stores keys and values (float | bf16 | int8 | int4, nn/kv_cache.py); "auto" = int8 for int4
     weights on CPU (where memory is what limits), else float.
     """
     model = ModelSource(source)

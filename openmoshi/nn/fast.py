@@ -136,11 +136,11 @@ def single_vector_kernel() -> str:
         times: dict[str, list[float]] = {"pad": [], "gemv": []}
         with torch.no_grad():
             for _ in range(4):  # alternating rounds; the second best of each counts
-                for kind in times:
+                for kind, samples in times.items():
                     start = time.perf_counter()
                     for w in weights:
                         w @ x2.T if kind == "pad" else torch.mv(w, x[0])
-                    times[kind].append(time.perf_counter() - start)
+                    samples.append(time.perf_counter() - start)
         _single_vector[threads] = min(times, key=lambda k: sorted(times[k])[1])
         logger.info("one-vector matmuls at %d thread(s): %s (pad %.1f ms, gemv %.1f ms per 64 MB)", threads,
                     _single_vector[threads], *(1e3 * sorted(times[k])[1] for k in ("pad", "gemv")))

@@ -15,6 +15,7 @@ a bf16 cache is widened into them the same way (attention always runs in the mod
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -33,6 +34,11 @@ def check_kv_cache(kind: str) -> str:
 def storage_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype a cache of `kind` holds for a model computing in `dtype`."""
     return {"float": dtype, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[kind]
+
+
+def scale_dtype(kind: str) -> torch.dtype:
+    """The dtype of a scaled kind's scales (int8, int4)."""
+    return torch.bfloat16 if kind == "int4" else torch.float32
 
 
 def stored_shapes(kind: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
@@ -84,17 +90,29 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, out: torch.Tenso
     return out
 
 
+def encode(kind: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keys or values x [..., D] as a cache of `kind` stores them: (values, scales or None)."""
+    if kind == "int8":
+        return quantize_int8(x)
+    if kind == "int4":
+        return quantize_int4(x)
+    return x.to(storage_dtype(kind, x.dtype)), None
+
+
+def decode(kind: str, values: torch.Tensor, scales: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """What `encode` stored, widened into `out` [..., D] (its dtype: the model's)."""
+    if kind == "int8":
+        return dequantize_int8(values, scales, out)
+    if kind == "int4":
+        return dequantize_int4(values, scales, out)
+    return out.copy_(values)
+
+
 def round_trip(kind: str, x: torch.Tensor) -> torch.Tensor:
     """x as a cache of `kind` gives it back (for offline calls): the same numbers a streamed call reads."""
     if kind == "float":
         return x
-    if kind == "bf16":
-        return x.to(torch.bfloat16).to(x.dtype)
-    if kind == "int4":
-        values, scales = quantize_int4(x)
-        return dequantize_int4(values, scales, torch.empty(x.shape, device=x.device, dtype=x.dtype))
-    values, scales = quantize_int8(x)
-    return dequantize_int8(values, scales, torch.empty(x.shape, device=x.device, dtype=x.dtype))
+    return decode(kind, *encode(kind, x), torch.empty(x.shape, device=x.device, dtype=x.dtype))
 
 
 _scratch = threading.local()
@@ -104,9 +122,7 @@ def scratch(which: int, shape: tuple[int, ...], device: torch.device, dtype: tor
     """A reusable buffer of `shape` (grown when needed), one per thread, device, dtype and `which` (0 or 1)."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (which, device, dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
+    numel = math.prod(shape)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = buffers[key] = torch.empty(numel, device=device, dtype=dtype)

@@ -20,11 +20,10 @@ from torch.utils.checkpoint import checkpoint
 from . import fast
 from .kv_cache import (
     check_kv_cache,
-    dequantize_int4,
-    dequantize_int8,
-    quantize_int4,
-    quantize_int8,
+    decode,
+    encode,
     round_trip,
+    scale_dtype,
     scratch,
     storage_dtype,
     stored_shapes,
@@ -181,21 +180,19 @@ def lazy_zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype)
 @dataclass
 class _AttentionState(StreamingState):
     keys: torch.Tensor  # [B, H_kv, capacity, D_head], in the cache's storage dtype (nn/kv_cache.py)
-    values: torch.Tensor  # [B, H_kv, capacity, D_head]
+    values: torch.Tensor  # [B, H_kv, capacity, D_head] (int4: D_head / 2 bytes)
+    kind: str = "float"  # float | bf16 | int8 | int4
     key_scales: torch.Tensor | None = None  # int8: [B, H_kv, capacity, 1] float32; int4: [..., D / 32] bf16
     value_scales: torch.Tensor | None = None
-    int4: bool = False  # keys / values [B, H_kv, capacity, D / 2] uint8, two numbers a byte
     # Stale entries need no reset: the transformer's slot positions mask them out.
 
     def write(self, items: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, H_kv, T, D] at cache slots [B, T] (items: the batch index of each)."""
         # indexed assignment, not scatter_: in bf16 that one writes the whole cache (all of its RAM at once)
         for store, scales, x in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
-            if scales is None:
-                store.transpose(1, 2)[items, slots] = x.transpose(1, 2).to(store.dtype)
-            else:
-                values, x_scales = (quantize_int4 if self.int4 else quantize_int8)(x)
-                store.transpose(1, 2)[items, slots] = values.transpose(1, 2)
+            values, x_scales = encode(self.kind, x)
+            store.transpose(1, 2)[items, slots] = values.transpose(1, 2)
+            if scales is not None:
                 scales.transpose(1, 2)[items, slots] = x_scales.transpose(1, 2)
 
     def read(self, b: int, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,12 +206,9 @@ class _AttentionState(StreamingState):
         if store.dtype == dtype:
             return store
         scales = (self.key_scales, self.value_scales)[which]
-        if scales is None:  # bf16
-            return scratch(which, store.shape, store.device, dtype).copy_(store)
-        if self.int4:
-            out = scratch(which, (*store.shape[:-1], 2 * store.shape[-1]), store.device, dtype)
-            return dequantize_int4(store, scales[b:b + 1, :, start:stop], out)
-        return dequantize_int8(store, scales[b:b + 1, :, start:stop], scratch(which, store.shape, store.device, dtype))
+        width = 2 * store.shape[-1] if self.kind == "int4" else store.shape[-1]
+        out = scratch(which, (*store.shape[:-1], width), store.device, dtype)
+        return decode(self.kind, store, None if scales is None else scales[b:b + 1, :, start:stop], out)
 
 
 class Attention(StreamingModule):
@@ -247,11 +241,10 @@ class Attention(StreamingModule):
         shape, scales = stored_shapes(self.kv_cache, (batch_size, self.kv_heads, self.capacity, self.head_dim))
         store = storage_dtype(self.kv_cache, w.dtype)
         state = _AttentionState(batch_size, w.device, keys=lazy_zeros(shape, w.device, store),
-                                values=lazy_zeros(shape, w.device, store), int4=self.kv_cache == "int4")
+                                values=lazy_zeros(shape, w.device, store), kind=self.kv_cache)
         if scales is not None:
-            scale_dtype = torch.bfloat16 if state.int4 else torch.float32
-            state.key_scales = lazy_zeros(scales, w.device, scale_dtype)
-            state.value_scales = lazy_zeros(scales, w.device, scale_dtype)
+            state.key_scales = lazy_zeros(scales, w.device, scale_dtype(self.kv_cache))
+            state.value_scales = lazy_zeros(scales, w.device, scale_dtype(self.kv_cache))
         return state
 
     def set_kv_cache(self, kind: str) -> None:

@@ -101,8 +101,8 @@ class TtsSession(DsmSession):
             if msg["type"] == "Text":
                 self.texted = True
                 self.engine.push_text(slot, msg["text"])
-            elif msg["type"] == "Voice":  # the row restarts with this voice before its first word
-                slot.new_conditions = msg["conditions"]
+            elif msg["type"] == "Voice":
+                self.engine.push_conditions(slot, msg["conditions"])
             else:
                 self.eos = True
                 self.engine.push_eos(slot)

@@ -138,8 +138,12 @@ class TtsEngine:
         first = next(iter(sorted(root.rglob("*.safetensors"))), None) if root is not None else None
         if first is not None:
             return voices_condition([str(first)])
-        dim = self.bundle.config.conditioners["speaker_wavs"]["tensor"]["dim"]
-        return voices_condition([torch.zeros(1, dim, 1)])
+        return voices_condition([torch.zeros(1, self.voice_dim, 1)])
+
+    @property
+    def voice_dim(self) -> int:
+        """The width of this multi-speaker model's voice embeddings ([1, dim, frames])."""
+        return self.bundle.config.conditioners["speaker_wavs"]["tensor"]["dim"]
 
     def conditions(self, voice: TensorInput | None, cfg_coef: float | None) -> dict | None:
         """One session's conditions (cfg_coef None: the server's --cfg-coef); ProtocolError when they cannot
@@ -168,9 +172,9 @@ class TtsEngine:
         model takes none or the shape does not fit."""
         if not self.multi_speaker:
             raise ProtocolError("this model takes no voice embedding: leave out the Voice message")
-        dim = self.bundle.config.conditioners["speaker_wavs"]["tensor"]["dim"]
-        if embeddings.shape[1] != dim:
-            raise ProtocolError(f"a Voice of shape {list(embeddings.shape)}: this model's voices are [1, {dim}, frames]")
+        if embeddings.shape[1] != self.voice_dim:
+            raise ProtocolError(f"a Voice of shape {list(embeddings.shape)}: this model's voices are "
+                                f"[1, {self.voice_dim}, frames]")
         return voices_condition([torch.from_numpy(embeddings)])
 
     def acquire(self, conditions: dict | None, temp: float, seed: int | None,
@@ -191,6 +195,11 @@ class TtsEngine:
     def push_text(self, slot: TtsSlot, text: str) -> None:
         slot.texts.append(text)
         self._wake.set()
+
+    def push_conditions(self, slot: TtsSlot, conditions: dict | None) -> None:
+        """New conditions (a Voice message's) for a session that has said nothing yet: its row restarts with
+        them at the next step."""
+        slot.new_conditions = conditions
 
     def push_eos(self, slot: TtsSlot) -> None:
         slot.eos = True
