@@ -10,6 +10,8 @@ from openmoshi.generation.generator import Generator
 from openmoshi.lm.model import UNGENERATED
 from openmoshi.nn.transformer import CACHE_RESERVE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
 
 def _user(cfg, batch, steps, seed):
     return random_codes(cfg, batch, steps, seed=seed)[:, 1 + cfg.dep_q:]

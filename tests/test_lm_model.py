@@ -12,6 +12,8 @@ from openmoshi.lm.config import LMConfig
 from openmoshi.lm.delays import delay_codes, undelay
 from openmoshi.lm.model import LMModel, TokenEmbedding
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
 
 def test_delay_and_undelay_are_inverse():
     codes = torch.arange(2 * 3 * 6).view(2, 3, 6)

@@ -17,6 +17,8 @@ from openmoshi.lm.config import LMConfig
 from openmoshi.lm.loading import load_lm
 from openmoshi.lm.model import LMModel
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
 
 def _reference(lm: LMModel) -> RefLM:
     ref = RefLM(**kyutai_kwargs(lm.cfg)).eval()

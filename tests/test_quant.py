@@ -19,6 +19,8 @@ from openmoshi.lm.quantized import load_quantized_lm, quantize_lm_, save_quantiz
 from openmoshi.nn import quant
 from openmoshi.nn.quant import QuantizedLinear
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
+
 
 def test_int8_round_trip_matches_hand_computed_values():
     # row absmax 127/64 -> scale 1/64 exactly (a bfloat16 value); q = round(w * 64)
