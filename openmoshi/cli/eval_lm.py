@@ -6,6 +6,10 @@ cross-entropy and accuracy, text padding fraction.
 
 --data: JSONL manifests of {path, duration} (stereo dialogues or mono speech with NAME.json alignments),
 or text corpora (.txt, .jsonl of {text}). Cross-entropies are in nats per token.
+
+--listening (dialogues): the first text token of each of Moshi's turns, predicted with the crop's own user audio
+and with another crop's: turn_start_acc vs turn_start_acc_other_user. A model that listens loses accuracy when it
+hears someone else; one that does not scores the same.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 
 from tqdm import tqdm
 
@@ -26,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per evaluated crop (default 10)")
     parser.add_argument("--max-items", type=int, default=0, help="evaluate at most this many crops (0 = all)")
     parser.add_argument("--batch-size", type=int, default=4, help="crops per forward pass")
+    parser.add_argument("--listening", action="store_true",
+                        help="also score the first text token of each of Moshi's turns with the crop's own user "
+                             "audio and with another crop's (dialogues; batches of 2 or more)")
+    parser.add_argument("--shuffle", type=int, default=None, metavar="SEED",
+                        help="evaluate crops drawn at random with this seed (default: the first crops in order)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_arguments(parser)
@@ -59,17 +69,14 @@ def run(args: argparse.Namespace) -> int:
         docs = [d for s in text for d in read_text_documents(s)]
         datasets.append(TextLMDataset(docs, lm.cfg, bundle.tokenizer, math.ceil(args.duration * 12.5 - 1e-6)))
     grids = []
-    total = sum(len(d) for d in datasets)
+    crops = [(data, i) for data in datasets for i in range(len(data))]
+    if args.shuffle is not None:
+        random.Random(args.shuffle).shuffle(crops)
     if args.max_items:
-        total = min(total, args.max_items)
-    with tqdm(total=total, unit="crop", disable=args.quiet or args.json) as bar:
-        for data in datasets:
-            for i in range(len(data)):
-                if len(grids) >= total:
-                    break
-                grids.append(data[i])
-                bar.update(1)
-    metrics = evaluate_grids(lm, grids, bundle.tokenizer, device, args.batch_size)
+        crops = crops[:args.max_items]
+    for data, i in tqdm(crops, unit="crop", disable=args.quiet or args.json):
+        grids.append(data[i])
+    metrics = evaluate_grids(lm, grids, bundle.tokenizer, device, args.batch_size, listening=args.listening)
     metrics["items"] = len(grids)
     if args.json:
         print(json.dumps(metrics, indent=2))
