@@ -19,7 +19,7 @@ checkpoint):
   finetune    LM dialogue fine-tuning, user channel augmented
   package     WORK/model: the model folder (LM in bfloat16), what `openmoshi init --preset tiny-talk` ships
   eval        `openmoshi eval talk` of that folder on held-out voices and phrasings, and the codec's held-out
-              figures
+              figures; `openmoshi eval lm --listening` on the test dialogues
 
 Every stage's wall time goes to WORK/times.json; logs to WORK/logs/STAGE.log.
 """
@@ -255,9 +255,21 @@ class Recipe:
                        "--voices-from", str(self.data / "dialogues"), "--codec-data", str(self.data / "mono_test"),
                        "--codec-max-files", "40", "--save-audio", str(out / "audio"), "--threads",
                        str(self.args.threads), "--json", "--quiet", stdout=out / "talk.json")
+        # Listening, teacher-forced on the held-out test dialogues: the first word of each reply with the crop's own
+        # user audio and with another crop's (no gap = the model answers without hearing the question)
+        self.openmoshi("eval", "eval", "lm", "--model", str(model), "--data",
+                       str(self.data / "dialogues" / "test.jsonl"), "--duration", str(self.size.duration),
+                       "--max-items", "64", "--shuffle", "0", "--batch-size", "8", "--listening", "--threads",
+                       str(self.args.threads), "--device", self.args.device, "--json", "--quiet",
+                       stdout=out / "listening.json")
         report = json.loads((out / "talk.json").read_text())
+        listening = json.loads((out / "listening.json").read_text())
         print(f"[tiny-talk] held-out accuracy {report['accuracy']:.0%}; full report: {out / 'talk.json'} "
               f"(table: openmoshi eval talk --model {model} --voices-from {self.data / 'dialogues'})")
+        if listening.get("turn_starts"):
+            print(f"[tiny-talk] first word of a reply, teacher-forced: {listening['turn_start_acc']:.0%} with the "
+                  f"question heard, {listening['turn_start_acc_other_user']:.0%} with another user's audio "
+                  f"({out / 'listening.json'})")
 
     def stage_package(self) -> None:
         from openmoshi.bundle import package_model

@@ -47,6 +47,8 @@ def test_toy_recipe_runs_every_stage_and_resumes(tmp_path):
     assert bundle.config.dep_q == 4 and bundle.tokenizer.get_piece_size() <= bundle.config.text_card
     report = json.loads((work / "eval" / "talk.json").read_text())
     assert 0.0 <= report["accuracy"] <= 1.0
+    listening = json.loads((work / "eval" / "listening.json").read_text())
+    assert listening["items"] >= 1 and "turn_starts" in listening
     # a rerun finds every stage done and changes nothing
     before = (work / "model" / "model.safetensors").stat().st_mtime_ns
     again = _recipe(work)
