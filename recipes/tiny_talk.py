@@ -59,7 +59,7 @@ SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
                 duration=4.0, eval_cases=2, checkpoint_every=1, user_variants=1),
     "full": Size(dialogues=4000, user_voices=160, codec_steps=3000, codec_batch=8, lm_steps=(600, 1600, 1000),
-                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=2000,
+                 lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=0,
                  user_variants=2),
 }
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
