@@ -76,3 +76,10 @@ def test_eval_lm_listening_flag(tmp_path, capsys, tiny):
     result = json.loads(capsys.readouterr().out)
     # "there" (1.4 s) follows "hello" (0.2 s) by more than 10 frames: one turn start in each of the two crops
     assert result["items"] == 2 and result["turn_starts"] == 2 and "text_ce" in result
+
+
+def test_eval_lm_listening_needs_two_crops_per_batch(tmp_path, capsys):
+    model = init_model("tiny", tmp_path / "model", seed=3)
+    assert main(["eval", "lm", "--model", str(model), "--data", str(tmp_path / "none.jsonl"), "--listening",
+                 "--batch-size", "1", "--threads", "1"]) == 1
+    assert "--batch-size 2 or more" in capsys.readouterr().err

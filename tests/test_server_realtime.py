@@ -278,11 +278,14 @@ def _per_session_objects(srv: RunningServer, settle_s: float = 5.0) -> dict[str,
         time.sleep(0.1)
 
 
+HEAP_GROWTH_LIMIT = 512 * 1024  # bytes of Python allocations 60 finished sessions may leave
+
+
 def _top_growth(before, after, top: int = 6) -> str:
     """Where the Python heap grew most between two tracemalloc snapshots, for a failure message."""
     stats = after.compare_to(before, "traceback")[:top]
-    return "\n".join(f"{s.size_diff / 1024:+.0f} KiB in {s.count_diff:+d} blocks at\n    " + "\n    ".join(s.traceback.format())
-                     for s in stats)
+    return "\n".join(f"{s.size_diff / 1024:+.0f} KiB in {s.count_diff:+d} blocks at\n    "
+                     + "\n    ".join(s.traceback.format()) for s in stats)
 
 
 def test_many_sessions_leave_memory_flat(tiny_model, speech_files):
@@ -312,7 +315,7 @@ def test_many_sessions_leave_memory_flat(tiny_model, speech_files):
             asyncio.run(sessions(60))
             after = _per_session_objects(srv)
             grown = tracemalloc.get_traced_memory()[0] - traced
-            growth = _top_growth(before, tracemalloc.take_snapshot()) if grown >= 512 * 1024 else ""
+            growth = _top_growth(before, tracemalloc.take_snapshot()) if grown >= HEAP_GROWTH_LIMIT else ""
         finally:
             tracemalloc.stop()
         assert srv.engine.metrics.sessions_started == 66 and srv.engine.active_sessions == 0
@@ -320,5 +323,6 @@ def test_many_sessions_leave_memory_flat(tiny_model, speech_files):
     # bounded bookkeeping only (the step-time window: ~100 KB measured over 90 sessions); RSS stays put (the
     # allocator's pools are warm).
     assert after == idle and idle["Slot"] == idle["Outbox"] == idle["ChatSession"] == 0, (idle, after)
-    assert grown < 512 * 1024, f"Python allocations grew {grown / 1024:.0f} KiB over 60 sessions; grew most:\n{growth}"
+    assert grown < HEAP_GROWTH_LIMIT, \
+        f"Python allocations grew {grown / 1024:.0f} KiB over 60 sessions; grew most:\n{growth}"
     assert _rss_mb() - rss < 16, f"RSS grew {_rss_mb() - rss:.1f} MB over 60 sessions"

@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
     device, _ = resolve_device(args)
     if args.duration <= 0 or args.batch_size < 1:
         raise OpenMoshiError("--duration must be > 0 and --batch-size at least 1")
+    if args.listening and args.batch_size < 2:
+        raise OpenMoshiError("--listening compares each crop with another crop's user audio in the same batch: "
+                             "give --batch-size 2 or more")
     bundle = load_model(args.model, device=device, dtype=torch.float32)
     lm = bundle.lm.eval()
     audio = [s for s in args.data if is_audio_manifest(s)]
