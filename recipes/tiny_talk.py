@@ -58,12 +58,12 @@ class Size:
 SIZES = {
     "toy": Size(dialogues=6, user_voices=6, codec_steps=2, codec_batch=2, lm_steps=(2, 2, 2), lm_batch=2,
                 duration=4.0, eval_cases=2, checkpoint_every=1, user_variants=1),
-    "full": Size(dialogues=4000, user_voices=160, codec_steps=3000, codec_batch=8, lm_steps=(600, 1600, 1000),
+    "full": Size(dialogues=4000, user_voices=320, codec_steps=2500, codec_batch=8, lm_steps=(500, 1500, 2500),
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=0,
                  user_variants=2),
 }
-LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 2e-4}
-USER_TEXT_WEIGHT = 1.0  # the auxiliary transcription of the user (training only)
+LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 3e-4}
+USER_TEXT_WEIGHT = 2.0  # the auxiliary transcription of the user (training only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                              "letters of the aligned words sounding in each frame, so that codebook 0 says what "
                              "is said whoever says it (no WavLM weights needed); none = no distillation")
     parser.add_argument("--codec-steps", type=int, help="codec training steps (default: the size's)")
+    parser.add_argument("--from", dest="from_model", metavar="MODEL",
+                        help="continue from a tiny-talk model folder (the shipped one: openmoshi/lm/assets/tiny-talk, "
+                             "or an earlier WORK/model): its codec and tokenizer are reused (no codec training), "
+                             "audio pretraining and post-training are skipped, and dialogue fine-tuning starts from "
+                             "its LM. Data is made afresh (same seed: the same dialogues)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every training stage's steps (e.g. 0.5 for a quicker, weaker model)")
     args = parser.parse_args(argv)
@@ -121,6 +126,7 @@ class Recipe:
                              "Rerun the same command to resume.")
 
     def run(self) -> None:
+        self.source_model()  # a bad --from fails before any work
         for name in ("scripts", "synth", "mono", "tokenizer", "codec", "encode", "audio", "multistream", "finetune",
                      "package", "eval"):
             marker = self.work / ".done" / name
@@ -155,7 +161,26 @@ class Recipe:
         for split in ("train", "test"):
             split_dialogues(self.data / "dialogues" / f"{split}.jsonl", self.data / f"mono_{split}")
 
+    def source_model(self) -> Path | None:
+        """The model folder given by --from (checked), or None."""
+        if not self.args.from_model:
+            return None
+        from openmoshi.bundle import read_config
+        folder = Path(self.args.from_model)
+        try:
+            cfg = read_config(folder)[0]
+        except Exception as exc:
+            raise SystemExit(f"--from {folder}: not a model folder ({exc})") from exc
+        if not (folder / cfg.tokenizer_name).is_file() or not (folder / cfg.mimi_name).is_file():
+            raise SystemExit(f"--from {folder}: it lacks {cfg.tokenizer_name} or {cfg.mimi_name}")
+        return folder
+
     def stage_tokenizer(self) -> None:
+        source = self.source_model()
+        if source is not None:  # the LM's text vocabulary comes with it
+            from openmoshi.bundle import read_config
+            shutil.copyfile(source / read_config(source)[0].tokenizer_name, self.work / "tokenizer_tiny_talk.model")
+            return
         self.openmoshi("tokenizer", "data", "tokenizer", "--input", str(self.data / "corpus.txt"),
                        "--out", str(self.work / "tokenizer_tiny_talk.model"), "--vocab-size", "512")
 
@@ -164,6 +189,13 @@ class Recipe:
         return ["--device", self.args.device, "--threads", str(self.args.threads), "--seed", str(self.args.seed)]
 
     def stage_codec(self) -> None:
+        source = self.source_model()
+        if source is not None:  # a model folder is a codec folder too (load_codec reads its Mimi)
+            target = self.work / "codec" / "model"
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(source, target)
+            return
         # Reconstruction losses (multi-scale mel + L1, EnCodec's balancer), then on a GPU the adversarial and
         # feature-matching terms for the last tenth of the steps. On a CPU a step with the MS-STFT discriminator
         # costs ~20 reconstruction steps (32 s against 1.5 s at batch 8 x 1 s on 2 cores), so CPU runs stay
@@ -216,8 +248,9 @@ class Recipe:
 
     # ---- LM stages
     def lm_stage(self, stage: str, steps: int, data: str, init: Path | None, *extra: str) -> None:
+        """One LM training stage; `init`: the model folder it starts from (None: the tiny_talk preset, fresh)."""
         s = self.size
-        source = ["--init", str(init / "model")] if init else [
+        source = ["--init", str(init)] if init else [
             "--preset", "tiny_talk", "--codec", str(self.work / "codec" / "model"),
             "--tokenizer", str(self.work / "tokenizer_tiny_talk.model")]
         self.openmoshi(stage, "train", "lm", "--stage", stage, *source, "--data", data,
@@ -229,18 +262,23 @@ class Recipe:
                        "--set", "optim.depth_lr_scale=1.0", *extra, *self.common())
 
     def stage_audio(self) -> None:
+        if self.source_model() is not None:
+            return  # continuing from a trained model: its LM already went through this stage
         self.lm_stage("audio", self.size.lm_steps[0], str(self.lm_manifests()[0]), None)
 
     def stage_multistream(self) -> None:
+        if self.source_model() is not None:
+            return
         # Listening is the hard part: run 2 (no auxiliary loss) echoed no question's subject correctly. The user's
         # tables start as copies of Moshi's (trained on the same codes in audio pretraining), and a training-only
         # head transcribes the user's words 0.24 s late, a dense signal on every word the user says.
-        self.lm_stage("multistream", self.size.lm_steps[1], str(self.lm_manifests()[1]), self.work / "lm_audio",
+        self.lm_stage("multistream", self.size.lm_steps[1], str(self.lm_manifests()[1]), self.work / "lm_audio" / "model",
                       "--set", "model.user_emb_from_moshi=true", "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}",
                       *self.augment())
 
     def stage_finetune(self) -> None:
-        self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), self.work / "lm_multistream",
+        init = self.source_model() or self.work / "lm_multistream" / "model"
+        self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), init,
                       "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}", *self.augment())
 
     def augment(self) -> list[str]:
@@ -270,6 +308,9 @@ class Recipe:
             print(f"[tiny-talk] first word of a reply, teacher-forced: {listening['turn_start_acc']:.0%} with the "
                   f"question heard, {listening['turn_start_acc_other_user']:.0%} with another user's audio "
                   f"({out / 'listening.json'})")
+        if "word_acc" in listening:
+            print(f"[tiny-talk] every word of the replies, teacher-forced: {listening['word_acc']:.0%} with the "
+                  f"question heard, {listening['word_acc_other_user']:.0%} with another user's audio")
 
     def stage_package(self) -> None:
         from openmoshi.bundle import package_model

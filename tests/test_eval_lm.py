@@ -62,6 +62,10 @@ def test_listening_with_the_same_user_scores_the_same(tiny):
     starts = torch.tensor([14, 33, 50])
     want = (pred[:, starts] == torch.stack([a, b])[:, 0, starts]).float().mean().item()
     assert mixed["turn_start_acc"] == pytest.approx(want)
+    # every word token of the text stream: own-user accuracy is the greedy accuracy at the 8 words
+    frames = torch.tensor(sorted(words))
+    want_words = (pred[:, frames] == torch.stack([a, b])[:, 0, frames]).float().mean().item()
+    assert mixed["word_acc"] == pytest.approx(want_words) and same["word_acc"] == same["word_acc_other_user"]
     assert "turn_starts" not in evaluate_grids(lm, [a, b], tiny.tokenizer)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from openmoshi.bundle import load_model
 
@@ -55,3 +56,25 @@ def test_toy_recipe_runs_every_stage_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count(": done") == len(STAGES)
     assert (work / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_toy_recipe_continues_from_a_model_folder(tmp_path):
+    first = _recipe(tmp_path / "tt", "--until", "package")
+    assert first.returncode == 0, first.stdout + first.stderr
+    source = tmp_path / "tt" / "model"
+    work = tmp_path / "more"
+    again = _recipe(work, "--from", str(source), "--until", "package")
+    assert again.returncode == 0, again.stdout + again.stderr
+    # the codec and tokenizer are the source's, no LM pretraining ran, fine-tuning started from its LM
+    assert (work / "tokenizer_tiny_talk.model").read_bytes() == (source / "tokenizer_tiny_talk.model").read_bytes()
+    assert not (work / "codec" / "checkpoints").exists() and not (work / "lm_audio").exists()
+    assert not (work / "lm_multistream").exists()
+    config = json.loads((work / "lm_finetune" / "config.json").read_text())
+    assert str(source) in json.dumps(config)
+    a, b = load_model(source), load_model(work / "model")
+    for (name, p), q in zip(a.mimi.state_dict().items(), b.mimi.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert load_model(work / "model").config.dep_q == a.config.dep_q
+    bad = _recipe(tmp_path / "bad", "--from", str(tmp_path / "nowhere"))
+    assert bad.returncode != 0 and "--from" in bad.stderr + bad.stdout

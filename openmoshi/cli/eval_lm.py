@@ -9,7 +9,8 @@ or text corpora (.txt, .jsonl of {text}). Cross-entropies are in nats per token.
 
 --listening (dialogues): the first text token of each of Moshi's turns, predicted with the crop's own user audio
 and with another crop's: turn_start_acc vs turn_start_acc_other_user. A model that listens loses accuracy when it
-hears someone else; one that does not scores the same.
+hears someone else; one that does not scores the same. word_acc vs word_acc_other_user: the same over every word
+token of Moshi's text.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ their UTF-8 bytes (a piece's U+2581 counts as a space): comparable across tokeni
 Listening (`listening=True`, dialogues): greedy accuracy of the first text token of each of Moshi's turns (a token
 after at least TURN_GAP frames of padding), with each item's own user audio and with another item's (the batch's
 user streams rotated by one). The first word of a reply is where Moshi's text depends most on what the user said:
-the gap between the two says how much the model listens; no gap, it answers whatever it heard.
+the gap between the two says how much the model listens; no gap, it answers whatever it heard. The same two
+accuracies over every word token of Moshi's text (`word_acc`, `word_acc_other_user`) count the words of a reply
+that repeat or answer what was asked ("The capital of France is Paris").
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ def evaluate_grids(lm: LMModel, grids: Sequence[torch.Tensor], tokenizer, device
             add("turn_n", starts.sum())
             add("turn_hits", (hits[:, 0] & starts).sum())
             add("turn_hits_other", ((other == targets[:, 0]) & starts).sum())
+            add("listen_word_n", real[:, 0].sum())
+            add("listen_word_hits", (hits[:, 0] & real[:, 0]).sum())
+            add("listen_word_hits_other", ((other == targets[:, 0]) & real[:, 0]).sum())
         dep_q = out.audio_logits.shape[1]
         if dep_q:
             ace, ahits = _ce(out.audio_logits, codes[:, 1:1 + dep_q], out.audio_mask)
@@ -109,6 +114,9 @@ def evaluate_grids(lm: LMModel, grids: Sequence[torch.Tensor], tokenizer, device
         if sums.get("turn_n"):
             result["turn_start_acc"] = sums["turn_hits"] / sums["turn_n"]
             result["turn_start_acc_other_user"] = sums["turn_hits_other"] / sums["turn_n"]
+        if sums.get("listen_word_n"):
+            result["word_acc"] = sums["listen_word_hits"] / sums["listen_word_n"]
+            result["word_acc_other_user"] = sums["listen_word_hits_other"] / sums["listen_word_n"]
     audio_n = sum(sums.get(f"n_cb{k}", 0.0) for k in range(cfg.dep_q))
     if audio_n:
         result["audio_ce"] = sum(sums[f"ce_cb{k}"] for k in range(cfg.dep_q)) / audio_n

@@ -51,7 +51,7 @@ DEFAULT_SYNTH = {"user_voices": 48, "seed": 0, "moshi_voice": MOSHI_VOICE, "engi
                  "accents": list(ESPEAK_ACCENTS), "valid_fraction": 0.05, "test_fraction": 0.05}
 # The tiny-talk recipe's synth set (recipes/tiny_talk.py, the shipped model's data): its train voices are not
 # reused either.
-TINY_TALK_SYNTH = {**DEFAULT_SYNTH, "user_voices": 160}
+TINY_TALK_SYNTH = {**DEFAULT_SYNTH, "user_voices": 320}
 EVAL_VOICE_SEED = 90_210  # far from any synth seed a recipe would use
 TARGETS = {"accuracy": 0.80, "silent_share_text": 0.95, "onset_median_s": 1.0}
 
