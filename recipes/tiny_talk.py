@@ -62,6 +62,11 @@ SIZES = {
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=0,
                  user_variants=2),
 }
+# Turn-taking of the tiny-talk dialogues: Moshi answers after the question, never over it. The synth's defaults
+# (telephone-like: a quarter of hand-overs overlapping, Moshi's backchannels and interruptions) taught runs 1-5 to
+# start replies that begin with the subject ("Grass is green.") before the user had said it.
+TURN_TAKING = {"gap": {"mean": 0.6, "std": 0.2, "low": 0.3, "high": 1.2}, "overlap_prob": 0.0,
+               "user_interrupt_prob": 0.0, "moshi_interrupt_prob": 0.0, "backchannel_prob": 0.0}
 LM_LR = {"audio": 1e-3, "multistream": 6e-4, "finetune": 3e-4}
 USER_TEXT_WEIGHT = 2.0  # the auxiliary transcription of the user (training only)
 
@@ -152,8 +157,11 @@ class Recipe:
         (self.data / "corpus.txt").write_text("\n".join(text_corpus()) + "\n")
 
     def stage_synth(self) -> None:
+        turns = self.data / "turn_taking.json"
+        turns.write_text(json.dumps(TURN_TAKING, indent=2) + "\n")
         self.openmoshi("synth", "data", "synth", "--out", str(self.data / "dialogues"), "--script-file",
-                       str(self.data / "scripts.jsonl"), "--user-voices", str(self.size.user_voices),
+                       str(self.data / "scripts.jsonl"), "--turn-taking", str(turns),
+                       "--user-voices", str(self.size.user_voices),
                        "--seed", str(self.args.seed), "--workers", str(os.cpu_count() or 1))
 
     def stage_mono(self) -> None:

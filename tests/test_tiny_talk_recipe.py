@@ -35,6 +35,13 @@ def test_toy_recipe_runs_every_stage_and_resumes(tmp_path):
     # the stages' products: dialogues with held-out test voices, the codec, each LM stage's model folder
     assert (work / "data" / "dialogues" / "train.jsonl").read_text().strip()
     assert (work / "data" / "dialogues" / "test.jsonl").read_text().strip()
+    # Moshi answers after the user, never over them (the recipe's turn-taking: no overlaps, backchannels, cut-ins)
+    for alignment in (work / "data" / "dialogues" / "train").glob("*.json"):
+        words = json.loads(alignment.read_text())["alignments"]
+        user = [(a, b) for _, (a, b), who in words if who == "SPEAKER_USER"]
+        moshi = [(a, b) for _, (a, b), who in words if who == "SPEAKER_MAIN"]
+        assert user and moshi
+        assert not [(m, u) for m in moshi for u in user if m[0] < u[1] and u[0] < m[1]], alignment.name
     assert (work / "codec" / "model" / "config.json").is_file()
     # the codec's semantic level learned from the words' phonemes; the user heard through augmented channels
     assert list((work / "codec" / "teacher_cache").glob("*.pt"))
