@@ -14,8 +14,8 @@ import torch
 from openmoshi.bundle import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["scripts", "synth", "mono", "tokenizer", "codec", "encode", "audio", "multistream", "finetune", "package",
-          "eval"]
+STAGES = ["scripts", "synth", "mono", "tokenizer", "codec", "encode", "audio", "multistream", "finetune", "sharpen",
+          "package", "eval"]
 
 
 def _recipe(work: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -49,7 +49,8 @@ def test_toy_recipe_runs_every_stage_and_resumes(tmp_path):
     index = json.loads(next((work / "codes").glob("*/index.json")).read_text())
     assert index["user_variants"] and set(index["user_variants"].values()) == {1}
     assert json.loads((work / "lm_finetune" / "config.json").read_text())["data"]["augment_user"] is True
-    for stage in ("audio", "multistream", "finetune"):
+    assert json.loads((work / "lm_sharpen_x10" / "config.json").read_text())["loss"]["text_weight"] == 10.0
+    for stage in ("audio", "multistream", "finetune", "sharpen_x4", "sharpen_x10"):
         assert (work / f"lm_{stage}" / "model" / "model.safetensors").is_file(), stage
     bundle = load_model(work / "model")
     assert bundle.config.dep_q == 4 and bundle.tokenizer.get_piece_size() <= bundle.config.text_card
