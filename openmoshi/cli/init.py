@@ -1,6 +1,6 @@
 """Write a model folder in Kyutai's layout: the shipped trained tiny-talk model, or fresh random weights.
 
-  openmoshi init --preset tiny-talk tiny-talk # the model recipes/tiny_talk.py trains (when shipped)
+  openmoshi init --preset tiny-talk tiny-talk # the small Moshi recipes/tiny_talk.py trained (shipped)
   openmoshi init --preset tiny tiny-moshi     # ~0.5 M parameters, runs anywhere, babbles (random weights)
   openmoshi init --preset tiny-stt tiny-stt   # speech-to-text structure of kyutai/stt-1b-en_fr, toy size
   openmoshi init --preset tiny-tts tiny-tts   # text-to-speech structure of kyutai/tts-1.6b-en_fr, toy size

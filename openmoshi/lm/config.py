@@ -231,7 +231,7 @@ class LMConfig:
     @classmethod
     def tiny_talk(cls) -> LMConfig:
         """The shipped tiny-talk Moshi (recipes/tiny_talk.py): 4 generated + 4 user codebooks of a 1024-entry tiny
-        Mimi, a 512-piece domain tokenizer, 20 s of context; about 9 M parameters. Text is sampled (0.7, as
+        Mimi, a 512-piece domain tokenizer, 20 s of context; 5.5 M parameters. Text is sampled (0.7, as
         Kyutai's default): greedy text never starts a reply, no single frame being the likeliest onset."""
         return cls(dim=192, num_heads=6, num_layers=4, context=250, text_card=512, card=1024, n_q=8, dep_q=4,
                    delays=[0, 0, 1, 1, 1, 0, 1, 1, 1], depformer_dim=128, depformer_num_heads=4,

@@ -254,7 +254,11 @@ class _Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype).contiguous()
-        if self.bits == 8:
+        if self.bits == 8 and self.device.type == "cpu" and xc.shape[-1] % 32:
+            # torch's AVX-512 int8 kernel crashes (segfault) on rows whose length is not a multiple of 32 (seen
+            # with torch 2.13 at K = 24, 88 and batches of 2 and 4): widen the weight for such small layers instead
+            out = (xc @ self.weight.to(xc.dtype).t()) * self.scales
+        elif self.bits == 8:
             out = torch._weight_int8pack_mm(xc, self.weight, self.scales)
         elif self.device.type == "cuda":
             out = torch._weight_int4pack_mm(xc, self.weight, self.group_size, self.scales)
