@@ -111,6 +111,7 @@ class Recipe:
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.times_path = work / "times.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.source, self.source_tokenizer = self.check_source(args.from_model)  # --from (a bad one fails here)
 
     # ---- plumbing
     def steps(self, n: int) -> int:
@@ -133,8 +134,23 @@ class Recipe:
             raise SystemExit(f"stage {stage} failed (exit {done.returncode}); see {self.work / 'logs' / stage}.log. "
                              "Rerun the same command to resume.")
 
+    @staticmethod
+    def check_source(folder: str | None) -> tuple[Path | None, str]:
+        """(the --from model folder, its tokenizer's file name), checked; (None, "") without --from."""
+        if not folder:
+            return None, ""
+        from openmoshi.bundle import read_config
+        from openmoshi.errors import OpenMoshiError
+        folder = Path(folder)
+        try:
+            cfg = read_config(folder)[0]
+        except OpenMoshiError as exc:
+            raise SystemExit(f"--from {folder}: not a model folder ({exc})") from exc
+        if not (folder / cfg.tokenizer_name).is_file() or not (folder / cfg.mimi_name).is_file():
+            raise SystemExit(f"--from {folder}: it lacks {cfg.tokenizer_name} or {cfg.mimi_name}")
+        return folder, cfg.tokenizer_name
+
     def run(self) -> None:
-        self.source_model()  # a bad --from fails before any work
         for name in ("scripts", "synth", "mono", "tokenizer", "codec", "encode", "audio", "multistream", "finetune",
                      "sharpen", "package", "eval"):
             marker = self.work / ".done" / name
@@ -172,40 +188,24 @@ class Recipe:
         for split in ("train", "test"):
             split_dialogues(self.data / "dialogues" / f"{split}.jsonl", self.data / f"mono_{split}")
 
-    def source_model(self) -> Path | None:
-        """The model folder given by --from (checked), or None."""
-        if not self.args.from_model:
-            return None
-        from openmoshi.bundle import read_config
-        folder = Path(self.args.from_model)
-        try:
-            cfg = read_config(folder)[0]
-        except Exception as exc:
-            raise SystemExit(f"--from {folder}: not a model folder ({exc})") from exc
-        if not (folder / cfg.tokenizer_name).is_file() or not (folder / cfg.mimi_name).is_file():
-            raise SystemExit(f"--from {folder}: it lacks {cfg.tokenizer_name} or {cfg.mimi_name}")
-        return folder
-
     def stage_tokenizer(self) -> None:
-        source = self.source_model()
-        if source is not None:  # the LM's text vocabulary comes with it
-            from openmoshi.bundle import read_config
-            shutil.copyfile(source / read_config(source)[0].tokenizer_name, self.work / "tokenizer_tiny_talk.model")
+        if self.source is not None:  # the LM's text vocabulary comes with it
+            shutil.copyfile(self.source / self.source_tokenizer, self.work / "tokenizer_tiny_talk.model")
             return
         self.openmoshi("tokenizer", "data", "tokenizer", "--input", str(self.data / "corpus.txt"),
                        "--out", str(self.work / "tokenizer_tiny_talk.model"), "--vocab-size", "512")
 
     # ---- codec
-    def common(self) -> list[str]:
-        return ["--device", self.args.device, "--threads", str(self.args.threads), "--seed", str(self.args.seed)]
+    def common(self, seed_offset: int = 0) -> list[str]:
+        return ["--device", self.args.device, "--threads", str(self.args.threads), "--seed",
+                str(self.args.seed + seed_offset)]
 
     def stage_codec(self) -> None:
-        source = self.source_model()
-        if source is not None:  # a model folder is a codec folder too (load_codec reads its Mimi)
+        if self.source is not None:  # a model folder is a codec folder too (load_codec reads its Mimi)
             target = self.work / "codec" / "model"
             if target.exists():
                 shutil.rmtree(target)
-            shutil.copytree(source, target)
+            shutil.copytree(self.source, target)
             return
         # Reconstruction losses (multi-scale mel + L1, EnCodec's balancer), then on a GPU the adversarial and
         # feature-matching terms for the last tenth of the steps. On a CPU a step with the MS-STFT discriminator
@@ -259,31 +259,30 @@ class Recipe:
 
     # ---- LM stages
     def lm_stage(self, stage: str, steps: int, data: str, init: Path | None, *extra: str, out: str = "",
-                 lr_of: str = "", warmup: int = 0, seed_offset: int = 0) -> None:
+                 lr: float = 0.0, warmup: int = 0, seed_offset: int = 0) -> None:
         """One LM training stage (`train lm --stage STAGE`) into WORK/lm_OUT (default: the stage's name); `init`:
-        the model folder it starts from (None: the tiny_talk preset, fresh); `lr_of`: whose LM_LR."""
+        the model folder it starts from (None: the tiny_talk preset, fresh); lr default: LM_LR[stage]; warmup
+        default: a twentieth of the steps."""
         s = self.size
         warmup = min(warmup, self.steps(steps)) if warmup else max(1, self.steps(steps) // 20)
-        common = self.common()
-        common[common.index("--seed") + 1] = str(self.args.seed + seed_offset)
         source = ["--init", str(init)] if init else [
             "--preset", "tiny_talk", "--codec", str(self.work / "codec" / "model"),
             "--tokenizer", str(self.work / "tokenizer_tiny_talk.model")]
         self.openmoshi(stage, "train", "lm", "--stage", stage, *source, "--data", data,
                        "--codes", str(self.work / "codes"), "--out", str(self.work / f"lm_{out or stage}"),
                        "--max-steps", str(self.steps(steps)), "--batch-size", str(s.lm_batch),
-                       "--duration", str(s.duration), "--lr", str(LM_LR[lr_of or stage]),
+                       "--duration", str(s.duration), "--lr", str(lr or LM_LR[stage]),
                        "--warmup-steps", str(warmup),
                        "--checkpoint-every", str(s.checkpoint_every), "--eval-every", str(s.checkpoint_every * 5),
-                       "--set", "optim.depth_lr_scale=1.0", *extra, *common)
+                       "--set", "optim.depth_lr_scale=1.0", *extra, *self.common(seed_offset))
 
     def stage_audio(self) -> None:
-        if self.source_model() is not None:
+        if self.source is not None:
             return  # continuing from a trained model: its LM already went through this stage
         self.lm_stage("audio", self.size.lm_steps[0], str(self.lm_manifests()[0]), None)
 
     def stage_multistream(self) -> None:
-        if self.source_model() is not None:
+        if self.source is not None:
             return
         # Listening is the hard part: run 2 (no auxiliary loss) echoed no question's subject correctly. The user's
         # tables start as copies of Moshi's (trained on the same codes in audio pretraining), and a training-only
@@ -293,7 +292,7 @@ class Recipe:
                       *self.augment())
 
     def stage_finetune(self) -> None:
-        init = self.source_model() or self.work / "lm_multistream" / "model"
+        init = self.source or self.work / "lm_multistream" / "model"
         self.lm_stage("finetune", self.size.lm_steps[2], str(self.lm_manifests()[1]), init,
                       "--set", f"loss.user_text_weight={USER_TEXT_WEIGHT}", *self.augment())
 
@@ -308,7 +307,7 @@ class Recipe:
         for k, (name, steps, weight) in enumerate(self.sharpen_rounds()):
             self.lm_stage("finetune", steps, str(self.lm_manifests()[1]), init, "--set",
                           f"loss.user_text_weight={USER_TEXT_WEIGHT}", "--set", f"loss.text_weight={weight}",
-                          *self.augment(), out=name, lr_of="sharpen", warmup=50, seed_offset=k + 1)
+                          *self.augment(), out=name, lr=LM_LR["sharpen"], warmup=50, seed_offset=k + 1)
             init = self.work / f"lm_{name}" / "model"
 
     def final_lm(self) -> Path:

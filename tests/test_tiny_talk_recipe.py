@@ -83,6 +83,6 @@ def test_toy_recipe_continues_from_a_model_folder(tmp_path):
     a, b = load_model(source), load_model(work / "model")
     for (name, p), q in zip(a.mimi.state_dict().items(), b.mimi.state_dict().values()):
         assert torch.equal(p, q), name
-    assert load_model(work / "model").config.dep_q == a.config.dep_q
+    assert b.config.dep_q == a.config.dep_q
     bad = _recipe(tmp_path / "bad", "--from", str(tmp_path / "nowhere"))
     assert bad.returncode != 0 and "--from" in bad.stderr + bad.stdout

@@ -209,6 +209,9 @@ class _Kernel:
         self.compute_dtype = torch.bfloat16  # the dtype the kernels are fast in (CPU) or need (CUDA int4)
         self.exact_inverse = False
         self.symmetric = bits == 4 and zero is None
+        # torch's AVX-512 int8 CPU kernel segfaults on rows whose length is not a multiple of 32 (torch 2.13, seen
+        # at K = 24 and 88 with batches of 2 and 4): such (small) layers widen the weight instead
+        self.int8_kernel = bits == 8 and (self.device.type != "cpu" or weight.shape[-1] % 32 == 0)
         with torch.no_grad():
             if bits == 8:
                 self.weight = weight.contiguous()
@@ -254,12 +257,10 @@ class _Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype).contiguous()
-        if self.bits == 8 and self.device.type == "cpu" and xc.shape[-1] % 32:
-            # torch's AVX-512 int8 kernel crashes (segfault) on rows whose length is not a multiple of 32 (seen
-            # with torch 2.13 at K = 24, 88 and batches of 2 and 4): widen the weight for such small layers instead
-            out = (xc @ self.weight.to(xc.dtype).t()) * self.scales
-        elif self.bits == 8:
+        if self.int8_kernel:
             out = torch._weight_int8pack_mm(xc, self.weight, self.scales)
+        elif self.bits == 8:
+            out = (xc @ self.weight.to(xc.dtype).t()) * self.scales
         elif self.device.type == "cuda":
             out = torch._weight_int4pack_mm(xc, self.weight, self.group_size, self.scales)
         else:
