@@ -143,18 +143,24 @@ def test_codec_two_processes_equal_one(tmp_path, speech_dir, parallel):
     ra, rb = _rows(one, "train")[0], _rows(two, "train")[0]
     for key in ("adv", "feat", "l1", "d_loss", "commit", "rvq_entropy", "quantized_share"):
         assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-9), key
-    # The sums over processes round differently from one process's: a few of the codec's weights (4 of ~2 M
-    # with the variance-preserving init) land up to ~7e-5 apart, far below one lr-sized step (8e-4).
-    for key, value in a["models"]["codec"].items():
-        torch.testing.assert_close(b["models"]["codec"][key], value, rtol=1e-4, atol=1e-4, msg=key)
-    # The discriminator's first Adam step is lr * sign(grad) where its gradient is ~0: there float rounding of
-    # the sum over processes may flip a few signs (each by at most 2 lr). How many weights have such a gradient
-    # depends on the codec's first output (2-4 % here); a missing or wrong reduction would change the gradient of
-    # nearly every weight.
+    # Same gradients: Adam's first moment after one step is (1 - beta1) * grad. The codec's agree to ~3e-5 of
+    # their norm. The discriminator's first gradient is tiny (its real and generated inputs look alike at init:
+    # norm ~5e-5) and dominated by rounding: one process with 1 thread vs 2 differs by ~5 % there. A missing or
+    # wrong reduction (one process's half batch, a sum for a mean) would be off by 50-100 %.
+    for name, tolerance in (("codec", 1e-3), ("discriminator", 0.2)):
+        state_a, state_b = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        assert state_a.keys() == state_b.keys(), name
+        ga = torch.cat([state_a[i]["exp_avg"].flatten().double() for i in sorted(state_a)])
+        gb = torch.cat([state_b[i]["exp_avg"].flatten().double() for i in sorted(state_a)])
+        assert float((ga - gb).norm() / ga.norm()) < tolerance, name
+    # Same weights, but for signs: Adam's first step is lr * sign(grad), so where a gradient is within rounding
+    # of zero (a handful of the codec's ~2 M weights, 2-4 % of the discriminator's, which sees the codec's
+    # first output) the step may go either way, by at most 2 lr.
     lr = 8e-4
-    total = flipped = 0
-    for key, value in a["models"]["discriminator"].items():
-        diff = (b["models"]["discriminator"][key] - value).abs()
-        assert float(diff.max()) <= 2.01 * lr, key
-        total, flipped = total + diff.numel(), flipped + int((diff > 1e-5).sum())
-    assert flipped < 0.08 * total
+    for name in ("codec", "discriminator"):
+        total = flipped = 0
+        for key, value in a["models"][name].items():
+            diff = (b["models"][name][key] - value).abs()
+            assert float(diff.max()) <= 2.01 * lr, (name, key)
+            total, flipped = total + diff.numel(), flipped + int((diff > 1e-4).sum())
+        assert flipped < (1e-4 if name == "codec" else 0.08) * total, (name, flipped, total)
