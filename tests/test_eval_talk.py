@@ -54,6 +54,10 @@ def test_text_normalisation_and_whole_word_matching():
     assert not contains_answer("seventeen", "seven")
     assert contains_answer("twenty-one", "twenty one")
     assert not contains_answer("", "lima")
+    # The answer said beyond the question's own words: a reply naming only the subject does not count.
+    assert not contains_answer("An orange is yellow.", "orange", "Tell me what color an orange is.")
+    assert contains_answer("An orange is orange.", "orange", "Tell me what color an orange is.")
+    assert contains_answer("Snow is white.", "white", "What color is snow?")
 
 
 def test_words_from_pieces_and_user_speech_frames():

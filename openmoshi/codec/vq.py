@@ -14,6 +14,7 @@ All vectors here are flat: [N, dim] with N = batch * frames; the quantizer does 
 from __future__ import annotations
 
 import math
+from itertools import islice
 from typing import NamedTuple
 
 import torch
@@ -305,7 +306,7 @@ class ResidualVQ(nn.Module):
         """x [N, dim] -> codes [n_q, N]."""
         residual = x.contiguous()
         codes = []
-        for level in self.layers[:n_q]:
+        for level in islice(self.layers, n_q):  # a slice would build a ModuleList per call
             book = level._codebook
             level_codes = book.encode(residual)
             residual = residual - book.decode(level_codes)
@@ -315,7 +316,7 @@ class ResidualVQ(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [K, N] -> sum of the K levels' codewords [N, dim]."""
         out = self.layers[0]._codebook.decode(codes[0])
-        for level, level_codes in zip(self.layers[1:], codes[1:]):
+        for level, level_codes in zip(islice(self.layers, 1, None), codes[1:]):
             out = out + level._codebook.decode(level_codes)
         return out
 
@@ -326,7 +327,7 @@ class ResidualVQ(nn.Module):
         # A level may run k-means only if the level before it was initialised before this batch: otherwise
         # it would be fit on residuals of a codebook fit on the same batch, which are close to zero.
         prev_was_initialized = True
-        for level in self.layers[:n_q]:
+        for level in islice(self.layers, n_q):
             was_initialized = level._codebook.initialized if self.training else True
             out = level(residual, may_init=prev_was_initialized, generator=generator)
             prev_was_initialized = was_initialized

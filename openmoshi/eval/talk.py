@@ -8,7 +8,8 @@ Each case is one user recording, mono 24 kHz:
 Moshi runs over it offline, frame by frame (the Generator loop `openmoshi infer` uses), and we score:
 
 - answer: the text Moshi writes from the frame holding the question's start to the end of the case contains the
-  answer word (case, punctuation and digits normalised: "12" -> "twelve"; whole-word match);
+  answer word (case, punctuation and digits normalised: "12" -> "twelve"; whole-word match) more often than the
+  question does ("What color is an orange?" is not answered by "An orange is yellow.");
 - turn-taking: of the frames (80 ms) that overlap the user's words, the share in which Moshi is silent. Text
   version: Moshi's text token is PAD/EPAD (no word piece). Audio version: the RMS of Moshi's decoded audio in the
   frame is below AUDIO_REL_DB under Moshi's own level (the 95th percentile of its frame RMS over all cases) and
@@ -144,10 +145,16 @@ def normalize_text(text: str) -> str:
     return " ".join(re.sub(r"[^a-z']+", " ", text).replace("'", "").split())
 
 
-def contains_answer(text: str, answer: str) -> bool:
-    """Whether `answer` appears in `text` as whole words, after normalize_text on both."""
-    want = normalize_text(answer)
-    return bool(want) and f" {want} " in f" {normalize_text(text)} "
+def count_words(text: str, words: str) -> int:
+    """How often `words` appear in `text` as whole words, after normalize_text on both."""
+    want = normalize_text(words)
+    return f" {normalize_text(text)} ".count(f" {want} ") if want else 0
+
+
+def contains_answer(text: str, answer: str, question: str = "") -> bool:
+    """Whether `text` says `answer` (whole words, normalize_text on both) more often than the question does: a reply
+    that only repeats its subject ("An orange is yellow." to "What color is an orange?") does not answer."""
+    return bool(normalize_text(answer)) and count_words(text, answer) > count_words(question, answer)
 
 
 @dataclass
@@ -217,8 +224,8 @@ def score_case(pieces: list[str | None], frame_rate: float, question: Question, 
         first = next((f for f in range(end_frame, len(speaking_audio)) if speaking_audio[f]), None)
         onset_audio = None if first is None else max(0.0, first / frame_rate - end)
     return CaseScore(question.kind, question.text, question.answer, voice, reply,
-                     " ".join(w.text for w in words), contains_answer(reply, question.answer),
-                     contains_answer(before_end, question.answer), onset, len(user),
+                     " ".join(w.text for w in words), contains_answer(reply, question.answer, question.text),
+                     contains_answer(before_end, question.answer, question.text), onset, len(user),
                      sum(1 for f in user if pieces[f] is None), silent_audio, onset_audio)
 
 
