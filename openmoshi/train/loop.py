@@ -91,6 +91,7 @@ class Trainer:
         try:
             return self._fit(env)
         finally:
+            env.close()
             distributed.shutdown()
 
     def _fit(self, env: TrainEnv) -> dict[str, float]:

@@ -74,6 +74,16 @@ class TrainEnv:
         self._wrapped.append(ddp)
         return ddp
 
+    def close(self) -> None:
+        """Frees the DDP wrappers' reducers while the process group is still registered. A reducer freed last
+        frees the group itself, with the GIL held, joining gloo's worker threads; one of them may be waiting for
+        the GIL to free a finished collective's tensors: a run hung at exit that way."""
+        for ddp in self._wrapped:
+            for name in ("logger", "reducer"):  # DDP's C++ logger holds the reducer too
+                if hasattr(ddp, name):
+                    delattr(ddp, name)
+        self._wrapped.clear()
+
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward(), scaled so that micro-batch gradients sum to the mean over the step's batch."""
         (loss / self.micro_batches).backward()
