@@ -63,7 +63,7 @@ SIZES = {
                 duration=4.0, eval_cases=2, checkpoint_every=1, user_variants=1, sharpen=((1, 4.0), (1, 10.0))),
     "full": Size(dialogues=4000, user_voices=320, codec_steps=6000, codec_batch=8, lm_steps=(500, 1500, 2500),
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=0,
-                 user_variants=2, sharpen=((1200, 4.0), (1500, 10.0), (1500, 20.0))),
+                 user_variants=2, sharpen=((1200, 4.0), (1500, 10.0), (1500, 20.0), (1500, 40.0))),
 }
 # Turn-taking of the tiny-talk dialogues: Moshi answers after the question, never over it. The synth's defaults
 # (telephone-like: a quarter of hand-overs overlapping, Moshi's backchannels and interruptions) taught runs 1-5 to

@@ -29,17 +29,23 @@ NUMBERS = range(1, 10)  # "what is A plus B" for one-digit A and B
 # Question phrasings per kind: "train" ones are in the training dialogues, "test" ones only in the evaluation.
 PHRASINGS = {
     "colour": {"train": ["What color is {s}?", "What is the color of {s}?", "Which color is {s}?",
-                          "What's the color of {s}?", "What color would {s} be?"],
+                          "What's the color of {s}?", "What color would {s} be?", "Do you know the color of {s}?",
+                          "I'd like to know the color of {s}.", "Could you name the color of {s}?"],
                "test": ["Tell me what color {s} is."]},
     "capital": {"train": ["What is the capital of {s}?", "Which city is the capital of {s}?",
                           "What's the capital city of {s}?", "Name the capital of {s}.",
-                          "What city is the capital of {s}?"],
+                          "What city is the capital of {s}?", "Do you know the capital of {s}?",
+                          "I'd like to know the capital of {s}.", "Could you name the capital city of {s}?"],
                 "test": ["Tell me the capital of {s}."]},
     "sound": {"train": ["What sound does {s} make?", "What does {s} say?", "Which sound does {s} make?",
-                        "What noise does {s} make?", "What sound do you hear from {s}?"],
+                        "What noise does {s} make?", "What sound do you hear from {s}?",
+                        "Do you know the sound {s} makes?", "I'd like to know the sound of {s}.",
+                        "Could you name the sound {s} makes?"],
               "test": ["Tell me what {s} says."]},
     "plus": {"train": ["What is {a} plus {b}?", "How much is {a} plus {b}?", "What's {a} plus {b}?",
-                       "What do you get for {a} plus {b}?", "Can you add {a} plus {b}?"],
+                       "What do you get for {a} plus {b}?", "Can you add {a} plus {b}?",
+                       "Do you know {a} plus {b}?", "I'd like to know {a} plus {b}.",
+                       "Could you work out {a} plus {b}?"],
              "test": ["Tell me what {a} plus {b} is."]},
 }
 REPLIES = {"colour": "{S} is {x}.", "capital": "The capital of {s} is {x}.", "sound": "{S} says {x}.",
@@ -48,6 +54,10 @@ REPLIES = {"colour": "{S} is {x}.", "capital": "The capital of {s} is {x}.", "so
 GREETINGS = [("Hello!", "Hello! How can I help you?"), ("Hi Moshi.", "Hi! What would you like to know?"),
              ("Good morning.", "Good morning! Ask me anything.")]
 MOSHI_OPENERS = ["Hello, how can I help you?", "Hi, what would you like to know?"]
+# How a dialogue opens: the user greets / Moshi greets first / the user asks straight away (as in `eval talk`).
+# Moshi opens no tiny-talk dialogue: where it had learnt to (3 in 10), it greeted over a question asked 1 s into
+# the call in 1 of 7 held-out cases and never answered it.
+OPENINGS = {"user_greets": 0.4, "moshi_greets": 0.0, "user_asks": 0.6}
 GOODBYES = [("Thank you, goodbye!", "Goodbye, see you soon!"), ("Thanks, bye.", "Bye bye, take care!"),
             ("That's all, bye.", "Goodbye!")]
 
@@ -90,16 +100,18 @@ def random_question(rng: np.random.Generator, split: str) -> Question:
     return make_question(kind, fields, phrasings[int(rng.integers(len(phrasings)))])
 
 
-def dialogue_turns(rng: np.random.Generator, split: str, questions: tuple[int, int] = (1, 3)) -> list[dict]:
-    """One conversation as moshi-finetune-style turns: an opening, 1-3 questions, usually a goodbye."""
+def dialogue_turns(rng: np.random.Generator, split: str, questions: tuple[int, int] = (1, 3),
+                   openings: dict[str, float] | None = None) -> list[dict]:
+    """One conversation as moshi-finetune-style turns: an opening (`openings`' odds, default OPENINGS), 1-3
+    questions, usually a goodbye."""
     turns: list[dict] = []
-    opening = rng.random()
-    if opening < 0.4:
+    odds = openings or OPENINGS
+    opening = rng.random() * sum(odds.values())
+    if opening < odds["user_greets"]:
         hello, reply = GREETINGS[int(rng.integers(len(GREETINGS)))]
         turns += [{"speaker": USER, "text": hello}, {"speaker": MOSHI, "text": reply}]
-    elif opening < 0.7:
+    elif opening < odds["user_greets"] + odds["moshi_greets"]:
         turns.append({"speaker": MOSHI, "text": MOSHI_OPENERS[int(rng.integers(len(MOSHI_OPENERS)))]})
-    # else: the user asks straight away, as in `eval talk`
     for _ in range(int(rng.integers(questions[0], questions[1] + 1))):
         q = random_question(rng, split)
         turns += [{"speaker": USER, "text": q.text}, {"speaker": MOSHI, "text": q.reply}]
