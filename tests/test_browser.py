@@ -214,19 +214,34 @@ def test_busy_server_in_browser(chromium, tiny_model, tmp_path):
         wait_for(chromium, "window.moshiDebug.state === 'closed'", 10, "the conversation to stop")
 
 
-def test_conversation_in_browser_behind_token(chromium, tiny_model):
-    """With --token the page URL carries it: the page, its assets (a cookie) and its websocket all work."""
+def test_conversation_in_browser_behind_token(chromium, tiny_model, tmp_path):
+    """With --token the page URL carries it: the page, its assets (a cookie), the served model's sampling defaults
+    and its websocket all work; the page's settings start from that model's config.json."""
+    import json
+    import shutil
     from urllib.parse import quote
 
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["lm_gen_config"] = {"temp": 0.65, "temp_text": 0.35, "top_k": 99, "top_k_text": 12}
+    (model / "config.json").write_text(json.dumps(config))
     token = "tok&en#1 +é"
-    with RunningServer(tiny_model, max_sessions=1, token=token) as srv:
+    with RunningServer(model, max_sessions=1, token=token) as srv:
         chromium.get(srv.http + "/")  # without the token: refused
         assert "token" in chromium.find_element("tag name", "body").text
         assert all("401" in e for e in console_errors(chromium))  # the refusal, and nothing else
         _open_page(chromium, srv.http + "/?token=" + quote(token, safe=""))
+        wait_for(chromium, "document.getElementById('setting-text_temperature').value === '0.35'", 10,
+                 "the model's defaults in the settings form")
+        form = {name: chromium.find_element("id", f"setting-{name}").get_attribute("value")
+                for name in ("audio_temperature", "audio_topk", "text_topk", "pad_mult")}
+        assert form == {"audio_temperature": "0.65", "audio_topk": "99", "text_topk": "12", "pad_mult": "0"}
         chromium.find_element("id", "start").click()
         wait_for(chromium, "window.moshiDebug.state === 'connected' && "
                  "window.moshiDebug.detail.startsWith('live')", 20, "the conversation to go live")
+        slot = next(s for s in srv.engine.slots if s is not None)
+        assert (slot.settings.text_temperature, slot.settings.text_topk) == (0.35, 12)
+        assert (slot.settings.audio_temperature, slot.settings.audio_topk) == (0.65, 99)
         wait_for(chromium, "window.moshiDebug.audio.secondsPlayed >= 2", 30, "2 s of played audio")
         d = _debug(chromium)
         assert d["lastError"] is None and d["received"]["audio"]["messages"] >= 10

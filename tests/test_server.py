@@ -203,6 +203,14 @@ def test_malformed_input_never_disturbs_other_sessions(tiny_model, user_audio):
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
+def test_defaults_are_the_served_models(server):
+    status, body = _get(server.http + "/api/defaults")
+    gen = server.engine.bundle.generation
+    assert status == 200 and json.loads(body) == {
+        "text_temperature": gen["temp_text"], "text_topk": gen["top_k_text"], "audio_temperature": gen["temp"],
+        "audio_topk": gen["top_k"], "pad_mult": 0.0, "repetition_penalty": 1.0, "repetition_penalty_context": 64}
+
+
 def test_health_and_metrics(server):
     status, body = _get(server.http + "/health")
     health = json.loads(body)

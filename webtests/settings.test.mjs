@@ -2,7 +2,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { QUERY_PARAMS } from "../openmoshi/server/static/js/protocol.js";
 import {
-  SETTINGS, defaultSettings, initialSettings, resolveSeeds, validateSettings,
+  SETTINGS, changedSettings, defaultSettings, initialSettings, resolveSeeds, validateSettings,
 } from "../openmoshi/server/static/js/settings.js";
 
 test("defaults are the official client's", () => {
@@ -44,4 +44,22 @@ test("seeds of -1 become random non-negative integers; fixed seeds are kept", ()
   assert.equal(values.text_seed, -1); // input untouched
   const r2 = resolveSeeds(defaultSettings());
   assert.ok(Number.isInteger(r2.text_seed) && r2.text_seed >= 0);
+});
+
+test("the served model's defaults replace the client's where valid; only changes are stored", () => {
+  const served = defaultSettings({ text_temperature: 0.3, audio_topk: 50, text_topk: 2.5, pad_mult: "x", extra: 1 });
+  assert.equal(served.text_temperature, 0.3);
+  assert.equal(served.audio_topk, 50);
+  assert.equal(served.text_topk, 25); // not a whole number: the client's default
+  assert.equal(served.pad_mult, 0);
+  assert.equal("extra" in served, false);
+  assert.deepEqual(defaultSettings(null), defaultSettings());
+  // missing and invalid values fall back to the model's defaults
+  const { values } = validateSettings({ audio_temperature: "", text_temperature: "nan" }, served);
+  assert.equal(values.text_temperature, 0.3);
+  // stored changes and the URL still win over the model
+  const s = initialSettings(JSON.stringify({ text_topk: 40 }), "?audio_topk=7", served);
+  assert.deepEqual([s.text_temperature, s.text_topk, s.audio_topk], [0.3, 40, 7]);
+  assert.deepEqual(changedSettings({ ...served, text_topk: 40 }, served), { text_topk: 40 });
+  assert.deepEqual(changedSettings(served, served), {});
 });

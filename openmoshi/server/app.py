@@ -91,6 +91,7 @@ def create_app(engine: Engine, token: str | None = None, static_dir: Path = STAT
         app.router.add_get(ASR_PATH, _handle_asr)
     elif family == "tts":
         app.router.add_get(TTS_PATH, _handle_tts)
+    app.router.add_get("/api/defaults", handle_defaults)
     app.router.add_get("/health", handle_health)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/", lambda _: web.FileResponse(static_dir / "index.html"))
@@ -99,6 +100,16 @@ def create_app(engine: Engine, token: str | None = None, static_dir: Path = STAT
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_stop_engine)
     return app
+
+
+async def handle_defaults(request: web.Request) -> web.Response:
+    """The served model's sampling defaults (its config.json's lm_gen_config), named as the chat query parameters:
+    the page starts its settings from them instead of Kyutai's client constants."""
+    defaults = getattr(request.app[ENGINE_KEY], "defaults", None)
+    if defaults is None:
+        return web.json_response({})
+    return web.json_response({name: getattr(defaults, name) for name in SessionSettings.FIELDS
+                              if not name.endswith("_seed")})
 
 
 async def _start_engine(app: web.Application) -> None:

@@ -2,7 +2,9 @@
 
 import { BrowserAudio, microphoneUnavailableReason } from "./audio-io.js";
 import { MoshiSession, State, streamStats } from "./session.js";
-import { SETTINGS, STORAGE_KEY, defaultSettings, initialSettings, resolveSeeds, validateSettings } from "./settings.js";
+import {
+  SETTINGS, STORAGE_KEY, changedSettings, defaultSettings, initialSettings, resolveSeeds, validateSettings,
+} from "./settings.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -53,9 +55,9 @@ function buildSettingsForm(form, values) {
   }
 }
 
-function readSettingsForm(form) {
+function readSettingsForm(form, defaults) {
   const raw = Object.fromEntries(new FormData(form).entries());
-  const { values, errors } = validateSettings(raw);
+  const { values, errors } = validateSettings(raw, defaults);
   for (const s of SETTINGS) {
     const input = form.elements.namedItem(s.name);
     input.setAttribute("aria-invalid", errors[s.name] ? "true" : "false");
@@ -136,10 +138,24 @@ function main() {
   window.moshiDebug = session.debug;
 
   const form = $("settings");
-  buildSettingsForm(form, initialSettings(readStoredSettings(), location.search));
+  let defaults = defaultSettings();
+  let edited = false; // the user typed in the form: the served model's defaults must not overwrite it
+  form.addEventListener("input", () => { edited = true; });
+  buildSettingsForm(form, initialSettings(readStoredSettings(), location.search, defaults));
+  // The served model's own defaults (its config.json), where the server gives them.
+  fetch("api/defaults", { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.json() : {}))
+    .then((served) => {
+      defaults = defaultSettings(served);
+      window.moshiDebug.defaults = defaults;
+      if (!edited && !session.active) {
+        buildSettingsForm(form, initialSettings(readStoredSettings(), location.search, defaults));
+      }
+    })
+    .catch(() => {}); // an older server: the official client's defaults stay
   $("reset-settings").addEventListener("click", () => {
-    buildSettingsForm(form, defaultSettings());
-    storeSettings(defaultSettings());
+    buildSettingsForm(form, defaults);
+    storeSettings({});
   });
 
   const unavailable = microphoneUnavailableReason(window);
@@ -214,12 +230,12 @@ function main() {
   setInterval(() => session.active && render(), 500); // keeps the clock moving between messages
 
   $("start").addEventListener("click", () => {
-    const { values, ok } = readSettingsForm(form);
+    const { values, ok } = readSettingsForm(form, defaults);
     if (!ok) {
       $("settings-panel").open = true;
       return;
     }
-    storeSettings(values);
+    storeSettings(changedSettings(values, defaults));
     showPlaceholder(LISTENING_PLACEHOLDER);
     transcriptEmpty = true;
     // start() creates the AudioContext synchronously, inside this click.

@@ -20,25 +20,40 @@ export const SETTINGS = Object.freeze([
   { name: "audio_seed", label: "Audio seed (-1 = random)", def: -1, min: -1, max: 2 ** 31 - 1, step: 1, integer: true },
 ]);
 
-export const STORAGE_KEY = "openmoshi.settings.v1";
+// v2 keeps only the settings a user changed from the served model's defaults (v1 kept every value, so a model's
+// own defaults never applied to a returning user).
+export const STORAGE_KEY = "openmoshi.settings.v2";
 
-/** @returns {Record<string, number>} the default value of every setting */
-export function defaultSettings() {
-  return Object.fromEntries(SETTINGS.map((s) => [s.name, s.def]));
+/**
+ * The default of every setting: the official client's, overridden by the served model's (GET /api/defaults,
+ * its config.json's lm_gen_config) where those are valid values of the setting.
+ * @param {Record<string, unknown>} [server]
+ * @returns {Record<string, number>}
+ */
+export function defaultSettings(server = {}) {
+  const out = {};
+  for (const s of SETTINGS) {
+    const v = server && typeof server === "object" ? server[s.name] : undefined;
+    const ok = typeof v === "number" && Number.isFinite(v) && v >= s.min && v <= s.max &&
+      (!s.integer || Number.isInteger(v));
+    out[s.name] = ok ? v : s.def;
+  }
+  return out;
 }
 
 /**
  * Checks and converts raw values (strings from inputs or the URL). Missing names take their default.
  * @param {Record<string, unknown>} raw
+ * @param {Record<string, number>} [defaults] from defaultSettings()
  * @returns {{values: Record<string, number>, errors: Record<string, string>}}
  */
-export function validateSettings(raw) {
+export function validateSettings(raw, defaults = defaultSettings()) {
   const values = {};
   const errors = {};
   for (const s of SETTINGS) {
     const input = raw[s.name];
     if (input === undefined || input === null || input === "") {
-      values[s.name] = s.def;
+      values[s.name] = defaults[s.name];
       continue;
     }
     const v = typeof input === "number" ? input : Number(String(input).trim());
@@ -52,7 +67,7 @@ export function validateSettings(raw) {
       values[s.name] = v;
       continue;
     }
-    values[s.name] = s.def;
+    values[s.name] = defaults[s.name];
   }
   return { values, errors };
 }
@@ -61,8 +76,9 @@ export function validateSettings(raw) {
  * Settings to start from: defaults, overridden by stored values, overridden by the page's query string.
  * @param {string|null} stored JSON from localStorage, or null
  * @param {string} search the page's location.search
+ * @param {Record<string, number>} [defaults] from defaultSettings()
  */
-export function initialSettings(stored, search) {
+export function initialSettings(stored, search, defaults = defaultSettings()) {
   let raw = {};
   if (stored) {
     try {
@@ -74,7 +90,17 @@ export function initialSettings(stored, search) {
   }
   const params = new URLSearchParams(search);
   for (const s of SETTINGS) if (params.has(s.name)) raw[s.name] = params.get(s.name);
-  return validateSettings(raw).values;
+  return validateSettings(raw, defaults).values;
+}
+
+/**
+ * What to store: the settings that differ from the defaults (the rest follow the served model).
+ * @param {Record<string, number>} values validated settings
+ * @param {Record<string, number>} defaults
+ */
+export function changedSettings(values, defaults) {
+  const changed = SETTINGS.filter((s) => values[s.name] !== defaults[s.name]);
+  return Object.fromEntries(changed.map((s) => [s.name, values[s.name]]));
 }
 
 /**
