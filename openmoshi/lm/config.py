@@ -231,10 +231,12 @@ class LMConfig:
     @classmethod
     def tiny_talk(cls) -> LMConfig:
         """The shipped tiny-talk Moshi (recipes/tiny_talk.py): 4 generated + 4 user codebooks of a 1024-entry tiny
-        Mimi, a 512-piece domain tokenizer, 20 s of context; 5.5 M parameters. Text is sampled cool (0.3): at
-        Kyutai's 0.7 stray words broke into the user's questions (91 % of their frames silent, against 100 %);
-        greedy (0), replies came later and 5 of 80 held-out questions went unanswered."""
-        return cls(dim=192, num_heads=6, num_layers=4, context=250, text_card=512, card=1024, n_q=8, dep_q=4,
+        Mimi, a 512-piece domain tokenizer; 5.5 M parameters. It attends 12 s back, the length of its training
+        crops: with 20 s, a conversation through the web page fell apart after 20 s ("A cat says A duck says A"),
+        attention spans it had never seen. Text is sampled cool (0.3): at Kyutai's 0.7 stray words broke into
+        the user's questions (91 % of their frames silent, against 100 %); greedy (0), replies came later and 5 of
+        80 held-out questions went unanswered."""
+        return cls(dim=192, num_heads=6, num_layers=4, context=150, text_card=512, card=1024, n_q=8, dep_q=4,
                    delays=[0, 0, 1, 1, 1, 0, 1, 1, 1], depformer_dim=128, depformer_num_heads=4,
                    depformer_num_layers=1, depformer_dim_feedforward=int(4.125 * 128),
                    tokenizer_name="tokenizer_tiny_talk.model", mimi_name="tiny_talk_mimi.safetensors",
