@@ -17,7 +17,7 @@ checkpoint):
   audio       LM audio pretraining on mono speech (the paper's stage 2, tiny learning rates scaled up)
   multistream LM multi-stream post-training on the dialogues (Moshi = left channel)
   finetune    LM dialogue fine-tuning, user channel augmented
-  sharpen     fine-tuning continued with the text loss weighted up (x4, x10, x20): sampled text that keeps to
+  sharpen     fine-tuning continued with the text loss weighted up (x4 ... x40): sampled text that keeps to
               its own history ("The capital of Japan is Tokyo")
   package     WORK/model: the model folder (LM in bfloat16), what `openmoshi init --preset tiny-talk` ships
   eval        `openmoshi eval talk` of that folder on held-out voices and phrasings, and the codec's held-out

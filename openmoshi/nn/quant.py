@@ -210,11 +210,12 @@ class _Kernel:
         self.exact_inverse = False
         self.symmetric = bits == 4 and zero is None
         # torch's AVX-512 int8 CPU kernel segfaults on rows whose length is not a multiple of 32 (torch 2.13, seen
-        # at K = 24 and 88 with batches of 2 and 4): such (small) layers widen the weight instead
+        # at K = 24 and 88 with batches of 2 and 4): such (small) layers keep their weight widened, [K, N]
         self.int8_kernel = bits == 8 and (self.device.type != "cpu" or weight.shape[-1] % 32 == 0)
         with torch.no_grad():
             if bits == 8:
-                self.weight = weight.contiguous()
+                self.weight = weight.contiguous() if self.int8_kernel else \
+                    weight.to(self.compute_dtype).t().contiguous()
                 self.scales = int8_scale(scale).to(self.compute_dtype).contiguous()
             else:
                 if self.symmetric and self.device.type == "cpu":
@@ -260,7 +261,7 @@ class _Kernel:
         if self.int8_kernel:
             out = torch._weight_int8pack_mm(xc, self.weight, self.scales)
         elif self.bits == 8:
-            out = (xc @ self.weight.to(xc.dtype).t()) * self.scales
+            out = (xc @ self.weight) * self.scales
         elif self.device.type == "cuda":
             out = torch._weight_int4pack_mm(xc, self.weight, self.group_size, self.scales)
         else:

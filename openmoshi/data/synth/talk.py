@@ -100,13 +100,12 @@ def random_question(rng: np.random.Generator, split: str) -> Question:
     return make_question(kind, fields, phrasings[int(rng.integers(len(phrasings)))])
 
 
-def dialogue_turns(rng: np.random.Generator, split: str, questions: tuple[int, int] = (1, 3),
-                   openings: dict[str, float] | None = None) -> list[dict]:
-    """One conversation as moshi-finetune-style turns: an opening (`openings`' odds, default OPENINGS), 1-3
-    questions, usually a goodbye."""
+def dialogue_turns(rng: np.random.Generator, split: str, questions: tuple[int, int] = (1, 3)) -> list[dict]:
+    """One conversation as moshi-finetune-style turns: an opening (OPENINGS' odds), 1-3 questions, usually a
+    goodbye."""
     turns: list[dict] = []
-    odds = openings or OPENINGS
-    opening = rng.random() * sum(odds.values())
+    odds = OPENINGS
+    opening = rng.random()
     if opening < odds["user_greets"]:
         hello, reply = GREETINGS[int(rng.integers(len(GREETINGS)))]
         turns += [{"speaker": USER, "text": hello}, {"speaker": MOSHI, "text": reply}]

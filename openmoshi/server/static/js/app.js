@@ -147,7 +147,6 @@ function main() {
     .then((r) => (r.ok ? r.json() : {}))
     .then((served) => {
       defaults = defaultSettings(served);
-      window.moshiDebug.defaults = defaults;
       if (!edited && !session.active) {
         buildSettingsForm(form, initialSettings(readStoredSettings(), location.search, defaults));
       }
