@@ -278,3 +278,23 @@ def test_train_split_is_a_diagnostic_on_training_phrasings_and_voices(tmp_path):
     train = held_out_voices(tmp_path, count=3, split="train")
     assert [v.key for v in train] == [v.key for v in bank.users["train"][:3]]
     assert [v.key for v in held_out_voices(tmp_path)] == [v.key for v in bank.users["test"]]
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+def test_voices_and_phrasings_split_apart(tiny_model, tmp_path, capsys):
+    from openmoshi.data.synth.voices import make_voice_bank
+    settings = {"user_voices": 12, "seed": 3, "engines": ["espeak"], "valid_fraction": 0.1, "test_fraction": 0.1}
+    (tmp_path / "synth_config.json").write_text(json.dumps(settings))
+    train_voices = {v.key for v in make_voice_bank(12, 3, {"train": 0.8, "valid": 0.1, "test": 0.1},
+                                                   engines=("espeak",)).users["train"]}
+    args = ["eval", "talk", "--model", str(tiny_model), "--cases", "2", "--threads", "1", "--greedy",
+            "--voices-from", str(tmp_path), "--voices", "train"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["split"] == "test" and out["settings"]["voice_split"] == "train"
+    assert all(case["question"].startswith("Tell me") for case in out["per_case"])  # held-out phrasings ...
+    assert {case["voice"] for case in out["per_case"]} <= train_voices  # ... in voices the model trained on
+    assert main(args) == 0
+    assert "held-out phrasings, training voices" in capsys.readouterr().out
+    assert main(["eval", "talk", "--model", str(tiny_model), "--voices", "train"]) == 1
+    assert "--voices train needs --voices-from" in capsys.readouterr().err

@@ -3,6 +3,7 @@
   openmoshi eval talk --model runs/tiny-talk/model
   openmoshi eval talk --model M --voices-from data/tiny-talk --codec-data held_out_wavs/ --json
   openmoshi eval talk --model M --cases 8 --save-audio listen/
+  openmoshi eval talk --model M --voices-from data/tiny-talk --split train --voices test   # diagnostics
 
 Each case is one user recording (24 kHz): 1 s of silence, a question of the tiny-talk domain ("Tell me the
 capital of Peru.", "Tell me what seven plus five is.") in a held-out phrasing spoken by a held-out user voice
@@ -26,7 +27,9 @@ SI-SDR, PESQ and STOI (when `pesq` / `pystoi` are installed).
 
 User voices: with --voices-from, the *test* voices of that synth set (rebuilt from its synth_config.json), i.e.
 voices the model never heard; without it, espeak-ng voices drawn from a seed far from the synth's and checked
-against the train voices of a default synth set. Sampling: the model folder's defaults (lm_gen_config), seeded;
+against the train voices of a default synth set. Diagnostics (not the score): --split train asks in the training
+phrasings, --voices train speaks in the set's training voices; the four combinations tell which of the two unseen
+things (wording, voice) a model stumbles on. Sampling: the model folder's defaults (lm_gen_config), seeded;
 --greedy for argmax decoding.
 """
 
@@ -57,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test (default): held-out phrasings and voices. train: the training phrasings and, "
                              "with --voices-from, the set's train voices; a diagnostic (does the model answer what "
                              "it was trained on?), not the score")
+    parser.add_argument("--voices", choices=("test", "train"), default=None,
+                        help="whose voices speak the questions, apart from --split's phrasings (default: as "
+                             "--split). `--split test --voices train` asks held-out phrasings in voices the model "
+                             "trained on: which of the two unseen things it stumbles on")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperatures 0)")
     parser.add_argument("--temp", type=float, default=None, help="audio temperature (default: the model's)")
     parser.add_argument("--temp-text", type=float, default=None, help="text temperature (default: the model's)")
@@ -92,6 +99,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--codec-seconds and --codec-max-files must be >= 0")
     if args.save_audio is not None and args.save_audio.exists() and not args.save_audio.is_dir():
         raise ConfigError(f"--save-audio {args.save_audio} is a file: give a folder")
+    if args.voices == "train" and args.voices_from is None:
+        raise ConfigError("--voices train needs --voices-from (the synth set the model trained on)")
     if args.voices_from is not None and not args.voices_from.is_dir():
         raise ConfigError(f"--voices-from {args.voices_from}: no such folder (give a synth set's folder)")
     for path in args.codec_data or []:
@@ -127,11 +136,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--codec-codebooks must be in 1..{bundle.mimi.total_codebooks} for this model's Mimi, "
                           f"got {args.codec_codebooks}")
     quiet = args.quiet or args.json
+    voice_split = args.voices or (args.split if args.voices_from is not None else "test")
     if not quiet:
-        what = "held-out" if args.split == "test" else "training-phrasing (diagnostic)"
-        print(f"synthesizing {args.cases} {what} questions ...")
+        print(f"synthesizing {args.cases} questions: {_split_words(args.split, voice_split)} ...")
     cases = build_cases(eval_questions(args.cases, args.seed, args.split),
-                        held_out_voices(args.voices_from, seed=args.seed, split=args.split))
+                        held_out_voices(args.voices_from, seed=args.seed, split=voice_split))
     with tqdm(total=len(cases), unit="case", desc="talking", disable=quiet,
               bar_format="{l_bar}{bar}| {n:.1f}/{total} cases [{elapsed}<{remaining}]") as bar:
         def progress(done: float) -> None:
@@ -144,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     report.settings["voices_from"] = str(args.voices_from) if args.voices_from else None
     report.settings["model"] = str(args.model)
     report.settings["split"] = args.split
+    report.settings["voice_split"] = voice_split
     if args.codec_data:
         with torch.inference_mode():
             report.codec = codec_figures(bundle.mimi, args.codec_data, args.codec_max_files, args.codec_seconds,
@@ -159,11 +169,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(args.examples), indent=2))
     else:
         print(format_table(report, args.examples))
-        if args.split == "train":
-            print("\n(--split train: training phrasings and voices, a diagnostic; the score is --split test)")
+        if "train" in (args.split, voice_split):
+            print("\n(training phrasings or voices: a diagnostic; the score is --split test with held-out voices)")
         if args.save_audio is not None:
             print(f"\nwrote {len(cases)} stereo wavs (left = Moshi, right = user) to {args.save_audio}")
     return 0
+
+
+def _split_words(split: str, voice_split: str) -> str:
+    names = {"test": "held-out", "train": "training"}
+    return f"{names[split]} phrasings, {names[voice_split]} voices"
 
 
 def _pct(x: float | None) -> str:
@@ -181,8 +196,9 @@ def format_table(report, examples: int = 8) -> str:
     ok = s["meets_targets"]
     mark = {True: "ok", False: "below target"}
     voices = len(report.settings.get("voices", []))
-    kind = "held-out" if report.settings.get("split", "test") == "test" else "training-split"
-    lines = [f"eval talk: {s['cases']} {kind} cases, {voices} {kind} user voice(s)",
+    split = report.settings.get("split", "test")
+    what = _split_words(split, report.settings.get("voice_split", split))
+    lines = [f"eval talk: {s['cases']} cases ({what}), {voices} user voice(s)",
              "",
              f"{'answers correct':<28}{_pct(s['accuracy']):>9}   target >= 80%   {mark[ok['accuracy']]}"]
     for kind, acc in s["accuracy_by_kind"].items():
