@@ -17,7 +17,7 @@ checkpoint):
   audio       LM audio pretraining on mono speech (the paper's stage 2, tiny learning rates scaled up)
   multistream LM multi-stream post-training on the dialogues (Moshi = left channel)
   finetune    LM dialogue fine-tuning, user channel augmented
-  sharpen     fine-tuning continued with the text loss weighted up (x4 ... x40): sampled text that keeps to
+  sharpen     fine-tuning continued with the text loss weighted up (x4, x10): sampled text that keeps to
               its own history ("The capital of Japan is Tokyo")
   package     WORK/model: the model folder (LM in bfloat16), what `openmoshi init --preset tiny-talk` ships
   eval        `openmoshi eval talk` of that folder on held-out voices and phrasings, and the codec's held-out
@@ -63,7 +63,7 @@ SIZES = {
                 duration=4.0, eval_cases=2, checkpoint_every=1, user_variants=1, sharpen=((1, 4.0), (1, 10.0))),
     "full": Size(dialogues=4000, user_voices=320, codec_steps=6000, codec_batch=8, lm_steps=(500, 1500, 2500),
                  lm_batch=8, duration=12.0, eval_cases=80, checkpoint_every=50, lm_dialogues=0,
-                 user_variants=2, sharpen=((1200, 4.0), (1500, 10.0), (1500, 20.0), (1500, 40.0))),
+                 user_variants=2, sharpen=((1200, 4.0), (1500, 10.0))),
 }
 # Turn-taking of the tiny-talk dialogues: Moshi answers after the question, never over it. The synth's defaults
 # (telephone-like: a quarter of hand-overs overlapping, Moshi's backchannels and interruptions) taught runs 1-5 to
@@ -303,7 +303,9 @@ class Recipe:
         # Fine-tuning continued with the text loss weighted up. The audio cross-entropy (semantic codebook x100)
         # dominates the loss, and the text it leaves is not sharp enough to sample: run 6 wrote "The capital of
         # Japan is Berlin". x4, x10, x20 took run 6's held-out answers from 2.5 % to 20 %, 30 %, 45 %; run 7 (--from
-        # run 6) went 46 -> 51 -> 56 -> 57.5 -> 61 % with x40 (text sampled at 0.3); x80 gained nothing more.
+        # run 6) went 46 -> 51 -> 56 -> 57.5 -> 61 % with x40 (text sampled at 0.3). Run 8 (--from run 7, 11
+        # phrasings per kind): 77.5 -> 86 -> 84 % (x4, x10), then x20 fell to 67.5 % and answered late (onset
+        # 1.3 s, some questions never): with data that covers the phrasings, x10 is enough.
         init = self.work / "lm_finetune" / "model"
         for k, (name, steps, weight) in enumerate(self.sharpen_rounds()):
             self.lm_stage("finetune", steps, str(self.lm_manifests()[1]), init, "--set",
