@@ -99,6 +99,21 @@ def _read_header(path: Path) -> dict:
     return header
 
 
+def safetensors_index(path: str | Path) -> tuple[int, dict]:
+    """(byte offset of the data, {name: {"dtype": torch dtype, "shape", "data_offsets"}}) of a safetensors file,
+    for reading single tensors without mapping or loading the file."""
+    header = _read_header(Path(path))
+    start = header.pop("__data_start__")
+    header.pop("__metadata__", None)
+    out = {}
+    for key, info in header.items():
+        dtype = _FROM_ST.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key} has an unsupported dtype {info['dtype']}")
+        out[key] = {"dtype": dtype, "shape": info["shape"], "data_offsets": info["data_offsets"]}
+    return start, out
+
+
 def stored_float_dtype(path: str | Path) -> torch.dtype | None:
     """The floating-point dtype most tensors of a safetensors file are stored in (None: no float tensors)."""
     counts: dict[torch.dtype, int] = {}

@@ -207,3 +207,41 @@ def test_text_corpus(tmp_path):
     assert data.bytes_per_token > 1
     with pytest.raises(DataError):
         AudioLMDataset([AudioItem(tmp_path / "x.wav", 1.0)], LMConfig.tiny(), tok, 1.0)
+
+
+def test_code_shards_read_items_alone(tmp_path):
+    """Items spread over many shards read back exactly (each from its own bytes), and a shard cut short or
+    missing is a DataError naming the file, not a crash."""
+    from safetensors.torch import load_file
+
+    from openmoshi.checkpoint import safetensors_index
+    from openmoshi.data.codes import _ShardWriter
+
+    gen = torch.Generator().manual_seed(0)
+    writer = _ShardWriter(tmp_path, "mimi-test", shard_frames=30)
+    written = {}
+    for i in range(12):
+        codes = torch.randint(-1, 2048, (1 + i % 2, 4, 5 + 3 * i), generator=gen)
+        written[f"/audio/{i}.wav"] = codes
+        writer.add(f"/audio/{i}.wav", codes)
+    writer.add("/audio/empty.wav", torch.zeros(1, 4, 0, dtype=torch.long))
+    writer.flush()
+    shards = CodeShards(tmp_path, "mimi-test")
+    files = sorted((tmp_path / "mimi-test").glob("shard-*.safetensors"))
+    assert len(files) > 3
+    for _ in range(2):  # a second pass reads the cached headers
+        for key, codes in written.items():
+            assert torch.equal(shards._load(shards.index["items"][key]).long(), codes)
+    assert shards._load(shards.index["items"]["/audio/empty.wav"]).shape == (1, 4, 0)
+    shard, name = shards.index["items"]["/audio/11.wav"]
+    assert torch.equal(load_file(str(tmp_path / "mimi-test" / shard))[name].long(), written["/audio/11.wav"])
+    _, header = safetensors_index(tmp_path / "mimi-test" / shard)
+    last = max(header, key=lambda k: header[k]["data_offsets"][1])  # the tensor stored last in the file
+    data = (tmp_path / "mimi-test" / shard).read_bytes()
+    (tmp_path / "mimi-test" / shard).write_bytes(data[:-8])
+    fresh = CodeShards(tmp_path, "mimi-test")
+    with pytest.raises(DataError, match="ends before"):
+        fresh._load([shard, last])
+    (tmp_path / "mimi-test" / shard).unlink()
+    with pytest.raises(DataError, match=shard):
+        CodeShards(tmp_path, "mimi-test")._load([shard, name])

@@ -16,17 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_safetensors, save_safetensors
+from ..checkpoint import safetensors_index, save_safetensors
+from ..errors import CheckpointError
 from ..codec import Mimi
 from .sources import AudioItem, DataError, read_channels
 
 INDEX_NAME = "index.json"
-CACHED_SHARDS = 4  # shards a reader keeps in memory (1M frames x 8 levels of int16: 16 MB each)
 
 
 def codec_key(mimi: Mimi) -> str:
@@ -59,7 +58,7 @@ class CodeShards:
             raise DataError(f"{folder} has no codes of this model's codec ({key}): {hint}. Run `openmoshi data "
                             "encode --model MODEL --data DATA --out CODES_DIR` with this model.")
         self.index = json.loads(index_path.read_text())
-        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # shard -> its codes, LRU
+        self._headers: dict[str, tuple[int, dict]] = {}  # shard -> (start of its data, its safetensors header)
 
     def codes(self, item: AudioItem) -> torch.Tensor:
         """The codes of a whole audio file -> long [C, n_q, frames]."""
@@ -87,14 +86,25 @@ class CodeShards:
         return torch.cat([codes[:1], self._load(entry).long()])
 
     def _load(self, entry: list[str]) -> torch.Tensor:
+        """One item's codes, read from its shard alone (its bytes, not the whole shard; nothing kept but the
+        shards' headers: safetensors' own readers kept memory of every shard read, ~0.1 KB per tensor)."""
         shard, name = entry
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
-        else:  # a few shards in memory (random items across shards would otherwise reload one at every item)
-            while len(self._cache) >= CACHED_SHARDS:
-                self._cache.popitem(last=False)
-            self._cache[shard] = read_safetensors(self.folder / shard)
-        return self._cache[shard][name]
+        path = self.folder / shard
+        try:
+            if shard not in self._headers:
+                self._headers[shard] = safetensors_index(path)
+            data_start, header = self._headers[shard]
+            info = header[name]
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            with open(path, "rb") as f:
+                f.seek(data_start + begin)
+                raw = bytearray(f.read(end - begin))
+            if len(raw) != end - begin:
+                raise CheckpointError(f"{path} ends before the codes of {name}")
+            return torch.frombuffer(raw, dtype=dtype).view(shape) if raw else torch.empty(shape, dtype=dtype)
+        except (OSError, KeyError, CheckpointError, RuntimeError) as exc:
+            raise DataError(f"cannot read codes {name} from {path} ({exc}); re-run `openmoshi data encode` on "
+                            "this data") from exc
 
 
 def variant_key(path: Path, variant: int) -> str:
