@@ -12,6 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
+from typing import BinaryIO
 from pathlib import Path
 
 import torch
@@ -59,6 +60,8 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype
     `mapped` (CPU): tensors not cast are views of a mapping of the file (no copy; pages read stay resident
     while the mapping lives, even those of tensors dropped since); False: copies of the process's own, the
     file unmapped (a model that replaces some of its weights, as quantizing Mimi does).
+    For a model, read once. Code reading tensors again and again (a training data path) uses
+    `safetensors_index` + `read_tensor`: safetensors 0.8's readers keep ~0.1 KB per tensor of every call.
     """
     path = Path(path)
     if not path.is_file():
@@ -67,7 +70,7 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu", dtype
         header = _read_header(path)
         codes = {v["dtype"] for k, v in header.items() if not k.startswith("__")}
         if any(_FROM_ST.get(c, torch.uint8).is_floating_point and _FROM_ST.get(c) != dtype for c in codes):
-            return _read_cast(path, header, dtype, torch.device(device))
+            return _read_cast(path, dtype, torch.device(device))
     try:
         if not mapped:
             from safetensors import safe_open
@@ -99,19 +102,34 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def safetensors_index(path: str | Path) -> tuple[int, dict]:
-    """(byte offset of the data, {name: {"dtype": torch dtype, "shape", "data_offsets"}}) of a safetensors file,
-    for reading single tensors without mapping or loading the file."""
+def safetensors_index(path: str | Path) -> tuple[int, dict[str, dict]]:
+    """(byte offset of the data, {name: {"dtype": torch dtype, "shape", "data_offsets"}}) of a safetensors
+    file, each entry checked (a known dtype, as many bytes as its shape needs): what `read_tensor` reads by."""
     header = _read_header(Path(path))
     start = header.pop("__data_start__")
     header.pop("__metadata__", None)
-    out = {}
+    index = {}
     for key, info in header.items():
         dtype = _FROM_ST.get(info["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key} has an unsupported dtype {info['dtype']}")
-        out[key] = {"dtype": dtype, "shape": info["shape"], "data_offsets": info["data_offsets"]}
-    return start, out
+            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which openmoshi cannot read")
+        begin, end = info["data_offsets"]
+        if end - begin != math.prod(info["shape"]) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
+        index[key] = {"dtype": dtype, "shape": info["shape"], "data_offsets": (begin, end)}
+    return start, index
+
+
+def read_tensor(f: BinaryIO, path: str | Path, data_start: int, key: str, info: dict,
+                buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file open as `f` (`info` from `safetensors_index`), read with plain reads
+    (no mapping, nothing kept) into `buffer` (uint8, large enough; default a new one) -> a view of it."""
+    begin, end = info["data_offsets"]
+    raw = torch.empty(end - begin, dtype=torch.uint8) if buffer is None else buffer[:end - begin]
+    f.seek(data_start + begin)
+    if f.readinto(memoryview(raw.numpy())) != end - begin:
+        raise CheckpointError(f"{path} ends before the end of tensor {key} (the file is truncated)")
+    return raw.view(info["dtype"]).reshape(info["shape"])
 
 
 def stored_float_dtype(path: str | Path) -> torch.dtype | None:
@@ -124,27 +142,15 @@ def stored_float_dtype(path: str | Path) -> torch.dtype | None:
     return max(counts, key=counts.__getitem__) if counts else None
 
 
-def _read_cast(path: Path, header: dict, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def _read_cast(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Reads the file tensor by tensor (plain reads into one reused buffer), casting floating-point ones."""
-    start = header.pop("__data_start__")
-    header.pop("__metadata__", None)
-    for key, info in header.items():
-        if info["dtype"] not in _FROM_ST:
-            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which openmoshi cannot read")
-        begin, end = info["data_offsets"]
-        if end - begin != math.prod(info["shape"]) * _FROM_ST[info["dtype"]].itemsize:
-            raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
-    buffer = torch.empty(max([e - b for b, e in (i["data_offsets"] for i in header.values())] + [8]),
+    start, index = safetensors_index(path)
+    buffer = torch.empty(max([e - b for b, e in (i["data_offsets"] for i in index.values())] + [8]),
                          dtype=torch.uint8)
     out = {}
     with open(path, "rb") as f:
-        for key, info in header.items():
-            begin, end = info["data_offsets"]
-            raw = buffer[:end - begin]
-            f.seek(start + begin)
-            if f.readinto(memoryview(raw.numpy())) != end - begin:
-                raise CheckpointError(f"{path} is truncated (tensor {key})")
-            value = raw.view(_FROM_ST[info["dtype"]]).reshape(info["shape"])
+        for key, info in index.items():
+            value = read_tensor(f, path, start, key, info, buffer)
             value = value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value.clone()
             out[key] = value.to(device)
     return out
