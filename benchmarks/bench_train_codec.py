@@ -9,6 +9,8 @@ weight norm, MS-STFT discriminator, adversarial + feature-matching losses throug
 optimizers) on real speech crops; each is the median of `steps` steps after one warm-up step (k-means
 initialisation). The forward+backward rows use the official shapes with plain convs (as the reference has),
 all 32 levels, and the same weights and batch for both; the loss is the output sum plus the commitment penalty.
+Beside each time: the minor page faults per step (fresh pages the kernel had to map and zero; on CPU a large
+part of the difference between the two, see benchmarks/README.md). `--shapes ""` skips the training rows.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def bench_training(shapes: str, batch: int, seconds: float, steps: int, device: torch.device) -> dict:
@@ -120,18 +126,21 @@ def bench_forward_backward(batch: int, seconds: float, reps: int, device: torch.
     out = {}
     fns = [("openmoshi", run_ours)] + ([("reference", run_ref)] if ref is not None else [])
     timings = {name: [] for name, _ in fns}
+    faults = {name: [] for name, _ in fns}
     for rep in range(reps + 1):
         for name, fn in fns:  # interleaved, so both see the same machine load
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep:
                 timings[name].append(time.perf_counter() - t0)
+                faults[name].append(_minor_faults() - f0)
     for name, values in timings.items():
-        out[name] = statistics.median(values)
+        out[name] = (statistics.median(values), statistics.median(faults[name]))
     return out
 
 
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--shapes", default="tiny,mimi")
+    parser.add_argument("--shapes", default="tiny,mimi", help='training rows to run ("" for none)')
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--fb-seconds", type=float, default=2.0, help="crop length of the forward+backward rows")
@@ -148,19 +157,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"| training step, {args.batch} x {args.seconds} s | params | step | audio s / s | peak memory |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for shapes in args.shapes.split(","):
+    shape_list = [name.strip() for name in args.shapes.split(",") if name.strip()]
+    unknown = [name for name in shape_list if name not in ("tiny", "mimi")]
+    if unknown:
+        parser.error(f"--shapes: unknown {', '.join(unknown)} (choose from tiny, mimi, or \"\" for none)")
+    if shape_list:
+        print(f"| training step, {args.batch} x {args.seconds} s | params | step | audio s / s | peak memory |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+    for shapes in shape_list:
         r = bench_training(shapes, args.batch, args.seconds, args.steps, device)
         print(f"| {shapes} | {r['params_m']:.1f} M | {r['step_s']:.2f} s | {r['audio_s_per_s']:.2f} | "
               f"{r['peak_mb']:.0f} MB |", flush=True)
     fb = bench_forward_backward(args.batch, args.fb_seconds, args.steps, device, not args.no_reference)
-    print(f"\n| codec forward + backward, official shapes, {args.batch} x {args.fb_seconds} s | time |")
-    print("| --- | ---: |")
-    for name, value in fb.items():
-        print(f"| {name} | {value:.2f} s |")
+    print(f"\n| codec forward + backward, official shapes, {args.batch} x {args.fb_seconds} s | time "
+          "| page faults / step |")
+    print("| --- | ---: | ---: |")
+    for name, (seconds, faults) in fb.items():
+        print(f"| {name} | {seconds:.2f} s | {faults:,.0f} |")
     if "reference" in fb:
-        print(f"| ratio openmoshi / reference | {fb['openmoshi'] / fb['reference']:.2f}x |")
+        print(f"| ratio openmoshi / reference | {fb['openmoshi'][0] / fb['reference'][0]:.2f}x | |")
     return 0
 
 
