@@ -59,7 +59,7 @@ def bench_training(shapes: str, batch: int, seconds: float, steps: int, device: 
     from openmoshi.train.task import TrainEnv
     from openmoshi.data.order import ItemRequest
 
-    cfg = PRESETS["tiny" if shapes == "tiny" else "mimi"]()
+    cfg = PRESETS[shapes]()
     with tempfile.TemporaryDirectory() as tmp:
         cfg.data.paths = [str(_speech_dir(Path(tmp)))]
         cfg.data.segment_seconds = seconds
@@ -158,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shape_list = [name.strip() for name in args.shapes.split(",") if name.strip()]
-    unknown = [name for name in shape_list if name not in ("tiny", "mimi")]
+    from openmoshi.train.codec.config import PRESETS
+
+    unknown = [name for name in shape_list if name not in PRESETS]
     if unknown:
-        parser.error(f"--shapes: unknown {', '.join(unknown)} (choose from tiny, mimi, or \"\" for none)")
+        parser.error(f"--shapes: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)}, or \"\" for none)")
     if shape_list:
         print(f"| training step, {args.batch} x {args.seconds} s | params | step | audio s / s | peak memory |")
         print("| --- | ---: | ---: | ---: | ---: |")

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 from pathlib import Path
 
 import torch
@@ -102,12 +102,21 @@ def _read_header(path: Path) -> dict:
     return header
 
 
-def safetensors_index(path: str | Path) -> tuple[int, dict[str, dict]]:
-    """(byte offset of the data, {name: {"dtype": torch dtype, "shape", "data_offsets"}}) of a safetensors
-    file, each entry checked (a known dtype, as many bytes as its shape needs): what `read_tensor` reads by."""
+class StoredTensor(NamedTuple):
+    """Where one tensor of a safetensors file lies: its dtype, shape and byte range in the file."""
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def safetensors_index(path: str | Path) -> dict[str, StoredTensor]:
+    """The tensors of a safetensors file (absolute byte ranges), each checked: a known dtype, as many bytes as
+    its shape needs. What `read_tensor` reads by."""
     header = _read_header(Path(path))
     start = header.pop("__data_start__")
     header.pop("__metadata__", None)
+    size = os.path.getsize(path)
     index = {}
     for key, info in header.items():
         dtype = _FROM_ST.get(info["dtype"])
@@ -116,20 +125,21 @@ def safetensors_index(path: str | Path) -> tuple[int, dict[str, dict]]:
         begin, end = info["data_offsets"]
         if end - begin != math.prod(info["shape"]) * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for shape {info['shape']}")
-        index[key] = {"dtype": dtype, "shape": info["shape"], "data_offsets": (begin, end)}
-    return start, index
+        if start + end > size:
+            raise CheckpointError(f"{path} ends before the end of tensor {key} (the file is truncated)")
+        index[key] = StoredTensor(dtype, tuple(info["shape"]), start + begin, start + end)
+    return index
 
 
-def read_tensor(f: BinaryIO, path: str | Path, data_start: int, key: str, info: dict,
-                buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file open as `f` (`info` from `safetensors_index`), read with plain reads
-    (no mapping, nothing kept) into `buffer` (uint8, large enough; default a new one) -> a view of it."""
-    begin, end = info["data_offsets"]
-    raw = torch.empty(end - begin, dtype=torch.uint8) if buffer is None else buffer[:end - begin]
-    f.seek(data_start + begin)
-    if f.readinto(memoryview(raw.numpy())) != end - begin:
-        raise CheckpointError(f"{path} ends before the end of tensor {key} (the file is truncated)")
-    return raw.view(info["dtype"]).reshape(info["shape"])
+def read_tensor(f: BinaryIO, key: str, where: StoredTensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Tensor `key` of the safetensors file open as `f`, read with plain reads (no mapping, nothing kept) into
+    `buffer` (uint8, large enough; default a new one) -> a view of it."""
+    size = where.end - where.begin
+    raw = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer[:size]
+    f.seek(where.begin)
+    if f.readinto(memoryview(raw.numpy())) != size:
+        raise CheckpointError(f"{f.name} ends before the end of tensor {key} (the file is truncated)")
+    return raw.view(where.dtype).reshape(where.shape)
 
 
 def stored_float_dtype(path: str | Path) -> torch.dtype | None:
@@ -144,13 +154,12 @@ def stored_float_dtype(path: str | Path) -> torch.dtype | None:
 
 def _read_cast(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Reads the file tensor by tensor (plain reads into one reused buffer), casting floating-point ones."""
-    start, index = safetensors_index(path)
-    buffer = torch.empty(max([e - b for b, e in (i["data_offsets"] for i in index.values())] + [8]),
-                         dtype=torch.uint8)
+    index = safetensors_index(path)
+    buffer = torch.empty(max([w.end - w.begin for w in index.values()] + [8]), dtype=torch.uint8)
     out = {}
     with open(path, "rb") as f:
         for key, info in index.items():
-            value = read_tensor(f, path, start, key, info, buffer)
+            value = read_tensor(f, key, info, buffer)
             value = value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value.clone()
             out[key] = value.to(device)
     return out

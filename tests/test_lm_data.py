@@ -235,8 +235,8 @@ def test_code_shards_read_items_alone(tmp_path):
     assert shards._load(shards.index["items"]["/audio/empty.wav"]).shape == (1, 4, 0)
     shard, name = shards.index["items"]["/audio/11.wav"]
     assert torch.equal(load_file(str(tmp_path / "mimi-test" / shard))[name].long(), written["/audio/11.wav"])
-    _, header = safetensors_index(tmp_path / "mimi-test" / shard)
-    last = max(header, key=lambda k: header[k]["data_offsets"][1])  # the tensor stored last in the file
+    index = safetensors_index(tmp_path / "mimi-test" / shard)
+    last = max(index, key=lambda k: index[k].end)  # the tensor stored last in the file
     data = (tmp_path / "mimi-test" / shard).read_bytes()
     (tmp_path / "mimi-test" / shard).write_bytes(data[:-8])
     fresh = CodeShards(tmp_path, "mimi-test")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_tensor, safetensors_index, save_safetensors
+from ..checkpoint import StoredTensor, read_tensor, safetensors_index, save_safetensors
 from ..codec import Mimi
 from ..errors import CheckpointError
 from .sources import AudioItem, DataError, read_channels
@@ -58,7 +58,7 @@ class CodeShards:
             raise DataError(f"{folder} has no codes of this model's codec ({key}): {hint}. Run `openmoshi data "
                             "encode --model MODEL --data DATA --out CODES_DIR` with this model.")
         self.index = json.loads(index_path.read_text())
-        self._headers: dict[str, tuple[int, dict]] = {}  # shard -> (start of its data, its safetensors header)
+        self._shard_indexes: dict[str, dict[str, StoredTensor]] = {}  # shard -> where its tensors lie
 
     def codes(self, item: AudioItem) -> torch.Tensor:
         """The codes of a whole audio file -> long [C, n_q, frames]."""
@@ -91,11 +91,11 @@ class CodeShards:
         shard, name = entry
         path = self.folder / shard
         try:
-            if shard not in self._headers:
-                self._headers[shard] = safetensors_index(path)
-            data_start, index = self._headers[shard]
+            if shard not in self._shard_indexes:
+                self._shard_indexes[shard] = safetensors_index(path)
+            where = self._shard_indexes[shard][name]
             with open(path, "rb") as f:
-                return read_tensor(f, path, data_start, name, index[name])
+                return read_tensor(f, name, where)
         except (OSError, KeyError, CheckpointError) as exc:
             raise DataError(f"cannot read codes {name} from {path} ({exc}); re-run `openmoshi data encode` on "
                             "this data") from exc

@@ -21,14 +21,13 @@ import json
 import logging
 import math
 import mmap
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import ModelSource, save_safetensors, write_safetensors
+from ..checkpoint import ModelSource, read_tensor, safetensors_index, save_safetensors, write_safetensors
 from ..errors import CheckpointError, ConfigError
 from ..nn.quant import INT4_GROUP, INT4_SCHEMES, QuantizedLinear, check_bits, quantize_modules_
 from .config import LMConfig
@@ -87,11 +86,6 @@ def quantized_state_dict(lm: LMModel) -> dict[str, torch.Tensor]:
     return {_to_file_key(k): v for k, v in lm.state_dict().items()}
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
 class _LazyCheckpoint:
     """Tensors of a safetensors file by module key (any accepted spelling), read one at a time.
 
@@ -101,29 +95,10 @@ class _LazyCheckpoint:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self.mapping: mmap.mmap | None = None
         self.mapped_ptrs: set[int] = set()
-        try:
-            self.file = open(path, "rb")  # noqa: SIM115 (held for reads until close())
-            size = os.fstat(self.file.fileno()).st_size
-            length = int.from_bytes(self.file.read(8), "little")
-            if not 0 < length <= size - 8:
-                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
-            header = json.loads(self.file.read(length))
-            self.start = 8 + length
-            self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-            for key, entry in header.items():
-                if key == "__metadata__":
-                    continue
-                dtype, shape = _DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"])
-                begin, end = (int(n) for n in entry["data_offsets"])
-                if end - begin != math.prod(shape) * dtype.itemsize or self.start + end > size:
-                    raise ValueError(f"tensor {key} lies outside the file or does not match its shape")
-                self.entries[key] = (dtype, shape, begin, end)
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); the file is truncated or "
-                                  "corrupt, write it again") from exc
+        self.entries = safetensors_index(path)
+        self.file = open(path, "rb")  # noqa: SIM115 (held for reads until close())
         self.sources: dict[str, list[str]] = {}
         per_step: dict[str, dict[int, str]] = {}
         for key in self.entries:
@@ -143,29 +118,19 @@ class _LazyCheckpoint:
         return _to_file_key(key) in self.sources
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.entries[self.sources[_to_file_key(key)][0]][0]
-
-    def _read(self, key: str) -> torch.Tensor:
-        dtype, shape, begin, end = self.entries[key]
-        out = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            self.file.seek(self.start + begin)
-            if self.file.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - begin:
-                raise CheckpointError(f"{self.path}: tensor {key} is cut short; the file is truncated, write it "
-                                      "again")
-        return out
+        return self.entries[self.sources[_to_file_key(key)][0]].dtype
 
     def mapped(self, key: str) -> torch.Tensor | None:
         """The tensor as a copy-on-write mapping of the file (its pages are read when touched), or None when
         it is not one stored tensor."""
         names = self.sources[_to_file_key(key)]
-        dtype, shape, begin, end = self.entries[names[0]]
-        if len(names) != 1 or end == begin or (self.start + begin) % dtype.itemsize:
+        where = self.entries[names[0]]
+        if len(names) != 1 or where.end == where.begin or where.begin % where.dtype.itemsize:
             return None
         if self.mapping is None:
             self.mapping = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY)
-        out = torch.frombuffer(self.mapping, dtype=dtype, count=math.prod(shape),
-                               offset=self.start + begin).view(shape)  # keeps the mapping alive
+        out = torch.frombuffer(self.mapping, dtype=where.dtype, count=math.prod(where.shape),
+                               offset=where.begin).view(where.shape)  # keeps the mapping alive
         self.mapped_ptrs.add(out.data_ptr())
         return out
 
@@ -173,7 +138,7 @@ class _LazyCheckpoint:
         self.file.close()  # a mapping stays valid while tensors use it
 
     def get(self, key: str) -> torch.Tensor:
-        parts = [self._read(k) for k in self.sources[_to_file_key(key)]]
+        parts = [read_tensor(self.file, k, self.entries[k]) for k in self.sources[_to_file_key(key)]]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
